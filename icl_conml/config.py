@@ -1,0 +1,352 @@
+"""Recipe sections as dataclasses, parsed from YAML + command line, validated up front.
+
+A recipe is one flat YAML mapping whose keys are the fields below and the standard
+``transformers.TrainingArguments`` names; any key may be overridden on the command line
+(``--key value``). Defaults are the built-in quickstart: a CPU-sized linear-regression run.
+Every user error raises ``RecipeError`` with one line naming the key, the value and what is
+allowed, before any model is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+
+from . import conml
+from .tasks import TASK_REGISTRY
+
+
+class RecipeError(ValueError):
+    """A user error in a recipe or on the command line: one line, no traceback needed."""
+
+
+def _help(text: str, **kwargs) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise RecipeError(message)
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...] | list[str]) -> None:
+    if value not in allowed:
+        close = difflib.get_close_matches(str(value), list(allowed), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise RecipeError(f"{key}={value!r} is not allowed{hint}; choose one of: {', '.join(allowed)}")
+
+
+@dataclass
+class ModelArguments:
+    """The in-context learner: read-in → backbone → read-out."""
+
+    n_embd: int = _help("Hidden width of the default GPT-2 backbone.", default=64)
+    n_layer: int = _help("Number of layers of the default GPT-2 backbone.", default=4)
+    n_head: int = _help("Attention heads of the default GPT-2 backbone (must divide n_embd).", default=4)
+    n_positions: int | None = _help(
+        "Most (x, y) pairs a prompt may hold (default: n_points, or the curriculum's end).", default=None
+    )
+    dropout: float = _help("Dropout of the backbone (0 by default, as in Garg et al.).", default=0.0)
+    attn_implementation: str = _help("Attention kernel of the backbone: sdpa or eager.", default="sdpa")
+
+    def __post_init__(self) -> None:
+        for key in ("n_embd", "n_layer", "n_head"):
+            _require(getattr(self, key) >= 1, f"{key}={getattr(self, key)} must be >= 1")
+        _require(
+            self.n_embd % self.n_head == 0,
+            f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; pick n_head dividing n_embd",
+        )
+        _require(0 <= self.dropout < 1, f"dropout={self.dropout} must be in [0, 1)")
+        _choice("attn_implementation", self.attn_implementation, ("sdpa", "eager"))
+
+
+@dataclass
+class TaskArguments:
+    """The function class that prompts are drawn from, and the curriculum."""
+
+    task: str = _help(f"Function class: one of {', '.join(TASK_REGISTRY)}.", default="linear_regression")
+    n_dims: int = _help("Input dimension d.", default=5)
+    n_points: int = _help("(x, y) pairs per prompt.", default=11)
+    sparsity: int = _help("Non-zero coordinates of w (sparse_linear_regression).", default=3)
+    noise_std: float = _help("Label noise std (noisy_linear_regression).", default=0.5)
+    hidden_size: int = _help("Hidden width of the target network (relu_2nn).", default=100)
+    depth: int = _help("Depth of the target tree (decision_tree).", default=4)
+    task_pool_size: int = _help(
+        "Draw each prompt's function from a fixed pool of this many functions; 0 = a fresh function every time.",
+        default=0,
+    )
+    curriculum_dims_start: int | None = _help(
+        "Curriculum: dimensions at step 0 (default: no curriculum).", default=None
+    )
+    curriculum_dims_inc: int = _help("Curriculum: dimensions added every interval.", default=1)
+    curriculum_dims_interval: int = _help("Curriculum: steps between dimension increments.", default=2000)
+    curriculum_points_start: int | None = _help(
+        "Curriculum: points at step 0 (default: no curriculum).", default=None
+    )
+    curriculum_points_inc: int = _help("Curriculum: points added every interval.", default=2)
+    curriculum_points_interval: int = _help("Curriculum: steps between point increments.", default=2000)
+    eval_n_prompts: int = _help("Fixed prompts for eval_loss during training (0: no eval set).", default=256)
+
+    def __post_init__(self) -> None:
+        _choice("task", self.task, tuple(TASK_REGISTRY))
+        _require(self.n_dims >= 1, f"n_dims={self.n_dims} must be >= 1")
+        _require(self.n_points >= 1, f"n_points={self.n_points} must be >= 1")
+        if self.task == "sparse_linear_regression":
+            _require(
+                1 <= self.sparsity <= self.n_dims,
+                f"sparsity={self.sparsity} must be between 1 and n_dims={self.n_dims}",
+            )
+        _require(self.noise_std >= 0, f"noise_std={self.noise_std} must be >= 0")
+        _require(self.hidden_size >= 1, f"hidden_size={self.hidden_size} must be >= 1")
+        _require(self.depth >= 1, f"depth={self.depth} must be >= 1")
+        _require(self.task_pool_size >= 0, f"task_pool_size={self.task_pool_size} must be >= 0 (0 = no pool)")
+        _require(self.eval_n_prompts >= 0, f"eval_n_prompts={self.eval_n_prompts} must be >= 0")
+        for name, end in (("dims", self.n_dims), ("points", self.n_points)):
+            start = getattr(self, f"curriculum_{name}_start")
+            if start is None:
+                continue
+            _require(start >= 1, f"curriculum_{name}_start={start} must be >= 1")
+            _require(
+                end >= start,
+                f"curriculum end below start: n_{name}={end} < curriculum_{name}_start={start}; "
+                f"the curriculum grows from its start up to n_{name}",
+            )
+            _require(getattr(self, f"curriculum_{name}_inc") >= 1, f"curriculum_{name}_inc must be >= 1")
+            _require(
+                getattr(self, f"curriculum_{name}_interval") >= 1, f"curriculum_{name}_interval must be >= 1"
+            )
+
+    @property
+    def task_kwargs(self) -> dict[str, Any]:
+        from .tasks import TASK_KWARGS
+
+        return {key: getattr(self, key) for key in TASK_KWARGS.get(self.task, ())}
+
+
+@dataclass
+class ConMLArguments:
+    """The ConML contrastive meta-objective (see icl_conml/conml.py)."""
+
+    conml_lambda: float = _help("Weight λ of the ConML term; 0 = plain ICL training.", default=0.02)
+    conml_representation: str = _help(
+        f"What a probe reads: {' | '.join(conml.REPRESENTATIONS)}.", default="probe_output"
+    )
+    conml_num_probes: int = _help("Probes M per step (M > 1 gives a vector representation).", default=1)
+    conml_views: str = _help(f"View sampler: {' | '.join(conml.VIEWS)}.", default="prefix_half")
+    conml_num_views: int = _help("Views K per task.", default=1)
+    conml_subset_min: float = _help(
+        "Smallest view, as a fraction of the context (subset views).", default=0.5
+    )
+    conml_subset_max: float = _help("Largest view, as a fraction of the context (subset views).", default=0.5)
+    conml_distance: str = _help(f"Distance φ: {' | '.join(conml.DISTANCES)}.", default="sigmoid_sq")
+    conml_loss: str = _help(f"Loss form: {' | '.join(conml.LOSSES)}.", default="difference")
+    conml_temperature: float = _help("Temperature of the infonce form.", default=0.1)
+    conml_terms: str = _help(f"Which terms (ablation): {' | '.join(conml.TERMS)}.", default="both")
+    conml_prefix_mode: str = _help(
+        "How prefix views are computed: probe_mask (probe tokens in the main sequence) or extra_sequence.",
+        default="probe_mask",
+    )
+
+    def __post_init__(self) -> None:
+        _require(self.conml_lambda >= 0, f"conml_lambda={self.conml_lambda} must be >= 0 (0 = plain ICL)")
+        _choice("conml_representation", self.conml_representation, conml.REPRESENTATIONS)
+        _choice("conml_views", self.conml_views, conml.VIEWS)
+        _choice("conml_distance", self.conml_distance, conml.DISTANCES)
+        _choice("conml_loss", self.conml_loss, conml.LOSSES)
+        _choice("conml_terms", self.conml_terms, conml.TERMS)
+        _choice("conml_prefix_mode", self.conml_prefix_mode, conml.PREFIX_MODES)
+        _require(self.conml_num_probes >= 1, f"conml_num_probes={self.conml_num_probes} must be >= 1")
+        _require(self.conml_num_views >= 1, f"conml_num_views (K)={self.conml_num_views} must be >= 1")
+        _require(
+            0 < self.conml_subset_min <= self.conml_subset_max <= 1,
+            f"view subset bounds must satisfy 0 < conml_subset_min <= conml_subset_max <= 1 "
+            f"(got {self.conml_subset_min}, {self.conml_subset_max}); they are fractions of the context",
+        )
+        _require(self.conml_temperature > 0, f"conml_temperature={self.conml_temperature} must be > 0")
+        _require(
+            self.conml_loss == "difference" or self.conml_terms == "both",
+            f"conml_terms={self.conml_terms!r} is an ablation of the difference form; use conml_loss=difference",
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.conml_lambda > 0
+
+
+@dataclass
+class ICLTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` with defaults for in-context meta-training (the quickstart)."""
+
+    output_dir: str | None = _help("Where checkpoints and the final model go.", default="outputs/quickstart")
+    max_steps: int = _help("Optimisation steps (prompts are generated on the fly).", default=3000)
+    per_device_train_batch_size: int = _help("Prompts per process per micro-batch.", default=64)
+    per_device_eval_batch_size: int = _help("Prompts per process per evaluation batch.", default=256)
+    learning_rate: float = _help("Adam learning rate.", default=1e-3)
+    warmup_steps: float = _help("Linear warm-up steps.", default=200)
+    lr_scheduler_type: str = _help("Learning-rate schedule.", default="cosine")
+    logging_steps: float = _help("Log every this many steps.", default=100)
+    save_steps: float = _help("Checkpoint every this many steps.", default=1000)
+    save_total_limit: int | None = _help("Keep at most this many checkpoints.", default=2)
+    remove_unused_columns: bool = _help("Keep custom batch keys (xs, ys, probes).", default=False)
+    label_names: list[str] | None = _help(
+        "Batch keys holding labels (gives eval_loss).", default_factory=lambda: ["ys"]
+    )
+    dataloader_pin_memory: bool = _help("Pin memory (prompts are generated in-process).", default=False)
+    overwrite_output_dir: bool = _help(
+        "Allow training into an output_dir that already holds a finished run.", default=False
+    )
+
+
+SECTIONS = (ModelArguments, TaskArguments, ConMLArguments, ICLTrainingArguments)
+
+
+@dataclass
+class Recipe:
+    model: ModelArguments
+    task: TaskArguments
+    conml: ConMLArguments
+    training: ICLTrainingArguments
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved recipe (every non-default key of every section), for saving with a run."""
+        out: dict[str, Any] = {}
+        for section in (self.model, self.task, self.conml):
+            out.update(dataclasses.asdict(section))
+        out.update(self.raw)
+        return out
+
+
+def known_keys() -> list[str]:
+    return [f.name for section in SECTIONS for f in dataclasses.fields(section) if f.init]
+
+
+def _suggest(key: str) -> str:
+    close = difflib.get_close_matches(key, known_keys(), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else "; run with --help to list every key"
+
+
+def _field_types() -> dict[str, Any]:
+    types_by_key: dict[str, Any] = {}
+    for section in SECTIONS:
+        hints = typing.get_type_hints(section)
+        for f in dataclasses.fields(section):
+            types_by_key.setdefault(f.name, hints.get(f.name))
+    return types_by_key
+
+
+def _check_type(key: str, value: Any, expected: Any) -> None:
+    """YAML values bypass argparse's type conversion: check simple scalar types here."""
+    if value is None or expected is None:
+        return
+    options = typing.get_args(expected) if isinstance(expected, types.UnionType) else (expected,)
+    options = tuple(typing.get_origin(o) or o for o in options if o is not type(None))
+    if any(o in (Any, typing.Any) or not isinstance(o, type) for o in options):
+        return
+    ok = any(isinstance(value, o) and not (o is int and isinstance(value, bool)) for o in options)
+    if float in options and isinstance(value, int) and not isinstance(value, bool):
+        ok = True
+    if not ok:
+        names = " or ".join(o.__name__ for o in options)
+        raise RecipeError(f"{key}={value!r} has type {type(value).__name__}; expected {names}")
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(
+            f"recipe file {str(path)!r} not found; pass the path of a YAML recipe (see recipes/)"
+        )
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise RecipeError(f"recipe {str(path)!r} is not valid YAML: {str(error).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe {str(path)!r} must be a mapping of key: value, got {type(data).__name__}")
+    expected = _field_types()
+    for key, value in data.items():
+        if key not in expected:
+            raise RecipeError(f"unknown recipe key {key!r} in {path}{_suggest(str(key))}")
+        _check_type(key, value, expected[key])
+    return data
+
+
+def build_parser() -> HfArgumentParser:
+    return HfArgumentParser(SECTIONS)
+
+
+def parse_recipe(argv: list[str] | None = None) -> Recipe:
+    """``[RECIPE.yaml] [--key value ...]``: YAML values become defaults, flags override them."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    raw: dict[str, Any] = {}
+    if argv and not argv[0].startswith("-"):
+        raw = load_yaml(argv.pop(0))
+    parser = build_parser()
+    parser.set_defaults(**raw)
+    for i, arg in enumerate(argv):
+        if arg.startswith("--") and arg[2:].split("=")[0] not in known_keys() and arg not in ("--help", "-h"):
+            key = arg[2:].split("=")[0]
+            raise RecipeError(f"unknown option --{key}{_suggest(key)}")
+        if not arg.startswith("-") and i == 0:
+            raise RecipeError(f"unexpected argument {arg!r}; the recipe path must come first")
+    try:
+        model, task, conml_args, training = parser.parse_args_into_dataclasses(
+            args=argv, look_for_args_file=False
+        )
+    except RecipeError:
+        raise
+    except ValueError as error:  # TrainingArguments' own checks
+        raise RecipeError(str(error).strip().splitlines()[0]) from None
+    overrides = {arg[2:].split("=")[0] for arg in argv if arg.startswith("--")}
+    raw.update({key: _value_of(key, (model, task, conml_args, training)) for key in overrides})
+    return Recipe(model=model, task=task, conml=conml_args, training=training, raw=raw)
+
+
+def _value_of(key: str, sections: tuple[Any, ...]) -> Any:
+    """A section's value as plain YAML data (enums become their string value)."""
+    for section in sections:
+        if hasattr(section, key):
+            value = getattr(section, key)
+            return value.value if isinstance(value, enum.Enum) else value
+    return None
+
+
+def validate(recipe: Recipe) -> None:
+    """Checks that involve several sections (each section checks itself on construction)."""
+    task, model, conml_args, training = recipe.task, recipe.model, recipe.conml, recipe.training
+    if model.n_positions is not None:
+        _require(
+            model.n_positions >= task.n_points,
+            f"n_points={task.n_points} is beyond the model's n_positions={model.n_positions}; "
+            f"raise n_positions or lower n_points",
+        )
+    _require(
+        training.max_steps >= 1,
+        f"max_steps={training.max_steps} must be >= 1 (prompts are generated on the fly)",
+    )
+    _require(
+        training.per_device_train_batch_size >= 1,
+        f"per_device_train_batch_size={training.per_device_train_batch_size} must be >= 1",
+    )
+    if conml_args.enabled:
+        smallest = task.curriculum_points_start or task.n_points
+        _require(
+            smallest >= 2,
+            f"ConML needs prompts of at least 2 points to build a view, but the run has {smallest}; "
+            f"raise n_points (or curriculum_points_start) or set conml_lambda=0",
+        )
+        global_batch = training.per_device_train_batch_size * training.world_size
+        _require(
+            global_batch >= 2,
+            "ConML needs at least 2 tasks per batch for d_out; raise per_device_train_batch_size",
+        )

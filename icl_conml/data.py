@@ -1,0 +1,177 @@
+"""Prompt sampling: a training batch is a pure function of (seed, step).
+
+Every process generates the same *global* batch for a step and keeps its own slice, so the
+data is identical whatever the number of processes, gradient accumulation is a slice too,
+and resuming at step t needs no replay of steps 0..t-1. The ConML probe and view indices are
+drawn from the same step generator, so they are shared by every process as well.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import conml
+from .tasks import FunctionClass, Params, index_params
+
+# Distinct streams derived from one seed: the same seed never feeds two purposes.
+_TRAIN_STREAM, _POOL_STREAM, _EVAL_STREAM, _CONML_STREAM = 1, 2, 3, 4
+
+
+def step_generator(seed: int, step: int, stream: int) -> torch.Generator:
+    """A generator seeded by (seed, step, stream); well-separated for nearby values."""
+    mixed = (seed * 1_000_003 + step * 7_919 + stream * 2_147_483_647) % (2**63 - 1)
+    return torch.Generator().manual_seed(mixed)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Garg et al.'s curriculum for one quantity: start, +inc every interval steps, up to end."""
+
+    start: int
+    end: int
+    inc: int = 1
+    interval: int = 2000
+
+    def at(self, step: int) -> int:
+        if self.interval <= 0 or self.inc == 0:
+            return self.end
+        return min(self.end, self.start + self.inc * (step // self.interval))
+
+
+@dataclass(frozen=True)
+class Curriculum:
+    dims: Schedule
+    points: Schedule
+
+    @classmethod
+    def constant(cls, n_dims: int, n_points: int) -> Curriculum:
+        return cls(Schedule(n_dims, n_dims, 0, 0), Schedule(n_points, n_points, 0, 0))
+
+
+@dataclass(frozen=True)
+class ConMLSampling:
+    """What the data pipeline must draw for ConML each step (see ``conml.sample_views``)."""
+
+    num_probes: int
+    views: str
+    num_views: int
+    subset_min: float
+    subset_max: float
+
+
+class PromptSampler:
+    """Draws the global batch of step ``step`` and hands out per-process micro-batches."""
+
+    def __init__(
+        self,
+        task: FunctionClass,
+        curriculum: Curriculum,
+        global_batch_size: int,
+        seed: int,
+        task_pool_size: int = 0,
+        conml_sampling: ConMLSampling | None = None,
+    ) -> None:
+        self.task = task
+        self.curriculum = curriculum
+        self.global_batch_size = global_batch_size
+        self.seed = seed
+        self.conml_sampling = conml_sampling
+        self.pool: Params | None = None
+        self._cached: tuple[int, dict[str, torch.Tensor]] | None = None
+        if task_pool_size > 0:
+            self.pool = task.sample_params(task_pool_size, step_generator(seed, 0, _POOL_STREAM))
+
+    def global_batch(self, step: int) -> dict[str, torch.Tensor]:
+        """The whole batch of a step: xs (G, n, d), ys (G, n) and, with ConML, probes and views."""
+        generator = step_generator(self.seed, step, _TRAIN_STREAM)
+        n_dims, n_points = self.curriculum.dims.at(step), self.curriculum.points.at(step)
+        size = self.global_batch_size
+        if self.pool is None:
+            params = self.task.sample_params(size, generator)
+        else:
+            pool_size = next(iter(self.pool.values())).shape[0]
+            params = index_params(self.pool, torch.randint(0, pool_size, (size,), generator=generator))
+        xs = self.task.sample_xs(size, n_points, generator)
+        xs[:, :, n_dims:] = 0  # curriculum: dimensions beyond the current one are zeroed
+        batch = {"xs": xs, "ys": self.task.evaluate(params, xs, generator)}
+        if self.conml_sampling is not None:
+            batch.update(self._conml_inputs(step, size, n_points, n_dims))
+        return batch
+
+    def _conml_inputs(self, step: int, size: int, n_points: int, n_dims: int) -> dict[str, torch.Tensor]:
+        spec = self.conml_sampling
+        generator = step_generator(self.seed, step, _CONML_STREAM)
+        probes = conml.sample_probes(spec.num_probes, self.task.n_dims, generator)
+        probes[:, n_dims:] = 0
+        views = conml.sample_views(
+            spec.views, size, n_points, spec.num_views, generator, spec.subset_min, spec.subset_max
+        )
+        # The probe is shared by the batch; it is repeated so that every tensor is split by row.
+        return {"probes": probes.expand(size, -1, -1).contiguous(), "view_index": views}
+
+    def micro_batch(self, step: int, part: int, num_parts: int) -> dict[str, torch.Tensor]:
+        """Slice ``part`` of ``num_parts`` equal slices of the global batch of ``step``."""
+        per_part = self.global_batch_size // num_parts
+        if self._cached is None or self._cached[0] != step:  # micro-batches of one step share it
+            self._cached = (step, self.global_batch(step))
+        batch = self._cached[1]
+        return {key: value[part * per_part : (part + 1) * per_part] for key, value in batch.items()}
+
+
+class TrainingPrompts(torch.utils.data.Dataset):
+    """Map-style view of the stream: item i is micro-batch i of this process.
+
+    Map-style (rather than iterable) so that the Trainer's resume logic skips already-seen
+    batches by index, without generating them.
+    """
+
+    def __init__(
+        self,
+        sampler: PromptSampler,
+        max_steps: int,
+        gradient_accumulation_steps: int,
+        process_index: int,
+        num_processes: int,
+    ) -> None:
+        if sampler.global_batch_size % (gradient_accumulation_steps * num_processes):
+            raise ValueError(
+                f"global batch {sampler.global_batch_size} is not divisible by "
+                f"gradient_accumulation_steps × processes = {gradient_accumulation_steps} × {num_processes}"
+            )
+        self.sampler = sampler
+        self.max_steps = max_steps
+        self.accumulation = gradient_accumulation_steps
+        self.process_index = process_index
+        self.num_processes = num_processes
+
+    def __len__(self) -> int:
+        return self.max_steps * self.accumulation
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        step, micro = divmod(index, self.accumulation)
+        parts = self.accumulation * self.num_processes
+        return self.sampler.micro_batch(step, micro * self.num_processes + self.process_index, parts)
+
+
+class FixedPrompts(torch.utils.data.Dataset):
+    """A fixed set of prompts (one item per prompt), e.g. for ``eval_loss`` during training."""
+
+    def __init__(self, xs: torch.Tensor, ys: torch.Tensor) -> None:
+        self.xs, self.ys = xs, ys
+
+    @classmethod
+    def sample(
+        cls, task: FunctionClass, n_prompts: int, n_points: int, seed: int, stream: int = _EVAL_STREAM
+    ) -> FixedPrompts:
+        generator = step_generator(seed, 0, stream)
+        params = task.sample_params(n_prompts, generator)
+        xs = task.sample_xs(n_prompts, n_points, generator)
+        return cls(xs, task.evaluate(params, xs, generator))
+
+    def __len__(self) -> int:
+        return self.xs.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"xs": self.xs[index], "ys": self.ys[index]}

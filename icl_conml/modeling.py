@@ -1,0 +1,199 @@
+"""ICLModel: read-in → transformer backbone (via ``inputs_embeds``) → read-out.
+
+A prompt (x_1, y_1, …, x_n, y_n) becomes 2n tokens [x_1, (y_1, 0…), x_2, …] (Garg et al.
+2022); the prediction for y_i is the read-out at the token of x_i, which sees x_i and the
+pairs before it. Extra tokens (ConML probes and views, see ``conml.py``) can be appended
+after the context with their own position ids and visibility; the context tokens' outputs
+do not change, because they never attend to appended tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, GPT2Config, PretrainedConfig, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .conml import interleave
+from .tasks import get_task
+
+
+class ICLConfig(PretrainedConfig):
+    """Configuration of an in-context learner.
+
+    Args:
+        n_dims: width d of the inputs x.
+        n_positions: the most (x, y) pairs a prompt may hold.
+        n_embd, n_layer, n_head: size of the default GPT-2 backbone (ignored when
+            ``backbone_config`` is given).
+        task, task_kwargs: the function class the model is trained on (evaluation defaults).
+        backbone_config: any ``transformers`` config whose ``AutoModel`` accepts
+            ``inputs_embeds``; default a fresh GPT-2 with dropout 0 and no KV cache.
+        backbone_name_or_path: where the backbone's pretrained weights came from, if any.
+    """
+
+    model_type = "icl_conml"
+    sub_configs = {"backbone_config": AutoConfig}
+
+    def __init__(
+        self,
+        n_dims: int = 20,
+        n_positions: int = 41,
+        n_embd: int = 256,
+        n_layer: int = 12,
+        n_head: int = 8,
+        task: str = "linear_regression",
+        task_kwargs: dict[str, Any] | None = None,
+        backbone_config: PretrainedConfig | dict | None = None,
+        backbone_name_or_path: str | None = None,
+        dropout: float = 0.0,
+        **kwargs,
+    ) -> None:
+        self.n_dims = n_dims
+        self.n_positions = n_positions
+        self.n_embd = n_embd
+        self.n_layer = n_layer
+        self.n_head = n_head
+        self.task = task
+        self.task_kwargs = dict(task_kwargs or {})
+        self.backbone_name_or_path = backbone_name_or_path
+        self.dropout = dropout
+        if isinstance(backbone_config, dict):
+            backbone_config = dict(backbone_config)
+            backbone_config = AutoConfig.for_model(backbone_config.pop("model_type"), **backbone_config)
+        if backbone_config is None:
+            backbone_config = GPT2Config(
+                n_positions=2 * n_positions + 1,  # 2n context tokens + a probe at position 2n
+                n_embd=n_embd,
+                n_layer=n_layer,
+                n_head=n_head,
+                resid_pdrop=dropout,
+                embd_pdrop=dropout,
+                attn_pdrop=dropout,
+                use_cache=False,
+                vocab_size=1,
+                bos_token_id=None,
+                eos_token_id=None,
+            )
+        self.backbone_config = backbone_config
+        super().__init__(**kwargs)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.backbone_config.hidden_size
+
+
+@dataclass
+class ICLOutput(ModelOutput):
+    """``predictions`` (B, n): the prediction for y_i made from the pairs before it and x_i.
+
+    ``appended_outputs`` (B, P) and ``appended_hidden`` (B, P, E) are the read-out and last
+    hidden state at appended tokens (ConML probes), when any were given.
+    """
+
+    loss: torch.Tensor | None = None
+    predictions: torch.Tensor | None = None
+    appended_outputs: torch.Tensor | None = None
+    appended_hidden: torch.Tensor | None = None
+    hidden_states: torch.Tensor | None = None
+
+
+class ICLPreTrainedModel(PreTrainedModel):
+    config_class = ICLConfig
+    base_model_prefix = "icl"
+    main_input_name = "xs"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if module is getattr(self, "read_in", None) or module is getattr(self, "read_out", None):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            nn.init.zeros_(module.bias)
+
+
+class ICLModel(ICLPreTrainedModel):
+    """In-context learner for (x, y) prompts; see the module docstring."""
+
+    def __init__(self, config: ICLConfig, backbone: PreTrainedModel | None = None) -> None:
+        super().__init__(config)
+        self.read_in = nn.Linear(config.n_dims, config.hidden_size)
+        self.backbone = backbone if backbone is not None else AutoModel.from_config(config.backbone_config)
+        self.read_out = nn.Linear(config.hidden_size, 1)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.read_in
+
+    def forward(
+        self,
+        xs: torch.Tensor,
+        ys: torch.Tensor | None = None,
+        appended_tokens: torch.Tensor | None = None,
+        appended_position_ids: torch.Tensor | None = None,
+        appended_visible: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        return_dict: bool = True,
+    ) -> ICLOutput:
+        """Predict y at every query position; with ``ys``, also the class's training loss.
+
+        xs (B, n, d); ys (B, n) (optional: the prediction for y_i never uses ys[i:]).
+        ``appended_*`` describe extra tokens (see ``conml.ProbeLayout``).
+        """
+        dtype = self.read_in.weight.dtype
+        batch, n_points, _ = xs.shape
+        labels = ys if ys is not None else xs.new_zeros(batch, n_points)
+        context = interleave(xs.to(dtype), labels.to(dtype))
+        tokens, position_ids, mask = context, None, None
+        if appended_tokens is not None:
+            tokens = torch.cat([context, appended_tokens.to(dtype)], dim=1)
+            context_positions = torch.arange(context.shape[1], device=xs.device)
+            position_ids = torch.cat([context_positions, appended_position_ids]).expand(batch, -1)
+            mask = _additive_mask(context.shape[1], appended_visible, dtype).expand(batch, 1, -1, -1)
+
+        backbone_out = self.backbone(
+            inputs_embeds=self.read_in(tokens),
+            attention_mask=mask,
+            position_ids=position_ids,
+            use_cache=False,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden = backbone_out.last_hidden_state
+        predictions = self.read_out(hidden[:, 0 : 2 * n_points : 2]).squeeze(-1)
+
+        loss = None
+        if ys is not None:
+            task = get_task(self.config.task, self.config.n_dims, **self.config.task_kwargs)
+            loss = task.loss(predictions.float(), ys.float()).mean()
+        out = ICLOutput(loss=loss, predictions=predictions)
+        if appended_tokens is not None:
+            out.appended_hidden = hidden[:, 2 * n_points :]
+            out.appended_outputs = self.read_out(out.appended_hidden).squeeze(-1)
+        if output_hidden_states:
+            out.hidden_states = backbone_out.hidden_states
+        return out if return_dict else out.to_tuple()
+
+
+def _additive_mask(context: int, appended_visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(1, 1, L, L) float mask: 0 where attention is allowed, the dtype's minimum elsewhere.
+
+    Context tokens are causal among themselves and never see appended tokens; appended
+    tokens see what ``appended_visible`` (P, context + P) allows. (A boolean 4D mask gives
+    wrong results under GPT-2's eager attention, so the additive form is used.)
+    """
+    appended = appended_visible.shape[0]
+    total = context + appended
+    allowed = torch.zeros(total, total, dtype=torch.bool, device=appended_visible.device)
+    allowed[:context, :context] = torch.ones(context, context, dtype=torch.bool, device=allowed.device).tril()
+    allowed[context:] = appended_visible
+    mask = torch.zeros(total, total, dtype=dtype, device=allowed.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[None, None]
+
+
+AutoConfig.register(ICLConfig.model_type, ICLConfig)
+AutoModel.register(ICLConfig, ICLModel)

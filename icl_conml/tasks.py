@@ -1,0 +1,240 @@
+"""Function classes for in-context learning (Garg et al. 2022).
+
+A function class samples task parameters (one function per prompt) and evaluates them on
+inputs. Everything is drawn from an explicit ``torch.Generator`` so that a batch is a pure
+function of its seed. Parameters are a ``dict[str, Tensor]`` whose tensors all have the
+number of tasks as their leading dimension, so a finite task pool is plain indexing.
+
+Scalings follow Garg et al.: inputs are ``x ~ N(0, I_d)`` and, where the class allows it,
+``E[y^2]`` is about ``d``; each class states the normaliser that turns a squared error into
+the error reported in the literature (``error_normaliser``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+Params = dict[str, torch.Tensor]
+
+
+@dataclass
+class FunctionClass:
+    """Base class: subclasses implement ``sample_params`` and ``evaluate``."""
+
+    n_dims: int
+    name: str = field(init=False, default="")
+
+    def sample_params(self, n_tasks: int, generator: torch.Generator) -> Params:
+        raise NotImplementedError
+
+    def evaluate(
+        self, params: Params, xs: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """ys of shape (B, n) for xs of shape (B, n, d); ``generator`` draws label noise, if any."""
+        raise NotImplementedError
+
+    # ---- losses and errors -------------------------------------------------------------
+    def loss(self, predictions: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+        """Elementwise training loss (squared error unless the class says otherwise)."""
+        return (predictions - ys).square()
+
+    def error(self, predictions: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+        """Elementwise evaluation error, already divided by ``error_normaliser``."""
+        return (predictions - ys).square() / self.error_normaliser
+
+    @property
+    def error_normaliser(self) -> float:
+        """Divides squared errors so that predicting zero scores about 1 (Garg et al.)."""
+        return float(self.n_dims)
+
+    def sample_xs(self, n_tasks: int, n_points: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.randn(n_tasks, n_points, self.n_dims, generator=generator)
+
+
+@dataclass
+class LinearRegression(FunctionClass):
+    """y = w·x with w ~ N(0, I_d), so E[y^2] = d."""
+
+    def __post_init__(self) -> None:
+        self.name = "linear_regression"
+
+    def sample_params(self, n_tasks: int, generator: torch.Generator) -> Params:
+        return {"w": torch.randn(n_tasks, self.n_dims, generator=generator)}
+
+    def evaluate(
+        self, params: Params, xs: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        return torch.einsum("bnd,bd->bn", xs, params["w"].to(xs.dtype))
+
+
+@dataclass
+class SparseLinearRegression(LinearRegression):
+    """Linear regression whose w has exactly ``sparsity`` non-zero coordinates."""
+
+    sparsity: int = 3
+
+    def __post_init__(self) -> None:
+        self.name = "sparse_linear_regression"
+        if not 1 <= self.sparsity <= self.n_dims:
+            raise ValueError(
+                f"sparsity={self.sparsity} must be between 1 and n_dims={self.n_dims}: lower sparsity or raise n_dims"
+            )
+
+    def sample_params(self, n_tasks: int, generator: torch.Generator) -> Params:
+        w = torch.randn(n_tasks, self.n_dims, generator=generator)
+        ranks = torch.rand(n_tasks, self.n_dims, generator=generator).argsort(dim=1).argsort(dim=1)
+        return {"w": w * (ranks < self.sparsity)}
+
+    @property
+    def error_normaliser(self) -> float:
+        return float(self.sparsity)
+
+
+@dataclass
+class NoisyLinearRegression(LinearRegression):
+    """y = w·x + noise_std · ε. The Bayes-optimal estimator is ridge with α = noise_std²."""
+
+    noise_std: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.name = "noisy_linear_regression"
+        if self.noise_std < 0:
+            raise ValueError(f"noise_std={self.noise_std} must be >= 0")
+
+    def evaluate(
+        self, params: Params, xs: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        clean = super().evaluate(params, xs)
+        noise = torch.randn(clean.shape, generator=generator).to(device=clean.device, dtype=clean.dtype)
+        return clean + self.noise_std * noise
+
+
+@dataclass
+class LinearClassification(LinearRegression):
+    """y = sign(w·x) in {-1, +1}; trained with logistic loss, evaluated by 0-1 error."""
+
+    def __post_init__(self) -> None:
+        self.name = "linear_classification"
+
+    def evaluate(
+        self, params: Params, xs: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        return torch.where(super().evaluate(params, xs) >= 0, 1.0, -1.0).to(xs.dtype)
+
+    def loss(self, predictions: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(predictions, (ys + 1) / 2, reduction="none")
+
+    def error(self, predictions: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+        return (torch.sign(predictions) != torch.sign(ys)).to(predictions.dtype)
+
+    @property
+    def error_normaliser(self) -> float:
+        return 1.0
+
+
+@dataclass
+class QuadraticRegression(LinearRegression):
+    """y = w·(x ⊙ x) / √3, so E[y^2] = d as for linear regression."""
+
+    def __post_init__(self) -> None:
+        self.name = "quadratic_regression"
+
+    def evaluate(
+        self, params: Params, xs: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        return super().evaluate(params, xs.square()) / math.sqrt(3)
+
+
+@dataclass
+class Relu2NN(FunctionClass):
+    """Two-layer ReLU network y = √(2/h) · W2ᵀ relu(W1ᵀ x), weights N(0, 1), so E[y^2] = d."""
+
+    hidden_size: int = 100
+
+    def __post_init__(self) -> None:
+        self.name = "relu_2nn"
+        if self.hidden_size < 1:
+            raise ValueError(f"hidden_size={self.hidden_size} must be >= 1")
+
+    def sample_params(self, n_tasks: int, generator: torch.Generator) -> Params:
+        w1 = torch.randn(n_tasks, self.n_dims, self.hidden_size, generator=generator)
+        w2 = torch.randn(n_tasks, self.hidden_size, generator=generator)
+        return {"w1": w1, "w2": w2}
+
+    def evaluate(
+        self, params: Params, xs: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        hidden = torch.relu(torch.einsum("bnd,bdh->bnh", xs, params["w1"].to(xs.dtype)))
+        scale = math.sqrt(2 / self.hidden_size)
+        return scale * torch.einsum("bnh,bh->bn", hidden, params["w2"].to(xs.dtype))
+
+
+@dataclass
+class DecisionTree(FunctionClass):
+    """Full binary tree of ``depth``: node i tests x[feature_i] > 0; leaves hold N(0, 1) values."""
+
+    depth: int = 4
+
+    def __post_init__(self) -> None:
+        self.name = "decision_tree"
+        if self.depth < 1:
+            raise ValueError(f"depth={self.depth} must be >= 1")
+
+    def sample_params(self, n_tasks: int, generator: torch.Generator) -> Params:
+        n_internal = 2**self.depth - 1
+        features = torch.randint(0, self.n_dims, (n_tasks, n_internal), generator=generator)
+        leaves = torch.randn(n_tasks, 2**self.depth, generator=generator)
+        return {"features": features, "leaves": leaves}
+
+    def evaluate(
+        self, params: Params, xs: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        features = params["features"]
+        node = torch.zeros(xs.shape[:2], dtype=torch.long, device=xs.device)
+        for _ in range(self.depth):
+            feature = torch.gather(features, 1, node)
+            go_right = torch.gather(xs, 2, feature.unsqueeze(-1)).squeeze(-1) > 0
+            node = 2 * node + 1 + go_right.long()
+        leaf = node - (2**self.depth - 1)
+        return torch.gather(params["leaves"].to(xs.dtype), 1, leaf)
+
+    @property
+    def error_normaliser(self) -> float:
+        return 1.0
+
+
+TASK_REGISTRY: dict[str, Callable[..., FunctionClass]] = {
+    "linear_regression": LinearRegression,
+    "sparse_linear_regression": SparseLinearRegression,
+    "noisy_linear_regression": NoisyLinearRegression,
+    "linear_classification": LinearClassification,
+    "quadratic_regression": QuadraticRegression,
+    "relu_2nn": Relu2NN,
+    "decision_tree": DecisionTree,
+}
+
+# Which keyword arguments each class accepts beyond n_dims (recipe keys of the same name).
+TASK_KWARGS: dict[str, tuple[str, ...]] = {
+    "sparse_linear_regression": ("sparsity",),
+    "noisy_linear_regression": ("noise_std",),
+    "relu_2nn": ("hidden_size",),
+    "decision_tree": ("depth",),
+}
+
+
+def get_task(name: str, n_dims: int, **kwargs) -> FunctionClass:
+    """Build a function class by registry name; irrelevant keyword arguments are ignored."""
+    if name not in TASK_REGISTRY:
+        raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASK_REGISTRY)}")
+    accepted = TASK_KWARGS.get(name, ())
+    return TASK_REGISTRY[name](n_dims=n_dims, **{k: v for k, v in kwargs.items() if k in accepted})
+
+
+def index_params(params: Params, index: torch.Tensor) -> Params:
+    """Select tasks from a parameter dict (used for finite task pools)."""
+    return {key: value[index] for key, value in params.items()}

@@ -1,0 +1,111 @@
+"""ConMLTrainer: ``transformers.Trainer`` for in-context meta-training with ConML.
+
+``compute_loss`` adds ``conml_lambda · (d_in − d_out)`` to the ICL loss in the same forward
+pass (probe tokens appended to the main sequence, see ``conml.py``). Every loss component is
+collected in ``compute_loss`` and averaged (over steps and processes) in ``log``, the pattern
+of TRL's trainers, so it reaches every ``report_to`` backend and ``log_history``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch.utils.data import DataLoader, SequentialSampler
+from transformers import Trainer
+
+from . import conml
+from .config import ConMLArguments
+from .data import PromptSampler, TrainingPrompts
+
+
+def _single(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Collate for a dataset whose items are already micro-batches."""
+    return items[0]
+
+
+class ConMLTrainer(Trainer):
+    """Trainer whose loss is ICL loss + λ · ConML loss.
+
+    Args:
+        conml_args: the ConML settings (``ConMLArguments``); ``None`` or λ = 0 is plain ICL.
+        train_dataset: a ``PromptSampler`` (prompts generated from (seed, step)) or any
+            dataset of ``{"xs", "ys"}`` items.
+    """
+
+    # Our MSE is a mean over the micro-batch: let the Trainer divide it for accumulation.
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args, conml_args: ConMLArguments | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.conml_args = conml_args if conml_args is not None else ConMLArguments(conml_lambda=0.0)
+        self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
+
+    # ---- data ----------------------------------------------------------------------------------
+    def get_train_dataloader(self) -> DataLoader:
+        if not isinstance(self.train_dataset, PromptSampler):
+            return super().get_train_dataloader()
+        prompts = TrainingPrompts(
+            self.train_dataset,
+            max_steps=self.args.max_steps,
+            gradient_accumulation_steps=self.args.gradient_accumulation_steps,
+            process_index=self.args.process_index,
+            num_processes=self.args.world_size,
+        )
+        # Each process generates its own slice: no accelerate sharding or dispatching. The
+        # sampler is index-based, so resuming skips seen batches without generating them.
+        return DataLoader(prompts, batch_size=1, sampler=SequentialSampler(prompts), collate_fn=_single)
+
+    # ---- loss ------------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        xs, ys = inputs["xs"], inputs["ys"]
+        settings = self.conml_args
+        if not (settings.enabled and model.training and "probes" in inputs):
+            outputs = model(xs=xs, ys=ys)
+            if model.training:
+                self._metrics["icl_loss"].append(outputs.loss.detach())
+            return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+        layout = conml.build_layout(
+            xs, ys, inputs["probes"], inputs["view_index"], settings.conml_views, settings.conml_prefix_mode
+        )
+        outputs = model(
+            xs=xs,
+            ys=ys,
+            appended_tokens=layout.tokens,
+            appended_position_ids=layout.position_ids,
+            appended_visible=layout.visible,
+        )
+        anchor, views = conml.representations(
+            outputs.appended_outputs, outputs.appended_hidden, layout, settings.conml_representation
+        )
+        all_anchors, offset = conml.gather_across_processes(anchor)
+        terms = conml.conml_loss(
+            anchor,
+            views,
+            all_anchors,
+            offset,
+            distance_kind=settings.conml_distance,
+            loss_kind=settings.conml_loss,
+            terms=settings.conml_terms,
+            temperature=settings.conml_temperature,
+        )
+        loss = outputs.loss + settings.conml_lambda * terms.loss
+        for key, value in (
+            ("icl_loss", outputs.loss),
+            ("conml_loss", terms.loss),
+            ("d_in", terms.d_in),
+            ("d_out", terms.d_out),
+        ):
+            self._metrics[key].append(value.detach())
+        return (loss, outputs) if return_outputs else loss
+
+    # ---- logging -------------------------------------------------------------------------------------
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._metrics:  # a training log: flush the components
+            keys = sorted(self._metrics)
+            local = torch.stack([torch.stack(self._metrics[key]).float().mean() for key in keys])
+            averaged = self.accelerator.reduce(local.to(self.args.device), reduction="mean")
+            logs.update({key: round(float(value), 6) for key, value in zip(keys, averaged, strict=True)})
+            self._metrics.clear()
+        super().log(logs, start_time)
