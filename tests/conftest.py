@@ -1,0 +1,31 @@
+"""Shared fixtures: every test runs offline, on CPU, with deterministic torch."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from icl_conml import ICLConfig, ICLModel  # noqa: E402
+
+
+@pytest.fixture
+def tiny_config() -> ICLConfig:
+    return ICLConfig(n_dims=5, n_positions=12, n_embd=32, n_layer=2, n_head=2)
+
+
+@pytest.fixture
+def tiny_model(tiny_config: ICLConfig) -> ICLModel:
+    torch.manual_seed(0)
+    return ICLModel(tiny_config).eval()
+
+
+TINY_TRAIN_ARGS = [
+    "--n_dims", "5", "--n_points", "11", "--n_embd", "32", "--n_layer", "2", "--n_head", "2",
+    "--per_device_train_batch_size", "16", "--learning_rate", "0.001", "--warmup_steps", "5",
+    "--logging_steps", "1", "--save_steps", "1000", "--eval_n_prompts", "0",
+    "--report_to", "none", "--disable_tqdm", "true",
+]  # fmt: skip

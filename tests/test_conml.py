@@ -1,0 +1,201 @@
+"""The ConML objective: hand-computed values, views, probes, exactness of the one-forward layout."""
+
+import math
+
+import pytest
+import torch
+
+from icl_conml import conml
+from icl_conml.data import ConMLSampling, Curriculum, PromptSampler
+from icl_conml.tasks import get_task
+
+
+def sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+# ---- distances and loss forms, by hand ------------------------------------------------------------
+def test_distances_by_hand():
+    a, b = torch.tensor([1.0, 2.0]), torch.tensor([0.0, 4.0])
+    assert conml.distance(a, b, "sigmoid_sq").item() == pytest.approx((sigmoid(1) + sigmoid(4)) / 2)
+    assert conml.distance(a, b, "sq_euclidean").item() == pytest.approx((1 + 4) / 2)
+    cos = (0 + 8) / (math.sqrt(5) * 4)
+    assert conml.distance(a, b, "cosine").item() == pytest.approx(1 - cos)
+    # the paper's scalar case
+    assert conml.distance(torch.tensor([3.0]), torch.tensor([1.0])).item() == pytest.approx(sigmoid(4))
+
+
+def test_difference_loss_by_hand():
+    anchor = torch.tensor([[0.0], [1.0], [3.0]])
+    views = torch.tensor([[[0.0]], [[2.0]], [[3.0]]])  # K = 1
+    terms = conml.conml_loss(anchor, views, distance_kind="sq_euclidean")
+    d_in = (0 + 1 + 0) / 3
+    pairs = [(0, 1), (0, 3), (1, 0), (1, 3), (3, 0), (3, 1)]
+    d_out = sum((a - b) ** 2 for a, b in pairs) / 6
+    assert terms.d_in.item() == pytest.approx(d_in)
+    assert terms.d_out.item() == pytest.approx(d_out)
+    assert terms.loss.item() == pytest.approx(d_in - d_out)
+    assert conml.conml_loss(
+        anchor, views, distance_kind="sq_euclidean", terms="in"
+    ).loss.item() == pytest.approx(d_in)
+    out_only = conml.conml_loss(anchor, views, distance_kind="sq_euclidean", terms="out")
+    assert out_only.loss.item() == pytest.approx(-d_out)
+
+
+def test_infonce_loss_by_hand():
+    anchor = torch.tensor([[0.0], [2.0]])
+    views = torch.tensor([[[0.5]], [[2.0]]])
+    t = 0.5
+    loss = conml.conml_loss(
+        anchor, views, distance_kind="sq_euclidean", loss_kind="infonce", temperature=t
+    ).loss
+    logits = torch.tensor([[-0.25, -2.25], [-4.0, 0.0]]) / t
+    expected = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1]))
+    assert loss.item() == pytest.approx(expected.item())
+
+
+@pytest.mark.parametrize("kind", ["cosine", "sq_euclidean"])
+def test_d_in_is_zero_when_views_equal_anchors(kind):
+    anchor = torch.randn(4, 3)
+    assert conml.conml_loss(
+        anchor, anchor.unsqueeze(1).repeat(1, 2, 1), distance_kind=kind
+    ).d_in.item() == pytest.approx(0, abs=1e-6)
+
+
+def test_sigmoid_sq_is_the_papers_phi_with_its_half_at_equality():
+    anchor = torch.randn(4, 1)
+    terms = conml.conml_loss(anchor, anchor.unsqueeze(1), distance_kind="sigmoid_sq")
+    assert terms.d_in.item() == pytest.approx(0.5)  # sigmoid(0); cancels in d_in - d_out
+
+
+def test_cross_process_offset_excludes_own_task():
+    everything = torch.tensor([[0.0], [1.0], [3.0], [7.0]])
+    views = everything.unsqueeze(1) + 0.5
+    whole = conml.conml_loss(everything, views, distance_kind="sq_euclidean")
+    halves = [
+        conml.conml_loss(everything[i : i + 2], views[i : i + 2], everything, i, distance_kind="sq_euclidean")
+        for i in (0, 2)
+    ]
+    assert (halves[0].loss + halves[1].loss).item() / 2 == pytest.approx(whole.loss.item())
+    assert (halves[0].d_out + halves[1].d_out).item() / 2 == pytest.approx(whole.d_out.item())
+
+
+# ---- views and probes -----------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [1, 2, 7, 10])
+def test_prefix_half_takes_exactly_floor_half(n):
+    views = conml.sample_views("prefix_half", 3, n, 2, torch.Generator().manual_seed(0))
+    assert views.shape == (3, 2, n // 2)
+    assert torch.equal(views[0, 0], torch.arange(n // 2))
+
+
+def test_subset_and_shuffle_views():
+    gen = torch.Generator().manual_seed(0)
+    subset = conml.sample_views("random_subset", 4, 10, 3, gen, 0.3, 0.6)
+    assert 3 <= subset.shape[-1] <= 6
+    assert (subset.diff(dim=-1) > 0).all()  # sorted, no repeats
+    shuffled = conml.sample_views("shuffle", 4, 10, 2, gen)
+    assert torch.equal(shuffled.sort(dim=-1).values, torch.arange(10).expand(4, 2, 10))
+    assert not torch.equal(shuffled[0, 0], torch.arange(10))
+    part = conml.sample_views("shuffled_subset", 4, 10, 2, gen, 0.5, 0.5)
+    assert part.shape == (4, 2, 5) and (part.unique(dim=-1).shape[-1] == 5)
+
+
+def test_probe_is_shared_by_the_batch_and_all_processes():
+    task = get_task("linear_regression", 5)
+    spec = ConMLSampling(num_probes=2, views="shuffle", num_views=1, subset_min=0.5, subset_max=0.5)
+    sampler = PromptSampler(task, Curriculum.constant(5, 8), 8, seed=1, conml_sampling=spec)
+    parts = [sampler.micro_batch(3, part, 2) for part in range(2)]
+    probes = torch.cat([p["probes"] for p in parts])
+    assert probes.shape == (8, 2, 5) and (probes == probes[0]).all()
+    assert not torch.equal(sampler.global_batch(4)["probes"][0], probes[0])  # drawn anew each step
+    views = torch.cat([p["view_index"] for p in parts])
+    assert torch.equal(views, sampler.global_batch(3)["view_index"])
+
+
+# ---- the one-forward layout equals separately built sequences --------------------------------------
+@pytest.mark.parametrize(
+    "kind, mode",
+    [
+        ("prefix_half", "probe_mask"),
+        ("prefix_half", "extra_sequence"),
+        ("random_subset", "probe_mask"),
+        ("shuffle", "probe_mask"),
+        ("shuffled_subset", "probe_mask"),
+    ],
+)
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_batched_views_equal_separate_sequences(tiny_config, kind, mode, attn):
+    from icl_conml import ICLModel
+
+    tiny_config.backbone_config._attn_implementation = attn
+    torch.manual_seed(0)
+    model = ICLModel(tiny_config).eval()
+    gen = torch.Generator().manual_seed(1)
+    batch, n, d, num_probes, num_views = 3, 10, 5, 2, 2
+    xs, ys = torch.randn(batch, n, d, generator=gen), torch.randn(batch, n, generator=gen)
+    probes = conml.sample_probes(num_probes, d, gen).expand(batch, -1, -1)
+    view_index = conml.sample_views(kind, batch, n, num_views, gen, 0.3, 0.7)
+    layout = conml.build_layout(xs, ys, probes, view_index, kind, mode)
+    with torch.no_grad():
+        plain = model(xs=xs, ys=ys).predictions
+        out = model(
+            xs=xs,
+            ys=ys,
+            appended_tokens=layout.tokens,
+            appended_position_ids=layout.position_ids,
+            appended_visible=layout.visible,
+        )
+        anchor, views = conml.representations(out.appended_outputs, out.appended_hidden, layout)
+        torch.testing.assert_close(out.predictions, plain, atol=1e-6, rtol=0)  # main predictions untouched
+
+        def alone(sub_xs, sub_ys, probe):
+            seq_xs = torch.cat([sub_xs, probe.unsqueeze(1)], dim=1)
+            seq_ys = torch.cat([sub_ys, torch.zeros(batch, 1)], dim=1)
+            return model(xs=seq_xs, ys=seq_ys).predictions[:, -1]
+
+        for m in range(num_probes):
+            torch.testing.assert_close(anchor[:, m], alone(xs, ys, probes[:, m]), atol=1e-5, rtol=0)
+            for k in range(num_views):
+                idx = view_index[:, k]
+                sub_xs = torch.gather(xs, 1, idx.unsqueeze(-1).expand(-1, -1, d))
+                sub_ys = torch.gather(ys, 1, idx)
+                torch.testing.assert_close(
+                    views[:, k, m], alone(sub_xs, sub_ys, probes[:, m]), atol=1e-5, rtol=0
+                )
+
+
+def test_probe_hidden_representation_has_hidden_width(tiny_model):
+    gen = torch.Generator().manual_seed(0)
+    xs, ys = torch.randn(2, 6, 5, generator=gen), torch.randn(2, 6, generator=gen)
+    probes = conml.sample_probes(3, 5, gen).expand(2, -1, -1)
+    layout = conml.build_layout(
+        xs, ys, probes, conml.sample_views("prefix_half", 2, 6, 2, gen), "prefix_half"
+    )
+    out = tiny_model(
+        xs=xs, ys=ys, appended_tokens=layout.tokens, appended_position_ids=layout.position_ids,
+        appended_visible=layout.visible,
+    )  # fmt: skip
+    anchor, views = conml.representations(out.appended_outputs, out.appended_hidden, layout, "probe_hidden")
+    assert anchor.shape == (2, 3 * 32) and views.shape == (2, 2, 3 * 32)
+
+
+@pytest.mark.parametrize("terms", ["in", "out"])
+def test_gradients_reach_the_backbone_through_each_term(tiny_config, terms):
+    from icl_conml import ICLModel
+
+    torch.manual_seed(0)
+    model = ICLModel(tiny_config)
+    gen = torch.Generator().manual_seed(0)
+    xs, ys = torch.randn(4, 8, 5, generator=gen), torch.randn(4, 8, generator=gen)
+    probes = conml.sample_probes(1, 5, gen).expand(4, -1, -1)
+    layout = conml.build_layout(
+        xs, ys, probes, conml.sample_views("prefix_half", 4, 8, 1, gen), "prefix_half"
+    )
+    out = model(
+        xs=xs, ys=ys, appended_tokens=layout.tokens, appended_position_ids=layout.position_ids,
+        appended_visible=layout.visible,
+    )  # fmt: skip
+    anchor, views = conml.representations(out.appended_outputs, out.appended_hidden, layout)
+    conml.conml_loss(anchor, views, terms=terms).loss.backward()
+    grads = [p.grad for p in model.backbone.parameters() if p.grad is not None]
+    assert grads and sum(g.abs().sum() for g in grads) > 0

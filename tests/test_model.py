@@ -1,0 +1,74 @@
+"""ICLModel: shapes, causality, loss, Auto-class round trip, bf16."""
+
+import torch
+from transformers import AutoConfig, AutoModel
+
+from icl_conml import ICLConfig, ICLModel
+
+
+def prompts(batch=3, n=10, d=5, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, n, d, generator=gen), torch.randn(batch, n, generator=gen)
+
+
+def test_predictions_shape_and_mse_loss(tiny_model):
+    xs, ys = prompts()
+    out = tiny_model(xs=xs, ys=ys)
+    assert out.predictions.shape == ys.shape
+    assert torch.allclose(out.loss, (out.predictions - ys).square().mean())
+    assert tiny_model(xs=xs).loss is None
+
+
+def test_model_is_causal(tiny_model):
+    xs, ys = prompts()
+    before = tiny_model(xs=xs, ys=ys).predictions
+    xs2, ys2 = xs.clone(), ys.clone()
+    j = 6
+    xs2[:, j] += 1.0
+    ys2[:, j] -= 3.0
+    after = tiny_model(xs=xs2, ys=ys2).predictions
+    assert torch.equal(before[:, :j], after[:, :j])
+    assert not torch.allclose(before[:, j:], after[:, j:])
+    # the prediction for y_j never uses y_j itself
+    ys3 = ys.clone()
+    ys3[:, j] = 100.0
+    assert torch.equal(tiny_model(xs=xs, ys=ys3).predictions[:, : j + 1], before[:, : j + 1])
+
+
+def test_defaults_no_dropout_no_cache(tiny_config):
+    backbone = tiny_config.backbone_config
+    assert backbone.resid_pdrop == backbone.embd_pdrop == backbone.attn_pdrop == 0.0
+    assert backbone.use_cache is False
+    assert backbone.n_positions >= 2 * tiny_config.n_positions + 1
+
+
+def test_save_and_auto_model_round_trip(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    assert AutoConfig.from_pretrained(tmp_path).model_type == "icl_conml"
+    loaded = AutoModel.from_pretrained(tmp_path)
+    assert isinstance(loaded, ICLModel)
+    xs, ys = prompts()
+    for name, tensor in tiny_model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    torch.testing.assert_close(loaded.eval()(xs=xs, ys=ys).predictions, tiny_model(xs=xs, ys=ys).predictions)
+    again = ICLModel.from_pretrained(tmp_path)
+    assert again.config.task == "linear_regression" and again.config.n_dims == 5
+
+
+def test_bf16_forward_and_backward(tiny_config):
+    model = ICLModel(tiny_config).to(torch.bfloat16)
+    xs, ys = prompts()
+    out = model(xs=xs, ys=ys)  # float32 inputs into a bf16 model
+    out.loss.backward()
+    assert out.predictions.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+
+
+def test_task_loss_is_used(tiny_config):
+    config = ICLConfig(**{**tiny_config.to_dict(), "task": "linear_classification"})
+    model = ICLModel(config)
+    xs, _ = prompts()
+    ys = torch.sign(torch.randn(3, 10))
+    out = model(xs=xs, ys=ys)
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(out.predictions, (ys + 1) / 2)
+    assert torch.allclose(out.loss, expected)
