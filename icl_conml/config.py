@@ -58,8 +58,32 @@ class ModelArguments:
     )
     dropout: float = _help("Dropout of the backbone (0 by default, as in Garg et al.).", default=0.0)
     attn_implementation: str = _help("Attention kernel of the backbone: sdpa or eager.", default="sdpa")
+    backbone_name_or_path: str | None = _help(
+        "Pretrained backbone (Hub id or folder; any AutoModel taking inputs_embeds, e.g. gpt2); "
+        "default: a fresh GPT-2 of n_embd/n_layer/n_head.",
+        default=None,
+    )
+    freeze_backbone: bool = _help(
+        "Keep the backbone's own weights fixed (read-in/read-out always train); implied by LoRA.",
+        default=False,
+    )
+    lora_r: int = _help("LoRA rank on the backbone (peft); 0 = no LoRA.", default=0)
+    lora_alpha: int = _help("LoRA scaling alpha (the update is scaled by alpha / r).", default=16)
+    lora_dropout: float = _help("Dropout on the LoRA branch.", default=0.0)
+    lora_target_modules: list[str] | None = _help(
+        "Backbone modules that get adapters (default: peft's choice for the architecture, "
+        "e.g. c_attn for GPT-2, q_proj/v_proj for Llama).",
+        default=None,
+    )
 
     def __post_init__(self) -> None:
+        _require(self.lora_r >= 0, f"lora_r={self.lora_r} must be >= 0 (0 = no LoRA)")
+        _require(self.lora_alpha > 0, f"lora_alpha={self.lora_alpha} must be > 0")
+        _require(0 <= self.lora_dropout < 1, f"lora_dropout={self.lora_dropout} must be in [0, 1)")
+        _require(
+            self.lora_target_modules is None or self.lora_r > 0,
+            f"lora_target_modules={self.lora_target_modules} is set but lora_r=0 (LoRA off); set lora_r > 0",
+        )
         for key in ("n_embd", "n_layer", "n_head"):
             _require(getattr(self, key) >= 1, f"{key}={getattr(self, key)} must be >= 1")
         _require(

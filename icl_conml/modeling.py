@@ -126,6 +126,33 @@ class ICLModel(ICLPreTrainedModel):
         self.read_out = nn.Linear(config.hidden_size, 1)
         self.post_init()
 
+    @classmethod
+    def from_pretrained_backbone(
+        cls, backbone_name_or_path: str, attn_implementation: str = "sdpa", **config_kwargs
+    ) -> ICLModel:
+        """A new learner (fresh read-in/read-out) around a pretrained ``AutoModel`` backbone.
+
+        The hidden size comes from the backbone's config; ``config_kwargs`` are the other
+        ``ICLConfig`` fields (n_dims, n_positions, task, ...). Weights load in float32 (the
+        Trainer's mixed precision casts on the fly).
+        """
+        backbone = AutoModel.from_pretrained(
+            backbone_name_or_path, dtype=torch.float32, attn_implementation=attn_implementation
+        )
+        backbone_config = backbone.config
+        config = cls.config_class(
+            n_embd=backbone_config.hidden_size,
+            n_layer=backbone_config.num_hidden_layers,
+            n_head=backbone_config.num_attention_heads,
+            backbone_config=backbone_config,
+            backbone_name_or_path=backbone_name_or_path,
+            **config_kwargs,
+        )
+        # Building ICLConfig resets the nested config's attention kernel to None, after which
+        # the backbone silently ignores our 4D masks: set it back before the model is built.
+        config.backbone_config._attn_implementation = attn_implementation
+        return cls(config, backbone=backbone)
+
     def get_input_embeddings(self) -> nn.Module:
         return self.read_in
 

@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import yaml
@@ -17,15 +18,28 @@ from transformers import set_seed
 
 from .config import Recipe, RecipeError, parse_recipe, validate
 from .data import ConMLSampling, Curriculum, FixedPrompts, PromptSampler, Schedule
+from .hub import push_errors_explained
 from .modeling import ICLConfig, ICLModel
 from .tasks import get_task
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 logger = logging.getLogger("icl_conml")
 
 
-def build_model(recipe: Recipe) -> ICLModel:
-    """A freshly initialised model for the recipe (seeded by ``seed``)."""
+def build_model(recipe: Recipe) -> ICLModel | PeftModel:
+    """A freshly initialised model for the recipe (seeded by ``seed``).
+
+    With ``backbone_name_or_path`` the backbone is that pretrained model; with ``lora_r > 0``
+    the result is a ``peft.PeftModel`` training LoRA adapters and read-in/read-out only.
+    """
     task, model = recipe.task, recipe.model
+    if model.backbone_name_or_path or model.lora_r > 0 or model.freeze_backbone:
+        from .lora import build_lora_model
+
+        set_seed(recipe.training.seed)
+        return build_lora_model(recipe)
     config = ICLConfig(
         n_dims=task.n_dims,
         n_positions=model.n_positions or task.n_points,
@@ -99,21 +113,23 @@ def run(recipe: Recipe) -> dict[str, float]:
     validate(recipe)
     training = recipe.training
     model = build_model(recipe)
-    trainer = ConMLTrainer(
-        model=model,
-        args=training,
-        train_dataset=build_sampler(recipe),
-        eval_dataset=build_eval_prompts(recipe),
-        conml_args=recipe.conml,
-    )
+    with push_errors_explained(training, trained=False):  # push_to_hub creates the repo here
+        trainer = ConMLTrainer(
+            model=model,
+            args=training,
+            train_dataset=build_sampler(recipe),
+            eval_dataset=build_eval_prompts(recipe),
+            conml_args=recipe.conml,
+        )
     if trainer.is_world_process_zero():
         Path(training.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(training.output_dir) / "recipe.yaml").write_text(
             yaml.safe_dump(recipe.to_dict(), sort_keys=False)
         )
     result = trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
-    trainer.save_model()
     trainer.save_state()
+    with push_errors_explained(training, trained=True):
+        trainer.save_model()  # the final model and its card; pushed when push_to_hub
     return result.metrics
 
 

@@ -17,6 +17,7 @@ from transformers import Trainer
 from . import conml
 from .config import ConMLArguments
 from .data import PromptSampler, TrainingPrompts
+from .hub import ModelCardMixin
 
 
 def _single(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -24,7 +25,7 @@ def _single(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return items[0]
 
 
-class ConMLTrainer(Trainer):
+class ConMLTrainer(ModelCardMixin, Trainer):
     """Trainer whose loss is ICL loss + λ · ConML loss.
 
     Args:

@@ -1,0 +1,202 @@
+"""LoRA fine-tuning of a pretrained backbone with peft; loading and merging the adapters.
+
+``prepare_model`` wraps an ``ICLModel`` in a ``peft.PeftModel``: LoRA adapters on the
+backbone (whose own weights stay frozen) and the read-in / read-out trained in full as
+peft's ``modules_to_save``. The Trainer then saves a small folder: ``adapter_config.json``
+and ``adapter_model.safetensors`` (the adapters plus read-in/read-out), ``config.json`` (the
+``ICLConfig``, which names the backbone) and ``README.md``. ``load_lora_model`` rebuilds the
+model around the same pretrained backbone and attaches the adapter; ``merge`` folds the
+adapters into the backbone and returns a plain ``ICLModel``:
+
+    python -m icl_conml.lora merge ADAPTER_DIR OUT_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.pytorch_utils import Conv1D
+from transformers.utils import find_adapter_config_file
+
+from .config import ModelArguments, Recipe, RecipeError
+from .modeling import ICLConfig, ICLModel
+
+#: Modules outside the backbone that always train in full (saved with the adapter).
+TRAINED_MODULES = ["read_in", "read_out"]
+#: Leaf module types peft's LoRA can adapt.
+ADAPTABLE_TYPES = (nn.Linear, Conv1D, nn.Embedding, nn.Conv1d, nn.Conv2d)
+
+
+def default_target_modules(backbone_config: PretrainedConfig) -> list[str]:
+    """peft's default LoRA targets for the backbone's architecture (GPT-2: c_attn; Llama: q/v_proj)."""
+    targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(backbone_config.model_type)
+    if targets is None:
+        raise RecipeError(
+            f"no default LoRA target modules for a {backbone_config.model_type!r} backbone; "
+            f"set lora_target_modules to the names of its linear layers"
+        )
+    return list(targets)
+
+
+def adaptable_module_names(backbone: nn.Module) -> list[str]:
+    """Names (last component) of the backbone's modules that LoRA can target."""
+    return sorted(
+        {name.rsplit(".", 1)[-1] for name, m in backbone.named_modules() if isinstance(m, ADAPTABLE_TYPES)}
+    )
+
+
+def lora_config(model: ICLModel, args: ModelArguments) -> LoraConfig:
+    """The ``LoraConfig`` for ``args``, with target modules checked against the backbone."""
+    backbone = model.backbone
+    targets = list(args.lora_target_modules or default_target_modules(backbone.config))
+    available = adaptable_module_names(backbone)
+    for target in targets:
+        if target not in available:
+            raise RecipeError(
+                f"lora_target_modules: {target!r} is not a module of the {type(backbone).__name__} backbone; "
+                f"available: {', '.join(available)}"
+            )
+    # GPT-2's Conv1D stores weights as (in, out): peft must be told.
+    fan_in_fan_out = any(
+        isinstance(m, Conv1D) for name, m in backbone.named_modules() if name.rsplit(".", 1)[-1] in targets
+    )
+    return LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=targets,
+        fan_in_fan_out=fan_in_fan_out,
+        bias="none",
+        modules_to_save=list(TRAINED_MODULES),
+    )
+
+
+def prepare_model(model: ICLModel, args: ModelArguments) -> ICLModel | PeftModel:
+    """Apply the recipe's LoRA / freezing: LoRA → a ``PeftModel``; ``freeze_backbone`` → frozen backbone."""
+    if args.lora_r > 0:
+        return get_peft_model(model, lora_config(model, args))
+    if args.freeze_backbone:
+        model.backbone.requires_grad_(False)
+    return model
+
+
+def build_lora_model(recipe: Recipe) -> ICLModel | PeftModel:
+    """The recipe's model: its backbone (pretrained or fresh GPT-2), then LoRA / freezing.
+
+    Loading or adapter errors surface here, as one-line ``RecipeError``s, before training.
+    """
+    task, args = recipe.task, recipe.model
+    n_positions = args.n_positions or task.n_points
+    common = {
+        "n_dims": task.n_dims,
+        "n_positions": n_positions,
+        "task": task.task,
+        "task_kwargs": task.task_kwargs,
+    }
+    if args.backbone_name_or_path:
+        try:
+            model = ICLModel.from_pretrained_backbone(
+                args.backbone_name_or_path, attn_implementation=args.attn_implementation, **common
+            )
+        except (OSError, ValueError) as error:
+            first = (str(error).strip().splitlines() or [""])[0]
+            raise RecipeError(
+                f"backbone_name_or_path={args.backbone_name_or_path!r} could not be loaded ({first}); pass a "
+                f"local folder or a Hub id of an AutoModel that takes inputs_embeds (offline: one in the HF cache)"
+            ) from None
+    else:
+        config = ICLConfig(
+            n_embd=args.n_embd, n_layer=args.n_layer, n_head=args.n_head, dropout=args.dropout, **common
+        )
+        config.backbone_config._attn_implementation = args.attn_implementation
+        model = ICLModel(config)
+    limit = getattr(model.config.backbone_config, "max_position_embeddings", None)
+    if limit is not None and 2 * n_positions + 1 > limit:
+        raise RecipeError(
+            f"n_positions={n_positions} pairs need {2 * n_positions + 1} token positions but the backbone has "
+            f"{limit}; lower n_points / n_positions"
+        )
+    return prepare_model(model, args)
+
+
+def is_lora_checkpoint(name_or_path: str | Path, **hub_kwargs) -> bool:
+    """Whether a folder or Hub repo holds a LoRA adapter (``adapter_config.json``)."""
+    return find_adapter_config_file(str(name_or_path), **hub_kwargs) is not None
+
+
+def load_lora_model(
+    name_or_path: str | Path, *, is_trainable: bool = False, attn_implementation: str = "sdpa", **hub_kwargs
+) -> PeftModel:
+    """A saved LoRA run (folder or Hub id) on its pretrained backbone, adapters attached.
+
+    ``hub_kwargs`` (revision, token, cache_dir, local_files_only, ...) apply to the adapter
+    repository; the backbone loads from the name recorded in ``config.json``.
+    """
+    name_or_path = str(name_or_path)
+    config = ICLConfig.from_pretrained(name_or_path, **hub_kwargs)
+    if not config.backbone_name_or_path:
+        raise ValueError(
+            f"{name_or_path} has no backbone_name_or_path in its config.json: "
+            f"it is not a LoRA run of icl_conml; load it with ICLModel.from_pretrained"
+        )
+    base = ICLModel.from_pretrained_backbone(
+        config.backbone_name_or_path,
+        attn_implementation=attn_implementation,
+        n_dims=config.n_dims,
+        n_positions=config.n_positions,
+        task=config.task,
+        task_kwargs=config.task_kwargs,
+        dropout=config.dropout,
+    )
+    return PeftModel.from_pretrained(base, name_or_path, is_trainable=is_trainable, **hub_kwargs)
+
+
+def merge(source: str | Path | PeftModel, output_dir: str | Path | None = None, **hub_kwargs) -> ICLModel:
+    """Fold the LoRA adapters into the backbone: a plain ``ICLModel`` (saved to ``output_dir`` if given).
+
+    The merged folder loads with ``ICLModel.from_pretrained`` / ``AutoModel.from_pretrained``
+    alone (safetensors, no peft); its model card is rebuilt from the run's files.
+    """
+    model = source if isinstance(source, PeftModel) else load_lora_model(source, **hub_kwargs)
+    merged = model.merge_and_unload()
+    if output_dir is not None:
+        from .hub import write_model_card
+
+        output_dir = Path(output_dir)
+        merged.save_pretrained(output_dir)
+        if not isinstance(source, PeftModel) and Path(source).is_dir():
+            for name in ("recipe.yaml", "trainer_state.json", "results.json", "results.md", "curves.png"):
+                if (Path(source) / name).is_file():
+                    shutil.copy(Path(source) / name, output_dir / name)
+        write_model_card(output_dir)
+    return merged
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m icl_conml.lora", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    merge_cmd = commands.add_parser("merge", help="export a LoRA run as a plain ICLModel")
+    merge_cmd.add_argument("adapter", help="folder or Hub id of the LoRA run (adapter_config.json)")
+    merge_cmd.add_argument("output_dir", help="where the merged model goes")
+    args = parser.parse_args(argv)
+    if not is_lora_checkpoint(args.adapter):
+        print(
+            f"icl_conml.lora: error: {args.adapter} holds no adapter_config.json; "
+            f"pass the folder (or Hub id) of a run trained with lora_r > 0",
+            file=sys.stderr,
+        )
+        return 2
+    merge(args.adapter, args.output_dir)
+    print(f"merged {args.adapter} into {args.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
