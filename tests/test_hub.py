@@ -1,0 +1,305 @@
+"""Model cards, pushes through the Trainer (Hub API replaced by a recording double), and loading offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from concurrent.futures import Future
+from pathlib import Path
+
+import httpx2
+import pytest
+import torch
+import transformers.utils.hub
+import yaml
+from huggingface_hub import ModelCard, RepoUrl, scan_cache_dir
+from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.file_download import repo_folder_name
+from huggingface_hub.utils import filter_repo_objects
+from transformers import AutoModel, GPT2Config, GPT2Model
+
+import icl_conml  # noqa: F401  (registers the Auto classes)
+from icl_conml import ICLConfig, ICLModel
+from icl_conml.config import parse_recipe
+from icl_conml.hub import HubPushError, build_model_card, push_folder, write_model_card
+from icl_conml.train import main, run
+
+TINY = [
+    "--n_dims", "3", "--n_points", "6", "--n_embd", "16", "--n_layer", "1", "--n_head", "2",
+    "--per_device_train_batch_size", "8", "--eval_n_prompts", "0", "--logging_steps", "1",
+    "--warmup_steps", "0", "--report_to", "none", "--disable_tqdm", "true",
+]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Two torch threads on a busy 2-core machine run ~100x slower than one.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class RecordingHubApi:
+    """Stands in for ``huggingface_hub.HfApi`` at the network boundary and records every call.
+
+    Each upload records the files ``upload_folder`` would send at that moment (after its
+    ignore patterns) and the README text; any other Hub method fails the test.
+    """
+
+    def __init__(self, fail_uploads: int | None = None) -> None:
+        self.calls: list[dict] = []
+        self.fail_uploads = fail_uploads
+
+    def create_repo(self, repo_id, *, token=None, private=None, exist_ok=False, **kwargs):
+        self.calls.append(
+            {"call": "create_repo", "repo_id": repo_id, "private": private, "exist_ok": exist_ok}
+        )
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def upload_folder(self, *, repo_id, folder_path, path_in_repo=None, commit_message=None, run_as_future=False,
+                      ignore_patterns=None, **kwargs):  # fmt: skip
+        folder = Path(folder_path)
+        files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+        files = sorted(filter_repo_objects(files, ignore_patterns=ignore_patterns))
+        readme = (folder / "README.md").read_text() if (folder / "README.md").is_file() else None
+        self.calls.append(
+            {"call": "upload_folder", "repo_id": repo_id, "path_in_repo": path_in_repo, "files": files,
+             "message": commit_message, "readme": readme}
+        )  # fmt: skip
+        if self.fail_uploads is not None:
+            request = httpx2.Request("POST", f"https://huggingface.co/api/models/{repo_id}/commit/main")
+            raise HfHubHTTPError("403 Forbidden", response=httpx2.Response(403, request=request))
+        result = {"commit_url": f"https://huggingface.co/{repo_id}/commit/0"}
+        if run_as_future:
+            future: Future = Future()
+            future.set_result(result)
+            return future
+        return result
+
+
+@pytest.fixture
+def hub_api(monkeypatch) -> RecordingHubApi:
+    api = RecordingHubApi()
+    monkeypatch.setattr(
+        transformers.utils.hub, "_hf_api", api
+    )  # what transformers.utils.hub.hf_api() returns
+    return api
+
+
+def final_loss(folder: Path) -> float:
+    history = json.loads((folder / "trainer_state.json").read_text())["log_history"]
+    return [entry for entry in history if "loss" in entry][-1]["loss"]
+
+
+# ---- model cards -----------------------------------------------------------------------------------------
+def test_every_saved_folder_gets_a_model_card(tmp_path):
+    out = tmp_path / "run"
+    run(parse_recipe([*TINY, "--max_steps", "4", "--save_steps", "2", "--output_dir", str(out)]))
+    for folder in (out, out / "checkpoint-2", out / "checkpoint-4"):
+        card = ModelCard.load(folder / "README.md")
+        assert card.data.library_name == "transformers"
+        assert {"icl_conml", "in-context-learning", "linear_regression", "conml"} <= set(card.data.tags)
+        text = card.text
+        assert "**linear_regression** (inputs of dimension d = 3, up to 6 (x, y) pairs" in text
+        assert "| conml_lambda | 0.02 |" in text and "| conml_views | prefix_half |" in text
+        recipe = yaml.safe_load(re.search(r"```yaml\n(.*?)```", text, re.S).group(1))
+        assert recipe == yaml.safe_load((out / "recipe.yaml").read_text())
+        assert (folder / "recipe.yaml").is_file()
+    # the training summary holds the final losses of the log history
+    checkpoint_card = (out / "checkpoint-2" / "README.md").read_text()
+    assert f"| loss (step 2) | {final_loss(out / 'checkpoint-2'):.4g} |" in checkpoint_card
+    final_card = (out / "README.md").read_text()
+    assert f"| loss (step 4) | {final_loss(out):.4g} |" in final_card and "| train_runtime |" in final_card
+
+
+def test_card_includes_an_evaluation(tmp_path):
+    model_dir, eval_dir = tmp_path / "model", tmp_path / "eval"
+    ICLModel(ICLConfig(n_dims=3, n_positions=4, n_embd=16, n_layer=1, n_head=2)).save_pretrained(model_dir)
+    eval_dir.mkdir()
+    results = {
+        "curves": {"model": [1.0, 0.5, 0.1234, 0.05], "least_squares": [1.0, 0.667, 0.333, 0.0]},
+        "needed_context_length": {"model": 3, "least_squares": 3},
+    }
+    (eval_dir / "results.json").write_text(json.dumps(results))
+    (eval_dir / "curves.png").write_bytes(b"\x89PNG\r\n")
+    assert "## Evaluation" not in build_model_card(model_dir).text
+    write_model_card(model_dir, evaluation_dir=eval_dir)
+    text = (model_dir / "README.md").read_text()
+    assert "| k | model | least_squares |" in text and "| 2 | 0.1234 | 0.333 |" in text
+    assert "![error against the number of in-context examples](curves.png)" in text
+    assert (model_dir / "curves.png").is_file() and (model_dir / "results.json").is_file()
+    # the evaluation's own markdown table wins when there is one
+    (model_dir / "results.md").write_text("| k | model |\n|---|---|\n| 0 | 0.987 |")
+    done = subprocess.run(
+        [sys.executable, "-m", "icl_conml.hub", "card", str(model_dir)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "| 0 | 0.987 |" in (model_dir / "README.md").read_text()
+
+
+# ---- pushing -------------------------------------------------------------------------------------------------
+def test_push_through_the_trainer_uploads_cards_checkpoints_and_final_model(tmp_path, hub_api):
+    out = tmp_path / "run"
+    recipe = parse_recipe(
+        [*TINY, "--max_steps", "4", "--save_steps", "2", "--output_dir", str(out), "--push_to_hub", "true",
+         "--hub_model_id", "me/icl-test", "--hub_strategy", "checkpoint", "--hub_private_repo", "true"]
+    )  # fmt: skip
+    run(recipe)
+    calls = hub_api.calls
+    assert calls[0] == {"call": "create_repo", "repo_id": "me/icl-test", "private": True, "exist_ok": True}
+    uploads = [(c["path_in_repo"], c["message"]) for c in calls[1:]]
+    assert uploads == [
+        (None, "Training in progress, step 2"),
+        ("last-checkpoint", "Training in progress, step 2, checkpoint"),
+        (None, "Training in progress, step 4"),
+        ("last-checkpoint", "Training in progress, step 4, checkpoint"),
+        (None, "Model save"),
+    ]
+    model_files = {"config.json", "model.safetensors", "README.md", "recipe.yaml"}
+    for call in calls[1:]:
+        assert model_files <= set(call["files"]), call
+        assert not any(f.startswith("checkpoint-") for f in call["files"])
+        assert "library_name: transformers" in call["readme"] and "```python" in call["readme"]
+        assert 'AutoModel.from_pretrained("me/icl-test")' in call["readme"]
+    assert {"optimizer.pt", "trainer_state.json", "scheduler.pt"} <= set(calls[2]["files"])
+    assert "| loss (step 2) |" in calls[1]["readme"]  # the repo's card follows the checkpoint
+    assert f"| loss (step 4) | {final_loss(out):.4g} |" in calls[-1]["readme"]
+    assert "| train_runtime |" in calls[-1]["readme"]
+
+
+def test_lora_push_uploads_adapter_and_config(tmp_path, hub_api):
+    backbone = tmp_path / "gpt2"
+    GPT2Model(GPT2Config(n_embd=16, n_layer=1, n_head=2, n_positions=32, vocab_size=4)).save_pretrained(
+        backbone
+    )
+    out = tmp_path / "run"
+    run(
+        parse_recipe(
+            [*TINY, "--backbone_name_or_path", str(backbone), "--lora_r", "2", "--max_steps", "2",
+             "--save_steps", "2", "--output_dir", str(out), "--push_to_hub", "true", "--hub_model_id", "me/lora"]
+        )
+    )  # fmt: skip
+    final = hub_api.calls[-1]
+    assert {"adapter_config.json", "adapter_model.safetensors", "config.json", "README.md"} <= set(
+        final["files"]
+    )
+    assert "model.safetensors" not in final["files"]
+    assert "library_name: peft" in final["readme"] and 'load_lora_model("me/lora")' in final["readme"]
+
+
+def test_push_fails_fast_offline_before_training(tmp_path, capsys):
+    """HF_HUB_OFFLINE=1 (set for every test): the repo cannot be created, so nothing trains."""
+    out = tmp_path / "run"
+    args = [
+        *TINY,
+        "--max_steps",
+        "2",
+        "--output_dir",
+        str(out),
+        "--push_to_hub",
+        "true",
+        "--hub_model_id",
+        "me/x",
+    ]
+    with pytest.raises(HubPushError, match=r"cannot create the Hub repo me/x: offline mode is on"):
+        run(parse_recipe(args))
+    assert main(args) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1
+    assert (
+        "push_to_hub: false" in error and f"python -m icl_conml.hub push {out} --hub_model_id me/x" in error
+    )
+    assert not any(out.glob("checkpoint-*")) and not (out / "model.safetensors").exists()
+
+
+def test_failed_final_push_keeps_the_local_run(tmp_path, monkeypatch):
+    api = RecordingHubApi(fail_uploads=403)
+    monkeypatch.setattr(transformers.utils.hub, "_hf_api", api)
+    out = tmp_path / "run"
+    recipe = parse_recipe(
+        [*TINY, "--max_steps", "2", "--save_steps", "2", "--output_dir", str(out), "--push_to_hub", "true",
+         "--hub_model_id", "someone-else/x", "--hub_strategy", "end"]
+    )  # fmt: skip
+    with pytest.raises(HubPushError) as raised:
+        run(recipe)
+    message = str(raised.value)
+    assert message.startswith(f"training finished and {out} holds the model and checkpoints")
+    assert (
+        "the token may not write to someone-else/x" in message and "python -m icl_conml.hub push" in message
+    )
+    for name in ("model.safetensors", "config.json", "README.md", "trainer_state.json", "checkpoint-2"):
+        assert (out / name).exists(), name
+    assert [c["call"] for c in api.calls] == ["create_repo", "upload_folder"]  # hub_strategy end: one push
+
+
+def test_push_folder_refreshes_the_card_and_skips_checkpoints(tmp_path, hub_api):
+    folder = tmp_path / "run"
+    ICLModel(ICLConfig(n_dims=3, n_positions=4, n_embd=16, n_layer=1, n_head=2)).save_pretrained(folder)
+    (folder / "checkpoint-1").mkdir()
+    (folder / "checkpoint-1" / "optimizer.pt").write_bytes(b"0")
+    push_folder(folder, "me/later", private=True)
+    create, upload = hub_api.calls
+    assert create["repo_id"] == "me/later" and create["private"] is True
+    assert upload["files"] == ["README.md", "config.json", "model.safetensors"]
+    assert 'from_pretrained("me/later")' in upload["readme"]
+
+
+# ---- loading ------------------------------------------------------------------------------------------------
+def tiny_model() -> ICLModel:
+    torch.manual_seed(0)
+    return ICLModel(ICLConfig(n_dims=3, n_positions=4, n_embd=16, n_layer=1, n_head=2)).eval()
+
+
+def test_round_trip_from_a_local_folder_safetensors_only(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert "auto_map" not in json.loads((tmp_path / "config.json").read_text())  # no remote code
+    xs, ys = torch.randn(2, 4, 3), torch.randn(2, 4)
+    expected = model(xs=xs, ys=ys).predictions
+    for loaded in (ICLModel.from_pretrained(tmp_path), AutoModel.from_pretrained(tmp_path)):
+        assert type(loaded) is ICLModel
+        assert torch.equal(loaded.eval()(xs=xs, ys=ys).predictions, expected)
+
+
+LOAD_FROM_CACHE = """
+import sys, torch
+import icl_conml
+from transformers import AutoModel
+xs, ys = torch.load(sys.argv[1])
+full = AutoModel.from_pretrained("me/icl-cached").eval()
+same = icl_conml.ICLModel.from_pretrained("me/icl-cached").eval()
+torch.save([full(xs=xs, ys=ys).predictions, same(xs=xs, ys=ys).predictions], sys.argv[2])
+"""
+
+
+def test_load_a_hub_id_from_the_hf_cache_offline(tmp_path):
+    """A snapshot laid out as huggingface_hub's cache stores it loads by Hub id with no network."""
+    model = tiny_model()
+    hub_cache = tmp_path / "hf_home" / "hub"
+    repo = hub_cache / repo_folder_name(repo_id="me/icl-cached", repo_type="model")
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    model.save_pretrained(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    cached = {r.repo_id: r for r in scan_cache_dir(hub_cache).repos}
+    assert {f.file_name for f in cached["me/icl-cached"].refs["main"].files} == {
+        "config.json",
+        "model.safetensors",
+    }
+
+    xs, ys = torch.randn(2, 4, 3), torch.randn(2, 4)
+    torch.save([xs, ys], tmp_path / "inputs.pt")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", LOAD_FROM_CACHE, str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    expected = model(xs=xs, ys=ys).predictions
+    for predictions in torch.load(tmp_path / "out.pt"):
+        assert torch.equal(predictions, expected)
