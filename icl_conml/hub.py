@@ -166,13 +166,12 @@ def build_model_card(
     name = repo_id.split("/")[-1] if repo_id else folder.resolve().name
     objective = f"ConML (λ = {conml_lambda:g})" if conml_lambda > 0 else "plain ICL (no ConML)"
     backbone_desc = f"pretrained `{pretrained}`" if pretrained else "GPT-2 trained from scratch"
-    kind = " LoRA adapters +" if adapter else ""
     body = [
         f"# {name}",
         "",
         f"An in-context learner for **{config.task}** (inputs of dimension d = {config.n_dims}, up to "
         f"{config.n_positions} (x, y) pairs per prompt), meta-trained with "
-        f"[icl_conml](https://github.com/icl-conml/icl_conml) {__version__} and {objective}: it reads a "
+        f"icl_conml {__version__} and {objective}: it reads a "
         f"prompt (x₁, y₁, …, x_k, y_k, x_query) and predicts y_query from the examples alone.",
         "",
         "## Model",
@@ -188,7 +187,9 @@ def build_model_card(
                 ("hidden size / layers / heads", f"{config.n_embd} / {config.n_layer} / {config.n_head}"),
                 (
                     "weights",
-                    f"{kind} read-in/read-out (safetensors)" if adapter else "full model (safetensors)",
+                    "LoRA adapters + read-in/read-out (safetensors)"
+                    if adapter
+                    else "full model (safetensors)",
                 ),
             ],
         ),

@@ -30,6 +30,8 @@ from .modeling import ICLConfig, ICLModel
 
 #: Modules outside the backbone that always train in full (saved with the adapter).
 TRAINED_MODULES = ["read_in", "read_out"]
+#: ``from_pretrained`` arguments that locate files (passed on to the adapter's repository).
+HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "force_download", "subfolder")
 #: Leaf module types peft's LoRA can adapt.
 ADAPTABLE_TYPES = (nn.Linear, Conv1D, nn.Embedding, nn.Conv1d, nn.Conv2d)
 
@@ -158,13 +160,22 @@ def load_lora_model(
     return PeftModel.from_pretrained(base, name_or_path, is_trainable=is_trainable, **hub_kwargs)
 
 
-def merge(source: str | Path | PeftModel, output_dir: str | Path | None = None, **hub_kwargs) -> ICLModel:
+def merge(
+    source: str | Path | PeftModel,
+    output_dir: str | Path | None = None,
+    *,
+    attn_implementation: str = "sdpa",
+    **hub_kwargs,
+) -> ICLModel:
     """Fold the LoRA adapters into the backbone: a plain ``ICLModel`` (saved to ``output_dir`` if given).
 
     The merged folder loads with ``ICLModel.from_pretrained`` / ``AutoModel.from_pretrained``
     alone (safetensors, no peft); its model card is rebuilt from the run's files.
     """
-    model = source if isinstance(source, PeftModel) else load_lora_model(source, **hub_kwargs)
+    if isinstance(source, PeftModel):
+        model = source
+    else:
+        model = load_lora_model(source, attn_implementation=attn_implementation, **hub_kwargs)
     merged = model.merge_and_unload()
     if output_dir is not None:
         from .hub import write_model_card

@@ -127,6 +127,23 @@ class ICLModel(ICLPreTrainedModel):
         self.post_init()
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """``PreTrainedModel.from_pretrained``; a LoRA run's folder or repo (``adapter_config.json``,
+        see ``icl_conml.lora``) loads onto its pretrained backbone with the adapters merged.
+
+        To keep training the adapters use ``icl_conml.lora.load_lora_model(..., is_trainable=True)``.
+        """
+        from .lora import HUB_KWARGS, is_lora_checkpoint, merge
+
+        hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if kwargs.get(key) is not None}
+        if pretrained_model_name_or_path is not None and is_lora_checkpoint(
+            pretrained_model_name_or_path, **hub_kwargs
+        ):
+            attn = kwargs.get("attn_implementation") or "sdpa"
+            return merge(pretrained_model_name_or_path, attn_implementation=attn, **hub_kwargs).eval()
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+    @classmethod
     def from_pretrained_backbone(
         cls, backbone_name_or_path: str, attn_implementation: str = "sdpa", **config_kwargs
     ) -> ICLModel:

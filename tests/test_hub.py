@@ -23,8 +23,9 @@ from transformers import AutoModel, GPT2Config, GPT2Model
 
 import icl_conml  # noqa: F401  (registers the Auto classes)
 from icl_conml import ICLConfig, ICLModel
-from icl_conml.config import parse_recipe
+from icl_conml.config import ModelArguments, parse_recipe
 from icl_conml.hub import HubPushError, build_model_card, push_folder, write_model_card
+from icl_conml.lora import prepare_model
 from icl_conml.train import main, run
 
 TINY = [
@@ -269,27 +270,54 @@ def test_round_trip_from_a_local_folder_safetensors_only(tmp_path):
 LOAD_FROM_CACHE = """
 import sys, torch
 import icl_conml
+from icl_conml.lora import load_lora_model
 from transformers import AutoModel
 xs, ys = torch.load(sys.argv[1])
-full = AutoModel.from_pretrained("me/icl-cached").eval()
-same = icl_conml.ICLModel.from_pretrained("me/icl-cached").eval()
-torch.save([full(xs=xs, ys=ys).predictions, same(xs=xs, ys=ys).predictions], sys.argv[2])
+models = [
+    AutoModel.from_pretrained("me/icl-cached"),
+    icl_conml.ICLModel.from_pretrained("me/icl-cached"),
+    load_lora_model("me/lora-cached"),
+    icl_conml.ICLModel.from_pretrained("me/lora-cached"),  # merged onto its backbone
+]
+torch.save([m.eval()(xs=xs, ys=ys).predictions for m in models], sys.argv[2])
 """
 
 
-def test_load_a_hub_id_from_the_hf_cache_offline(tmp_path):
-    """A snapshot laid out as huggingface_hub's cache stores it loads by Hub id with no network."""
-    model = tiny_model()
-    hub_cache = tmp_path / "hf_home" / "hub"
-    repo = hub_cache / repo_folder_name(repo_id="me/icl-cached", repo_type="model")
+def cache_snapshot(hub_cache: Path, repo_id: str) -> Path:
+    """The snapshot folder of ``repo_id`` in huggingface_hub's cache layout (refs/main → commit)."""
+    repo = hub_cache / repo_folder_name(repo_id=repo_id, repo_type="model")
     commit = "0123456789abcdef0123456789abcdef01234567"
-    model.save_pretrained(repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
+    (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
+    return repo / "snapshots" / commit
+
+
+def test_load_hub_ids_from_the_hf_cache_offline(tmp_path):
+    """Snapshots laid out as huggingface_hub's cache stores them load by Hub id with no network."""
+    hub_cache = tmp_path / "hf_home" / "hub"
+    model = tiny_model()
+    model.save_pretrained(cache_snapshot(hub_cache, "me/icl-cached"))
+    backbone = tmp_path / "gpt2"
+    GPT2Model(GPT2Config(n_embd=16, n_layer=1, n_head=2, n_positions=32, vocab_size=4)).save_pretrained(
+        backbone
+    )
+    lora = prepare_model(
+        ICLModel.from_pretrained_backbone(str(backbone), n_dims=3, n_positions=4), ModelArguments(lora_r=2)
+    )
+    with torch.no_grad():  # non-zero adapters, so that loading them matters
+        for name, param in lora.named_parameters():
+            if "lora_B" in name:
+                param.normal_()
+    snapshot = cache_snapshot(hub_cache, "me/lora-cached")
+    lora.save_pretrained(snapshot)
+    lora.get_base_model().config.save_pretrained(snapshot)
     cached = {r.repo_id: r for r in scan_cache_dir(hub_cache).repos}
     assert {f.file_name for f in cached["me/icl-cached"].refs["main"].files} == {
         "config.json",
         "model.safetensors",
+    }
+    assert {"adapter_config.json", "config.json"} <= {
+        f.file_name for f in cached["me/lora-cached"].refs["main"].files
     }
 
     xs, ys = torch.randn(2, 4, 3), torch.randn(2, 4)
@@ -300,6 +328,12 @@ def test_load_a_hub_id_from_the_hf_cache_offline(tmp_path):
         capture_output=True, text=True, env=env,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
+    full, same, adapter, merged = torch.load(tmp_path / "out.pt")
     expected = model(xs=xs, ys=ys).predictions
-    for predictions in torch.load(tmp_path / "out.pt"):
-        assert torch.equal(predictions, expected)
+    assert torch.equal(full, expected) and torch.equal(same, expected)
+    with torch.no_grad():
+        expected_lora = lora.eval()(xs=xs, ys=ys).predictions
+        with lora.disable_adapter():
+            without_adapters = lora(xs=xs, ys=ys).predictions
+    assert torch.equal(adapter, expected_lora) and not torch.allclose(adapter, without_adapters)
+    torch.testing.assert_close(merged, expected_lora, atol=1e-5, rtol=0)

@@ -242,7 +242,10 @@ def test_load_and_merge_round_trip_gives_identical_predictions(trained_gpt2, tmp
 
     merged = merge(folder, tmp_path / "merged")
     assert type(merged) is ICLModel
+    # from_pretrained on the LoRA folder itself: the backbone + adapters, merged
+    direct = (ICLModel.from_pretrained(folder), AutoModel.from_pretrained(folder))
     for candidate in (
+        *direct,
         merged,
         ICLModel.from_pretrained(tmp_path / "merged"),
         AutoModel.from_pretrained(tmp_path / "merged"),
