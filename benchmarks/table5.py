@@ -39,7 +39,12 @@ VARIANTS: dict[str, list[str]] = {
     "conml_lambda0.05": ["--conml_lambda", "0.05"],
     "conml_lambda0.1": ["--conml_lambda", "0.1"],
     "conml_hidden_shuffled": [
-        "--conml_lambda", "0.02", "--conml_representation", "probe_hidden", "--conml_views", "shuffled_subset",
+        "--conml_lambda",
+        "0.02",
+        "--conml_representation",
+        "probe_hidden",
+        "--conml_views",
+        "shuffled_subset",
     ],  # fmt: skip
 }
 TASKS = {"linear_regression": [], "sparse_linear_regression": ["--sparsity", "2"]}
@@ -74,7 +79,9 @@ def train(seeds: list[int], max_steps: int, only: list[str] | None) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("phase", choices=["train", "analyze"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--max_steps", type=int, default=2000)
