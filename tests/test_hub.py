@@ -24,7 +24,7 @@ from transformers import AutoModel, GPT2Config, GPT2Model
 import icl_conml  # noqa: F401  (registers the Auto classes)
 from icl_conml import ICLConfig, ICLModel
 from icl_conml.config import ModelArguments, parse_recipe
-from icl_conml.hub import HubPushError, build_model_card, push_folder, write_model_card
+from icl_conml.hub import HubPushError, build_model_card, explain_push_error, push_folder, write_model_card
 from icl_conml.lora import prepare_model
 from icl_conml.train import main, run
 
@@ -337,3 +337,29 @@ def test_load_hub_ids_from_the_hf_cache_offline(tmp_path):
             without_adapters = lora(xs=xs, ys=ys).predictions
     assert torch.equal(adapter, expected_lora) and not torch.allclose(adapter, without_adapters)
     torch.testing.assert_close(merged, expected_lora, atol=1e-5, rtol=0)
+
+
+def test_push_errors_say_why_and_what_to_do():
+    request = httpx2.Request("POST", "https://huggingface.co/api/repos/create")
+    unauthorized = HfHubHTTPError("401", response=httpx2.Response(401, request=request))
+    message = explain_push_error(unauthorized, "me/x", "outputs/x", trained=False)
+    assert "not logged in" in message and "hf auth login" in message and "push_to_hub: false" in message
+    unreachable = httpx2.ConnectError("[Errno -3] Temporary failure in name resolution", request=request)
+    message = explain_push_error(unreachable, "me/x", "outputs/x", trained=True)
+    assert "the Hub is unreachable (ConnectError: [Errno -3] Temporary failure in name resolution)" in message
+    assert message.startswith("training finished and outputs/x holds the model")
+
+
+def test_hub_push_cli_offline_is_one_line(tmp_path):
+    folder = tmp_path / "run"
+    ICLModel(ICLConfig(n_dims=3, n_positions=4, n_embd=16, n_layer=1, n_head=2)).save_pretrained(folder)
+    done = subprocess.run(
+        [sys.executable, "-m", "icl_conml.hub", "push", str(folder), "--hub_model_id", "me/x"],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"icl_conml.hub: error: pushing {folder} to me/x failed: offline mode is on (HF_HUB_OFFLINE=1); "
+        "unset HF_HUB_OFFLINE on a machine with network"
+    ]
+    assert (folder / "model.safetensors").is_file() and (folder / "README.md").is_file()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -313,3 +314,20 @@ def test_lora_gpt2_recipe_runs_on_a_local_gpt2(gpt2_path, tmp_path):
     assert recipe.model.lora_r > 0 and recipe.conml.enabled
     run(recipe)
     assert (tmp_path / "adapter_model.safetensors").is_file() and (tmp_path / "README.md").is_file()
+
+
+def test_resuming_a_lora_run_matches_the_uninterrupted_one(gpt2_path, tmp_path):
+    from icl_conml.train import run
+
+    args = ["--max_steps", "4", "--save_steps", "2", "--learning_rate", "0.01", "--warmup_steps", "0"]
+    run(lora_recipe(gpt2_path, tmp_path / "full", *args))
+    shutil.copytree(tmp_path / "full" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    run(
+        lora_recipe(
+            gpt2_path, tmp_path / "resumed", *args,
+            "--resume_from_checkpoint", str(tmp_path / "resumed" / "checkpoint-2"),
+        )
+    )  # fmt: skip
+    full = load_file(tmp_path / "full" / "adapter_model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "adapter_model.safetensors")
+    assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
