@@ -85,6 +85,15 @@ def training_summary(log_history: list[dict[str, Any]]) -> list[tuple[str, Any]]
     return rows
 
 
+def _curve(value: Any) -> list[float] | None:
+    """A curve as a list of errors: a plain list, or the ``mean`` of a curve given with its interval."""
+    if isinstance(value, dict):
+        value = value.get("mean", value.get("error"))
+    if isinstance(value, list) and all(isinstance(v, int | float) or v is None for v in value):
+        return value
+    return None
+
+
 def _evaluation_section(folder: Path) -> str:
     """The evaluation's own table (results.md) or one built from results.json, and its plot."""
     results_md, results_json = folder / "results.md", folder / "results.json"
@@ -95,7 +104,8 @@ def _evaluation_section(folder: Path) -> str:
         parts.append(results_md.read_text().strip())
     else:
         results = json.loads(results_json.read_text())
-        curves: dict[str, list[float]] = results.get("curves", {})
+        curves = {name: _curve(value) for name, value in (results.get("curves") or {}).items()}
+        curves = {name: curve for name, curve in curves.items() if curve}
         if curves:
             names = list(curves)
             length = max(len(curve) for curve in curves.values())
@@ -255,11 +265,13 @@ class ModelCardMixin:
         return {
             "log_history": self.state.log_history,
             "conml_settings": dataclasses.asdict(conml_args) if conml_args is not None else None,
-            "repo_id": self.args.hub_model_id,
+            "repo_id": getattr(self, "hub_model_id", None) or self.args.hub_model_id,
         }
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict=state_dict)
+        if not self.args.should_save:  # other processes of a multi-process run write nothing
+            return
         folder = Path(output_dir if output_dir is not None else self.args.output_dir)
         model = self.accelerator.unwrap_model(self.model)
         if hasattr(model, "get_base_model"):  # a peft model saves only its adapter files
