@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import os
+import re
 import sys
 import types
 import typing
@@ -230,6 +232,26 @@ class ICLTrainingArguments(TrainingArguments):
         "Allow training into an output_dir that already holds a finished run.", default=False
     )
 
+    def __post_init__(self) -> None:
+        if not self.use_cpu and not _accelerator_available():
+            # No GPU: pick the CPU without being told, also under a multi-process launcher.
+            # accelerate forms the gloo process group only for use_cpu (else every process
+            # would silently train alone); DeepSpeed instead needs use_cpu off (accelerate
+            # drops DeepSpeed when cpu=True) and an explicit gloo backend.
+            if self.deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+                self.ddp_backend = self.ddp_backend or "gloo"
+            else:
+                self.use_cpu = True
+        super().__post_init__()
+
+
+def _accelerator_available() -> bool:
+    """Whether torch sees a GPU (or another accelerator: MPS, XPU, ...)."""
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+
 
 SECTIONS = (ModelArguments, TaskArguments, ConMLArguments, ICLTrainingArguments)
 
@@ -247,8 +269,12 @@ class Recipe:
         out: dict[str, Any] = {}
         for section in (self.model, self.task, self.conml):
             out.update(dataclasses.asdict(section))
-        out.update(self.raw)
+        # Run control is not part of the recipe: re-running a saved recipe must not overwrite or resume.
+        out.update({key: value for key, value in self.raw.items() if key not in RUN_CONTROL_KEYS})
         return out
+
+
+RUN_CONTROL_KEYS = ("resume_from_checkpoint", "overwrite_output_dir")
 
 
 def known_keys() -> list[str]:
@@ -301,12 +327,74 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     for key, value in data.items():
         if key not in expected:
             raise RecipeError(f"unknown recipe key {key!r} in {path}{_suggest(str(key))}")
+        if key == "resume_from_checkpoint" and isinstance(value, bool):  # `resume_from_checkpoint: true`
+            value = data[key] = "latest" if value else None
+        if isinstance(value, str) and float in _options(expected[key]):
+            try:  # YAML 1.1 reads 1e-3 (no dot) as a string
+                value = data[key] = float(value)
+            except ValueError:
+                pass
         _check_type(key, value, expected[key])
     return data
 
 
+def _options(hint: Any) -> tuple[Any, ...]:
+    is_union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+    return typing.get_args(hint) if is_union else (hint,)
+
+
+def _enum_choices() -> dict[str, list[str]]:
+    """Keys whose value must be one of an Enum's values (e.g. lr_scheduler_type), with the values."""
+    from transformers.trainer_utils import SchedulerType  # ICLTrainingArguments types it as str
+
+    choices = {"lr_scheduler_type": [str(member.value) for member in SchedulerType]}
+    for key, hint in _field_types().items():
+        for option in _options(hint):
+            if isinstance(option, type) and issubclass(option, enum.Enum):
+                choices[key] = [str(member.value) for member in option]
+    return choices
+
+
+def _cli_values(argv: list[str]) -> dict[str, str]:
+    """``--key value`` / ``--key=value`` pairs of the command line, keys with underscores."""
+    values = {}
+    for i, arg in enumerate(argv):
+        if not arg.startswith("--"):
+            continue
+        key, equals, value = arg[2:].partition("=")
+        if equals:
+            values[key.replace("-", "_")] = value
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            values[key.replace("-", "_")] = argv[i + 1]
+    return values
+
+
+class RecipeParser(HfArgumentParser):
+    """``HfArgumentParser`` whose errors are one-line ``RecipeError``s instead of a usage dump."""
+
+    def error(self, message: str):  # argparse calls this for bad values, missing values, ...
+        raise RecipeError(_argparse_message(message))
+
+
+def _argparse_message(message: str) -> str:
+    match = re.match(r"argument --([\w-]+)(?:/\S+)?: (.*)", message)
+    if not match:
+        return f"{message}; run with --help to list every key"
+    key, problem = match.group(1).replace("-", "_"), match.group(2)
+    if found := re.match(r"invalid (\w+) value: (.*)", problem):
+        kind = {"int": "an integer", "float": "a number"}.get(found.group(1), f"a {found.group(1)}")
+        return f"{key}={found.group(2)} is not {kind}; pass {kind}"
+    if found := re.match(r"invalid choice: (.*?) \(choose from (.*)\)", problem):
+        return f"{key}={found.group(1)} is not allowed; choose one of: {found.group(2)}"
+    if problem.startswith("expected one argument"):
+        return f"--{key} needs a value: --{key} VALUE"
+    if found := re.match(r"Truthy value expected: got (\S+)", problem):
+        return f"{key}={found.group(1)!r} is not a boolean; pass true or false"
+    return f"{key}: {problem}"
+
+
 def build_parser() -> HfArgumentParser:
-    return HfArgumentParser(SECTIONS)
+    return RecipeParser(SECTIONS)
 
 
 def parse_recipe(argv: list[str] | None = None) -> Recipe:
@@ -318,11 +406,15 @@ def parse_recipe(argv: list[str] | None = None) -> Recipe:
     parser = build_parser()
     parser.set_defaults(**raw)
     for i, arg in enumerate(argv):
-        if arg.startswith("--") and arg[2:].split("=")[0] not in known_keys() and arg not in ("--help", "-h"):
-            key = arg[2:].split("=")[0]
+        key = arg[2:].split("=")[0].replace("-", "_")
+        if arg.startswith("--") and key not in known_keys() and arg not in ("--help", "-h"):
             raise RecipeError(f"unknown option --{key}{_suggest(key)}")
         if not arg.startswith("-") and i == 0:
             raise RecipeError(f"unexpected argument {arg!r}; the recipe path must come first")
+    given = {**raw, **_cli_values(argv)}
+    for key, allowed in _enum_choices().items():
+        if isinstance(given.get(key), str):  # TrainingArguments would say "not a valid X", not which key
+            _choice(key, given[key], allowed)
     try:
         model, task, conml_args, training = parser.parse_args_into_dataclasses(
             args=argv, look_for_args_file=False
@@ -330,8 +422,12 @@ def parse_recipe(argv: list[str] | None = None) -> Recipe:
     except RecipeError:
         raise
     except ValueError as error:  # TrainingArguments' own checks
-        raise RecipeError(str(error).strip().splitlines()[0]) from None
-    overrides = {arg[2:].split("=")[0] for arg in argv if arg.startswith("--")}
+        message = str(error).strip().splitlines()[0]
+        if message.startswith("Some specified arguments are not used"):
+            unused = message.partition(": ")[2]
+            message = f"unexpected argument(s) {unused}; options are --key value (run with --help to list every key)"
+        raise RecipeError(message) from None
+    overrides = {arg[2:].split("=")[0].replace("-", "_") for arg in argv if arg.startswith("--")}
     raw.update({key: _value_of(key, (model, task, conml_args, training)) for key in overrides})
     return Recipe(model=model, task=task, conml=conml_args, training=training, raw=raw)
 
@@ -362,6 +458,23 @@ def validate(recipe: Recipe) -> None:
         training.per_device_train_batch_size >= 1,
         f"per_device_train_batch_size={training.per_device_train_batch_size} must be >= 1",
     )
+    _validate_reporting(training)
+    _require(training.learning_rate >= 0, f"learning_rate={training.learning_rate} must be >= 0")
+    _require(
+        training.gradient_accumulation_steps >= 1,
+        f"gradient_accumulation_steps={training.gradient_accumulation_steps} must be >= 1",
+    )
+    for key in ("logging_steps", "save_steps", "eval_steps"):
+        strategy = getattr(training, key.replace("_steps", "_strategy"))
+        value = getattr(training, key)
+        if str(getattr(strategy, "value", strategy)) == "steps" and value is not None:
+            _require(value > 0, f"{key}={value} must be > 0 (a number of steps, or a fraction of max_steps)")
+    if str(getattr(training.eval_strategy, "value", training.eval_strategy)) != "no":
+        _require(
+            task.eval_n_prompts > 0,
+            f"eval_strategy={getattr(training.eval_strategy, 'value', training.eval_strategy)!r} needs an "
+            f"eval set but eval_n_prompts=0; set eval_n_prompts > 0 or eval_strategy=no",
+        )
     if conml_args.enabled:
         smallest = task.curriculum_points_start or task.n_points
         _require(
@@ -373,4 +486,21 @@ def validate(recipe: Recipe) -> None:
         _require(
             global_batch >= 2,
             "ConML needs at least 2 tasks per batch for d_out; raise per_device_train_batch_size",
+        )
+
+
+def _validate_reporting(training: TrainingArguments) -> None:
+    """``report_to`` names a known, installed backend (the Trainer would fail after building the model)."""
+    from transformers.integrations.integration_utils import (
+        INTEGRATION_TO_CALLBACK,
+        get_available_reporting_integrations,
+    )
+
+    available = get_available_reporting_integrations()
+    for name in training.report_to or []:
+        _choice("report_to", name, ("none", "all", *INTEGRATION_TO_CALLBACK))
+        _require(
+            name in ("none", "all") or name in available,
+            f"report_to={name!r} needs the {name} package, which is not installed; "
+            f"pip install {name} or set report_to=none",
         )

@@ -16,6 +16,8 @@ import torch
 import yaml
 from transformers import set_seed
 
+from .callbacks import NonFiniteLossError
+from .checkpoints import LATEST, NO_RESUME, is_complete, latest_checkpoint, previous_run, remove_checkpoints
 from .config import Recipe, RecipeError, parse_recipe, validate
 from .data import ConMLSampling, Curriculum, FixedPrompts, PromptSampler, Schedule
 from .hub import push_errors_explained
@@ -106,12 +108,94 @@ def build_eval_prompts(recipe: Recipe) -> FixedPrompts | None:
     return FixedPrompts.sample(task, task_args.eval_n_prompts, task_args.n_points, seed=recipe.training.seed)
 
 
+def resolve_resume(recipe: Recipe) -> str | None:
+    """The checkpoint ``resume_from_checkpoint`` names: a ``checkpoint-N`` folder, or ``latest``
+    (also ``true``/``last``) for the newest complete checkpoint in ``output_dir``."""
+    training = recipe.training
+    value = training.resume_from_checkpoint
+    if value is None or str(value) in NO_RESUME:
+        return None
+    if str(value) in LATEST:
+        last = latest_checkpoint(training.output_dir)
+        if last is None:
+            raise RecipeError(
+                f"resume_from_checkpoint={value!r} but output_dir={training.output_dir!r} holds no complete "
+                f"checkpoint; point output_dir at the run to resume, or drop the flag to start a new run"
+            )
+        checkpoint = last
+    else:
+        checkpoint = str(value)
+        if not Path(checkpoint).is_dir() or not is_complete(checkpoint):
+            problem = "is not a directory" if not Path(checkpoint).is_dir() else "holds no trainer_state.json"
+            raise RecipeError(
+                f"resume_from_checkpoint={checkpoint!r} {problem}; pass a complete checkpoint-N folder of an "
+                f"earlier run, or 'latest' for the newest one in output_dir"
+            )
+    _check_resumable(recipe, checkpoint)
+    return checkpoint
+
+
+def _check_resumable(recipe: Recipe, checkpoint: str) -> None:
+    """The checkpoint's model must be the one the recipe builds (else loading fails mid-way)."""
+    config_file = Path(checkpoint) / "config.json"
+    if not config_file.is_file():
+        return  # a LoRA checkpoint saves adapter_config.json: peft checks it on load
+    import json
+
+    saved = json.loads(config_file.read_text())
+    task, model = recipe.task, recipe.model
+    expected = {"task": task.task, "n_dims": task.n_dims, "n_positions": model.n_positions or task.n_points}
+    if not model.backbone_name_or_path:
+        expected.update(n_embd=model.n_embd, n_layer=model.n_layer, n_head=model.n_head)
+    for key, value in expected.items():
+        if key in saved and saved[key] != value:
+            raise RecipeError(
+                f"resume_from_checkpoint={checkpoint!r} was trained with {key}={saved[key]!r} but the recipe "
+                f"says {key}={value!r}; resume with the run's own recipe ({training_recipe(recipe)})"
+            )
+
+
+def training_recipe(recipe: Recipe) -> str:
+    return str(Path(recipe.training.output_dir) / "recipe.yaml")
+
+
+def prepare_output_dir(recipe: Recipe, resume: str | None) -> None:
+    """Refuse to train over an earlier run unless the user resumes it or asks to overwrite it.
+
+    With ``overwrite_output_dir`` the earlier run's ``checkpoint-N`` folders are deleted, so
+    that a later ``--resume_from_checkpoint latest`` can never pick up a checkpoint of it.
+    """
+    training = recipe.training
+    output_dir = training.output_dir
+    try:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise RecipeError(
+            f"output_dir={output_dir!r} cannot be created ({error.strerror}); pick a writable folder"
+        ) from None
+    found = previous_run(output_dir) if resume is None else []
+    if not found:
+        return
+    if not training.overwrite_output_dir:
+        shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+        raise RecipeError(
+            f"output_dir={output_dir!r} already holds a run ({shown}); pass --resume_from_checkpoint latest "
+            f"to continue it, --overwrite_output_dir true to start over, or choose another output_dir"
+        )
+    if training.process_index == 0:
+        removed = remove_checkpoints(output_dir)
+        if removed:
+            logger.warning("overwrite_output_dir: removed %s from %s", ", ".join(removed), output_dir)
+
+
 def run(recipe: Recipe) -> dict[str, float]:
     """Train as the recipe says; returns the final training metrics."""
     from .trainer import ConMLTrainer  # imports deepspeed when installed: keep --help fast
 
     validate(recipe)
     training = recipe.training
+    resume = resolve_resume(recipe)
+    prepare_output_dir(recipe, resume)  # every check happens before the model is built
     model = build_model(recipe)
     with push_errors_explained(training, trained=False):  # push_to_hub creates the repo here
         trainer = ConMLTrainer(
@@ -126,17 +210,25 @@ def run(recipe: Recipe) -> dict[str, float]:
         (Path(training.output_dir) / "recipe.yaml").write_text(
             yaml.safe_dump(recipe.to_dict(), sort_keys=False)
         )
-    result = trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
+    if resume is not None:
+        logger.info("resuming from %s", resume)
+    result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_state()
     with push_errors_explained(training, trained=True):
         trainer.save_model()  # the final model and its card; pushed when push_to_hub
     return result.metrics
 
 
-def _finish_distributed() -> None:
-    """A clean shutdown: without it, multi-process runs sometimes abort at exit."""
+def _finish_distributed(wait: bool = True) -> None:
+    """A clean shutdown: without it, multi-process runs sometimes abort at exit.
+
+    After an unexpected error on this process (``wait=False``) there is no barrier: the other
+    processes may be inside a collective that this one will never join, and waiting would hang
+    the run forever; leaving lets the launcher (torchrun) stop them and report the error.
+    """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+        if wait:
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
@@ -146,17 +238,24 @@ def main(argv: list[str] | None = None) -> int:
     argv = [arg for arg in argv if arg != "--debug"]
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    crashed = True
     try:
         recipe = parse_recipe(argv)
         validate(recipe)
         metrics = run(recipe)
+        crashed = False
     except RecipeError as error:
         if debug:
             raise
         print(f"icl_conml: error: {error}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as error:
+        if debug:
+            raise
+        print(f"icl_conml: error: {error}", file=sys.stderr)
+        return 3
     finally:
-        _finish_distributed()
+        _finish_distributed(wait=not crashed)
     logger.info("finished: %s", metrics)
     return 0
 

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, SequentialSampler
 from transformers import Trainer
 
 from . import conml
+from .callbacks import NonFiniteLossGuard
 from .config import ConMLArguments
 from .data import PromptSampler, TrainingPrompts
 from .hub import ModelCardMixin
@@ -41,6 +42,14 @@ class ConMLTrainer(ModelCardMixin, Trainer):
         super().__init__(*args, **kwargs)
         self.conml_args = conml_args if conml_args is not None else ConMLArguments(conml_lambda=0.0)
         self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
+        # This optimizer step's losses, per micro-batch: checked for NaN/inf before the update.
+        self._step_losses: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self.add_callback(NonFiniteLossGuard(self.pop_step_losses))
+
+    def pop_step_losses(self) -> dict[str, list[torch.Tensor]]:
+        """The loss components recorded since the last optimizer step (and forget them)."""
+        losses, self._step_losses = self._step_losses, defaultdict(list)
+        return losses
 
     # ---- data ----------------------------------------------------------------------------------
     def get_train_dataloader(self) -> DataLoader:
@@ -65,6 +74,8 @@ class ConMLTrainer(ModelCardMixin, Trainer):
             outputs = model(xs=xs, ys=ys)
             if model.training:
                 self._metrics["icl_loss"].append(outputs.loss.detach())
+                self._step_losses["loss"].append(outputs.loss.detach())
+                self._step_losses["icl_loss"].append(outputs.loss.detach())
             return (outputs.loss, outputs) if return_outputs else outputs.loss
 
         layout = conml.build_layout(
@@ -99,6 +110,8 @@ class ConMLTrainer(ModelCardMixin, Trainer):
             ("d_out", terms.d_out),
         ):
             self._metrics[key].append(value.detach())
+            self._step_losses[key].append(value.detach())
+        self._step_losses["loss"].append(loss.detach())
         return (loss, outputs) if return_outputs else loss
 
     # ---- logging -------------------------------------------------------------------------------------
