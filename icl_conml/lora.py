@@ -134,29 +134,43 @@ def is_lora_checkpoint(name_or_path: str | Path, **hub_kwargs) -> bool:
 
 
 def load_lora_model(
-    name_or_path: str | Path, *, is_trainable: bool = False, attn_implementation: str = "sdpa", **hub_kwargs
+    name_or_path: str | Path,
+    *,
+    is_trainable: bool = False,
+    attn_implementation: str = "sdpa",
+    backbone_name_or_path: str | None = None,
+    **hub_kwargs,
 ) -> PeftModel:
     """A saved LoRA run (folder or Hub id) on its pretrained backbone, adapters attached.
 
-    ``hub_kwargs`` (revision, token, cache_dir, local_files_only, ...) apply to the adapter
-    repository; the backbone loads from the name recorded in ``config.json``.
+    The backbone loads from the name recorded in ``config.json`` unless
+    ``backbone_name_or_path`` points at the same pretrained model elsewhere (a moved folder).
+    ``hub_kwargs`` (revision, token, cache_dir, local_files_only, ...) apply to the run's repository.
     """
     name_or_path = str(name_or_path)
     config = ICLConfig.from_pretrained(name_or_path, **hub_kwargs)
-    if not config.backbone_name_or_path:
+    backbone = backbone_name_or_path or config.backbone_name_or_path
+    if not backbone:
         raise ValueError(
             f"{name_or_path} has no backbone_name_or_path in its config.json: "
             f"it is not a LoRA run of icl_conml; load it with ICLModel.from_pretrained"
         )
-    base = ICLModel.from_pretrained_backbone(
-        config.backbone_name_or_path,
-        attn_implementation=attn_implementation,
-        n_dims=config.n_dims,
-        n_positions=config.n_positions,
-        task=config.task,
-        task_kwargs=config.task_kwargs,
-        dropout=config.dropout,
-    )
+    try:
+        base = ICLModel.from_pretrained_backbone(
+            backbone,
+            attn_implementation=attn_implementation,
+            n_dims=config.n_dims,
+            n_positions=config.n_positions,
+            task=config.task,
+            task_kwargs=config.task_kwargs,
+            dropout=config.dropout,
+        )
+    except OSError as error:
+        first = (str(error).strip().splitlines() or [""])[0]
+        raise OSError(
+            f"the LoRA run {name_or_path} needs its pretrained backbone {backbone!r}, which could not be "
+            f"loaded ({first}); pass backbone_name_or_path= pointing at the same pretrained model"
+        ) from error
     return PeftModel.from_pretrained(base, name_or_path, is_trainable=is_trainable, **hub_kwargs)
 
 

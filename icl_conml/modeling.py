@@ -140,7 +140,9 @@ class ICLModel(ICLPreTrainedModel):
             pretrained_model_name_or_path, **hub_kwargs
         ):
             attn = kwargs.get("attn_implementation") or "sdpa"
-            return merge(pretrained_model_name_or_path, attn_implementation=attn, **hub_kwargs).eval()
+            merged = merge(pretrained_model_name_or_path, attn_implementation=attn, **hub_kwargs).eval()
+            dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+            return merged.to(dtype) if isinstance(dtype, torch.dtype) else merged
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     @classmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -331,3 +332,17 @@ def test_resuming_a_lora_run_matches_the_uninterrupted_one(gpt2_path, tmp_path):
     full = load_file(tmp_path / "full" / "adapter_model.safetensors")
     resumed = load_file(tmp_path / "resumed" / "adapter_model.safetensors")
     assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_a_moved_backbone_is_named_and_can_be_pointed_at(trained_gpt2, gpt2_path, tmp_path):
+    model, _, _, folder = trained_gpt2
+    moved = tmp_path / "run"
+    shutil.copytree(folder, moved)
+    config = json.loads((moved / "config.json").read_text())
+    config["backbone_name_or_path"] = str(tmp_path / "gone")
+    (moved / "config.json").write_text(json.dumps(config))
+    with pytest.raises(OSError, match=r"needs its pretrained backbone '.*gone'.*pass backbone_name_or_path="):
+        load_lora_model(moved)
+    xs, ys = prompts()
+    loaded = load_lora_model(moved, backbone_name_or_path=str(gpt2_path))
+    assert torch.equal(outputs(loaded, xs, ys)[0], outputs(model, xs, ys)[0])
