@@ -95,6 +95,11 @@ def build_lora_model(recipe: Recipe) -> ICLModel | PeftModel:
     Loading or adapter errors surface here, as one-line ``RecipeError``s, before training.
     """
     task, args = recipe.task, recipe.model
+    if args.lora_r > 0 and not args.backbone_name_or_path:
+        raise RecipeError(
+            f"lora_r={args.lora_r} needs a pretrained backbone_name_or_path (e.g. gpt2): LoRA on a freshly "
+            f"initialised backbone could never be reloaded, its random weights are not saved; set lora_r=0"
+        )
     n_positions = args.n_positions or task.n_points
     common = {
         "n_dims": task.n_dims,

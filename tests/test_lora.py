@@ -150,6 +150,8 @@ def test_bad_lora_keys_are_one_line_recipe_errors(gpt2_path, tmp_path):
         parse_recipe(["--lora_target_modules", "c_attn"])
     with pytest.raises(RecipeError, match="lora_r=-1"):
         parse_recipe(["--lora_r", "-1"])
+    with pytest.raises(RecipeError, match="lora_r=4 needs a pretrained backbone_name_or_path"):
+        build_model(parse_recipe(["--lora_r", "4"]))
     with pytest.raises(RecipeError, match="backbone_name_or_path=.*could not be loaded"):
         build_model(lora_recipe(tmp_path / "missing", tmp_path))
     with pytest.raises(
