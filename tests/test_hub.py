@@ -25,6 +25,7 @@ import icl_conml  # noqa: F401  (registers the Auto classes)
 from icl_conml import ICLConfig, ICLModel
 from icl_conml.config import ModelArguments, parse_recipe
 from icl_conml.hub import HubPushError, build_model_card, explain_push_error, push_folder, write_model_card
+from icl_conml.hub import main as hub_main
 from icl_conml.lora import prepare_model
 from icl_conml.train import main, run
 
@@ -135,10 +136,7 @@ def test_card_includes_an_evaluation(tmp_path):
     assert (model_dir / "curves.png").is_file() and (model_dir / "results.json").is_file()
     # the evaluation's own markdown table wins when there is one
     (model_dir / "results.md").write_text("| k | model |\n|---|---|\n| 0 | 0.987 |")
-    done = subprocess.run(
-        [sys.executable, "-m", "icl_conml.hub", "card", str(model_dir)], capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr
+    assert hub_main(["card", str(model_dir)]) == 0
     assert "| 0 | 0.987 |" in (model_dir / "README.md").read_text()
 
 
@@ -350,15 +348,12 @@ def test_push_errors_say_why_and_what_to_do():
     assert message.startswith("training finished and outputs/x holds the model")
 
 
-def test_hub_push_cli_offline_is_one_line(tmp_path):
+def test_hub_push_cli_offline_is_one_line(tmp_path, capsys):
     folder = tmp_path / "run"
     ICLModel(ICLConfig(n_dims=3, n_positions=4, n_embd=16, n_layer=1, n_head=2)).save_pretrained(folder)
-    done = subprocess.run(
-        [sys.executable, "-m", "icl_conml.hub", "push", str(folder), "--hub_model_id", "me/x"],
-        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )  # fmt: skip
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [
+    capsys.readouterr()
+    assert hub_main(["push", str(folder), "--hub_model_id", "me/x"]) == 2  # HF_HUB_OFFLINE=1 in tests
+    assert capsys.readouterr().err.strip().splitlines() == [
         f"icl_conml.hub: error: pushing {folder} to me/x failed: offline mode is on (HF_HUB_OFFLINE=1); "
         "unset HF_HUB_OFFLINE on a machine with network"
     ]
