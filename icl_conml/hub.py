@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 import shutil
@@ -36,6 +37,8 @@ from transformers.utils.hub import hf_api
 from . import __version__
 from .config import RecipeError
 from .modeling import ICLConfig
+
+logger = logging.getLogger(__name__)
 
 RECIPE_NAME = "recipe.yaml"
 STATE_NAME = "trainer_state.json"
@@ -268,6 +271,16 @@ class ModelCardMixin:
             "repo_id": getattr(self, "hub_model_id", None) or self.args.hub_model_id,
         }
 
+    def _write_card(self, folder: Path) -> None:
+        # A card is documentation: a failure to write one (say, a malformed results.json
+        # someone dropped in) must never stop a training run or lose its checkpoint.
+        try:
+            write_model_card(folder, **self._card_kwargs())
+        except Exception as error:  # noqa: BLE001
+            logger.warning(
+                "could not write the model card in %s: %s: %s", folder, type(error).__name__, error
+            )
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict=state_dict)
         if not self.args.should_save:  # other processes of a multi-process run write nothing
@@ -279,12 +292,12 @@ class ModelCardMixin:
         recipe = Path(self.args.output_dir) / RECIPE_NAME
         if recipe.is_file() and recipe.resolve() != (folder / RECIPE_NAME).resolve():
             shutil.copy(recipe, folder / RECIPE_NAME)
-        write_model_card(folder, **self._card_kwargs())
+        self._write_card(folder)
 
     def create_model_card(self, **kwargs: Any) -> None:
         """Called by ``Trainer.push_to_hub`` right before the upload: our card, not the generic one."""
         if self.is_world_process_zero():
-            write_model_card(self.args.output_dir, **self._card_kwargs())
+            self._write_card(Path(self.args.output_dir))
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         # The Trainer copies only weights and config from the checkpoint into output_dir before

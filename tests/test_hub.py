@@ -118,6 +118,16 @@ def test_every_saved_folder_gets_a_model_card(tmp_path):
     assert f"| loss (step 4) | {final_loss(out):.4g} |" in final_card and "| train_runtime |" in final_card
 
 
+def test_a_card_that_cannot_be_written_never_stops_training(tmp_path, caplog):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "results.json").write_text("{not json")
+    run(parse_recipe([*TINY, "--max_steps", "2", "--save_steps", "1", "--output_dir", str(out)]))
+    assert (out / "model.safetensors").is_file() and (out / "checkpoint-2" / "README.md").is_file()
+    assert not (out / "README.md").exists()
+    assert "could not write the model card" in caplog.text and "JSONDecodeError" in caplog.text
+
+
 def test_card_includes_an_evaluation(tmp_path):
     model_dir, eval_dir = tmp_path / "model", tmp_path / "eval"
     ICLModel(ICLConfig(n_dims=3, n_positions=4, n_embd=16, n_layer=1, n_head=2)).save_pretrained(model_dir)
