@@ -6,15 +6,17 @@ Without a recipe it runs the built-in quickstart (a CPU-sized linear-regression 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 import yaml
-from transformers import set_seed
+from transformers import TrainingArguments, set_seed
 
 from .callbacks import NonFiniteLossError
 from .checkpoints import LATEST, NO_RESUME, is_complete, latest_checkpoint, previous_run, remove_checkpoints
@@ -30,12 +32,46 @@ if TYPE_CHECKING:
 logger = logging.getLogger("icl_conml")
 
 
+@contextlib.contextmanager
+def _whole_weights(training: TrainingArguments) -> Iterator[None]:
+    """Build the model whole on every process, also under DeepSpeed ZeRO-3.
+
+    Once the training arguments exist, a ZeRO-3 launch has registered its DeepSpeed config
+    with transformers, which then builds models inside ``deepspeed.zero.Init``: partitioned at
+    construction and re-initialised in another random order, so the initial weights would
+    depend on the launch. Our models are small: built as one process builds them, a ZeRO-3 run
+    starts from the same weights as any other run, and DeepSpeed shards them when the Trainer
+    prepares the model.
+    """
+    from transformers.integrations import (
+        is_deepspeed_zero3_enabled,
+        set_hf_deepspeed_config,
+        unset_hf_deepspeed_config,
+    )
+
+    plugin = getattr(training, "deepspeed_plugin", None)
+    registered = getattr(training, "hf_deepspeed_config", None) or getattr(plugin, "dschf", None)
+    if registered is None or not is_deepspeed_zero3_enabled():
+        yield
+        return
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(registered)
+
+
 def build_model(recipe: Recipe) -> ICLModel | PeftModel:
-    """A freshly initialised model for the recipe (seeded by ``seed``).
+    """A freshly initialised model for the recipe (seeded by ``seed``), the same on any launch.
 
     With ``backbone_name_or_path`` the backbone is that pretrained model; with ``lora_r > 0``
     the result is a ``peft.PeftModel`` training LoRA adapters and read-in/read-out only.
     """
+    with _whole_weights(recipe.training):
+        return _build_model(recipe)
+
+
+def _build_model(recipe: Recipe) -> ICLModel | PeftModel:
     task, model = recipe.task, recipe.model
     if model.backbone_name_or_path or model.lora_r > 0 or model.freeze_backbone:
         from .lora import build_lora_model
