@@ -1,0 +1,260 @@
+"""Bad input gets one clear line: the key, the value and what is allowed; exit status 2; no
+traceback; and nothing is built (every check runs before the model exists)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import icl_conml.train as train_module
+from icl_conml.config import parse_recipe
+from icl_conml.train import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+# (id, YAML recipe text or None, command-line arguments, fragments the one error line must hold).
+# "{tmp}" in an argument is replaced by the test's temporary folder.
+CASES = [
+    ("n_dims<1", None, ["--n_dims", "0"], ["n_dims=0 must be >= 1"]),
+    ("n_points<1", None, ["--n_points", "0"], ["n_points=0 must be >= 1"]),
+    (
+        "sparsity>n_dims",
+        None,
+        ["--task", "sparse_linear_regression", "--n_dims", "5", "--sparsity", "9"],
+        ["sparsity=9 must be between 1 and n_dims=5"],
+    ),
+    (
+        "n_points>n_positions",
+        None,
+        ["--n_points", "11", "--n_positions", "5"],
+        ["n_points=11 is beyond the model's n_positions=5", "raise n_positions or lower n_points"],
+    ),
+    ("negative-lambda", None, ["--conml_lambda", "-0.5"], ["conml_lambda=-0.5 must be >= 0"]),
+    (
+        "unknown-task",
+        None,
+        ["--task", "linear_regresion"],
+        ["task='linear_regresion' is not allowed", "did you mean 'linear_regression'?", "decision_tree"],
+    ),
+    (
+        "unknown-view",
+        None,
+        ["--conml_views", "prefix"],
+        ["conml_views='prefix' is not allowed", "did you mean 'prefix_half'?", "random_subset"],
+    ),
+    (
+        "unknown-distance",
+        None,
+        ["--conml_distance", "cosin"],
+        ["conml_distance='cosin' is not allowed", "did you mean 'cosine'?", "sigmoid_sq"],
+    ),
+    (
+        "unknown-representation",
+        None,
+        ["--conml_representation", "hidden"],
+        ["conml_representation='hidden' is not allowed", "probe_output, probe_hidden"],
+    ),
+    ("K<1", None, ["--conml_num_views", "0"], ["conml_num_views (K)=0 must be >= 1"]),
+    (
+        "view-larger-than-context",
+        None,
+        ["--conml_views", "random_subset", "--conml_subset_max", "1.5"],
+        ["conml_subset_max <= 1", "(got 0.5, 1.5)", "fractions of the context"],
+    ),
+    (
+        "view-needs-two-points",
+        None,
+        ["--n_points", "1"],
+        ["ConML needs prompts of at least 2 points", "has 1", "set conml_lambda=0"],
+    ),
+    (
+        "conml-needs-two-tasks",
+        None,
+        ["--per_device_train_batch_size", "1"],
+        ["ConML needs at least 2 tasks per batch", "raise per_device_train_batch_size"],
+    ),
+    (
+        "curriculum-end-below-start",
+        None,
+        ["--n_points", "11", "--curriculum_points_start", "20"],
+        ["curriculum end below start: n_points=11 < curriculum_points_start=20"],
+    ),
+    (
+        "n_head-divides-n_embd",
+        None,
+        ["--n_embd", "30", "--n_head", "4"],
+        ["n_embd=30 is not divisible by n_head=4"],
+    ),
+    (
+        "unknown-flag",
+        None,
+        ["--lerning_rate", "0.1"],
+        ["unknown option --lerning_rate", "did you mean 'learning_rate'?"],
+    ),
+    ("stray-argument", None, ["--n_dims", "5", "extra"], ["unexpected argument(s) ['extra']", "--key value"]),
+    ("not-an-int", None, ["--n_dims", "five"], ["n_dims='five' is not an integer"]),
+    ("missing-value", None, ["--n_dims"], ["--n_dims needs a value"]),
+    (
+        "not-a-bool",
+        None,
+        ["--overwrite_output_dir", "maybe"],
+        ["overwrite_output_dir='maybe' is not a boolean"],
+    ),
+    (
+        "scheduler-typo",
+        None,
+        ["--lr_scheduler_type", "cosin"],
+        ["lr_scheduler_type='cosin' is not allowed", "did you mean 'cosine'?"],
+    ),
+    (
+        "eval-strategy-typo",
+        None,
+        ["--eval_strategy", "step"],
+        ["eval_strategy='step' is not allowed", "did you mean 'steps'?"],
+    ),
+    (
+        "eval-without-eval-set",
+        None,
+        ["--eval_strategy", "steps", "--eval_n_prompts", "0"],
+        ["eval_strategy='steps' needs an eval set but eval_n_prompts=0"],
+    ),
+    (
+        "report-to-typo",
+        None,
+        ["--report_to", "tensorbord"],
+        ["report_to='tensorbord' is not allowed", "did you mean 'tensorboard'?"],
+    ),
+    (
+        "report-to-not-installed",
+        None,
+        ["--report_to", "wandb"],
+        ["report_to='wandb' needs the wandb package", "pip install wandb or set report_to=none"],
+    ),
+    ("max_steps<1", None, ["--max_steps", "0"], ["max_steps=0 must be >= 1"]),
+    ("negative-lr", None, ["--learning_rate", "-1"], ["learning_rate=-1.0 must be >= 0"]),
+    ("save_steps<=0", None, ["--save_steps", "-1"], ["save_steps=-1.0 must be > 0"]),
+    ("negative-noise", None, ["--noise_std", "-1"], ["noise_std=-1.0 must be >= 0"]),
+    ("yaml-unknown-key", "n_dim: 5\n", [], ["unknown recipe key 'n_dim'", "did you mean 'n_dims'?"]),
+    ("yaml-wrong-type", "n_dims: five\n", [], ["n_dims='five' has type str; expected int"]),
+    ("yaml-float-for-int", "n_points: 10.5\n", [], ["n_points=10.5 has type float; expected int"]),
+    (
+        "yaml-list-for-float",
+        "conml_lambda: [0.1]\n",
+        [],
+        ["conml_lambda=[0.1] has type list; expected float"],
+    ),
+    ("yaml-invalid", "n_dims: [5\n", [], ["is not valid YAML"]),
+    ("yaml-not-a-mapping", "- n_dims\n- 5\n", [], ["must be a mapping of key: value, got list"]),
+    ("yaml-bad-value", "task: linear\nn_dims: 5\n", [], ["task='linear' is not allowed"]),
+    (
+        "missing-recipe-file",
+        None,
+        ["{tmp}/nope.yaml"],
+        ["recipe file", "nope.yaml' not found", "pass the path of a YAML recipe"],
+    ),
+    (
+        "resume-missing-path",
+        None,
+        ["--resume_from_checkpoint", "{tmp}/run/checkpoint-9"],
+        ["resume_from_checkpoint=", "checkpoint-9' is not a directory", "or 'latest'"],
+    ),
+    (
+        "resume-latest-without-checkpoint",
+        None,
+        ["--resume_from_checkpoint", "latest"],
+        ["resume_from_checkpoint='latest' but output_dir=", "holds no complete checkpoint"],
+    ),
+    (
+        "output-dir-under-a-file",
+        None,
+        ["--output_dir", "{tmp}/recipe.yaml/out"],
+        ["output_dir=", "cannot be created", "pick a writable folder"],
+    ),
+]
+
+
+NEEDS = {"report-to-not-installed": importlib.util.find_spec("wandb") is None}
+PARAMS = [
+    pytest.param(
+        *case[1:],
+        id=case[0],
+        marks=pytest.mark.skipif(not NEEDS.get(case[0], True), reason="wandb is installed"),
+    )
+    for case in CASES
+]
+
+
+def _argv(tmp_path: Path, yaml_text: str | None, args: list[str]) -> list[str]:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml_text if yaml_text is not None else "max_steps: 1\n")
+    argv = [str(recipe)] if yaml_text is not None else []
+    argv += [arg.replace("{tmp}", str(tmp_path)) for arg in args]
+    if "--output_dir" not in argv:
+        argv += ["--output_dir", str(tmp_path / "run")]
+    return argv
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if a model gets built: every check must come first."""
+
+    def build_model(recipe):
+        raise AssertionError("a model was built before the bad input was reported")
+
+    monkeypatch.setattr(train_module, "build_model", build_model)
+
+
+@pytest.mark.parametrize(("yaml_text", "args", "fragments"), PARAMS)
+def test_bad_input_is_one_clear_line(yaml_text, args, fragments, tmp_path, capsys, no_model):
+    code = main(_argv(tmp_path, yaml_text, args))
+    captured = capsys.readouterr()
+    assert code == 2, captured.err[-2000:]
+    assert "Traceback" not in captured.err + captured.out
+    errors = [line for line in captured.err.splitlines() if line.startswith("icl_conml: error: ")]
+    assert len(errors) == 1, captured.err[-2000:]
+    for fragment in fragments:
+        assert fragment.replace("{tmp}", str(tmp_path)) in errors[0], errors[0]
+    assert not (tmp_path / "run" / "recipe.yaml").exists()
+
+
+def test_there_are_at_least_twenty_cases():
+    assert len(CASES) >= 20
+
+
+def test_yaml_float_written_without_a_dot_is_a_float(tmp_path):
+    # YAML 1.1 reads 1e-3 as a string; a float key accepts it as the number it means.
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("learning_rate: 1e-3\nconml_lambda: 2e-2\nresume_from_checkpoint: false\n")
+    parsed = parse_recipe([str(recipe), "--output_dir", str(tmp_path)])
+    assert parsed.training.learning_rate == 0.001 and parsed.conml.conml_lambda == 0.02
+    assert parsed.training.resume_from_checkpoint is None
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}
+    return subprocess.run(
+        [sys.executable, "-m", "icl_conml.train", *args], cwd=REPO, env=env, capture_output=True, text=True
+    )
+
+
+def test_real_cli_prints_one_line_and_exits_2(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("task: linear_regression\nconml_veiws: shuffle\n")
+    done = _cli(str(recipe), "--output_dir", str(tmp_path / "run"))
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"icl_conml: error: unknown recipe key 'conml_veiws' in {recipe}; did you mean 'conml_views'?"
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_debug_flag_shows_the_traceback(tmp_path):
+    done = _cli("--conml_distance", "l3", "--output_dir", str(tmp_path / "run"), "--debug")
+    assert done.returncode != 0
+    assert "Traceback" in done.stderr and "conml_distance='l3' is not allowed" in done.stderr
