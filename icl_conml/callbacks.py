@@ -51,7 +51,7 @@ class NonFiniteLossGuard(TrainerCallback):
         grad_norm = torch.nn.utils.get_total_norm(grads).float() if grads else torch.zeros(())
         checked = [value.to(grad_norm.device) for value in means.values()] + [grad_norm]
         bad = (~torch.isfinite(torch.stack(checked))).any().float()
-        if float(reduce_max(bad)) == 0:
+        if float(reduce_max(bad.to(args.device))) == 0:  # NCCL reduces only device tensors
             return control
         raise NonFiniteLossError(_message(args.output_dir, state.global_step + 1, means, float(grad_norm)))
 

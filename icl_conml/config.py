@@ -229,7 +229,12 @@ class ICLTrainingArguments(TrainingArguments):
     )
     dataloader_pin_memory: bool = _help("Pin memory (prompts are generated in-process).", default=False)
     overwrite_output_dir: bool = _help(
-        "Allow training into an output_dir that already holds a finished run.", default=False
+        "Train into an output_dir that already holds a run, deleting its checkpoint-N folders.", default=False
+    )
+    resume_from_checkpoint: str | None = _help(
+        "Continue a run: a checkpoint-N folder, or 'latest' (also 'true') for the newest complete "
+        "checkpoint in output_dir.",
+        default=None,
     )
 
     def __post_init__(self) -> None:
