@@ -144,6 +144,17 @@ def build_eval_prompts(recipe: Recipe) -> FixedPrompts | None:
     return FixedPrompts.sample(task, task_args.eval_n_prompts, task_args.n_points, seed=recipe.training.seed)
 
 
+def build_compute_metrics(recipe: Recipe):
+    """The Trainer's ``compute_metrics``: a curve summary (error at k = d and 2d, needed context
+    length at error 0.1) logged next to ``eval_loss`` at every evaluation."""
+    from .evaluation import curve_metrics
+
+    task_args = recipe.task
+    if task_args.eval_n_prompts == 0:
+        return None
+    return curve_metrics(get_task(task_args.task, task_args.n_dims, **task_args.task_kwargs))
+
+
 def resolve_resume(recipe: Recipe) -> str | None:
     """The checkpoint ``resume_from_checkpoint`` names: a ``checkpoint-N`` folder, or ``latest``
     (also ``true``/``last``) for the newest complete checkpoint in ``output_dir``."""
@@ -239,6 +250,7 @@ def run(recipe: Recipe) -> dict[str, float]:
             args=training,
             train_dataset=build_sampler(recipe),
             eval_dataset=build_eval_prompts(recipe),
+            compute_metrics=build_compute_metrics(recipe),
             conml_args=recipe.conml,
         )
     if trainer.is_world_process_zero():
