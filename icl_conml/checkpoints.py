@@ -8,6 +8,7 @@ back to the newest *complete* checkpoint, so such a kill never blocks a resume.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -22,7 +23,12 @@ NO_RESUME = ("", "false", "False", "no", "none", "None")
 
 
 def is_complete(checkpoint: str | Path) -> bool:
-    return (Path(checkpoint) / TRAINER_STATE).is_file()
+    """``trainer_state.json`` is written last: present and readable means the checkpoint is whole."""
+    try:
+        json.loads((Path(checkpoint) / TRAINER_STATE).read_text())
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def latest_checkpoint(output_dir: str | Path) -> str | None:

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from icl_conml.callbacks import NonFiniteLossError
-from icl_conml.checkpoints import latest_checkpoint
+from icl_conml.checkpoints import is_complete, latest_checkpoint
 from icl_conml.config import parse_recipe
 from icl_conml.data import PromptSampler
 from icl_conml.train import build_model, build_sampler, main
@@ -75,7 +75,7 @@ def test_kill_9_then_resume_gives_bit_identical_weights(tmp_path):
         stderr=subprocess.DEVNULL,
     )
     try:
-        while not (killed / "checkpoint-3" / "trainer_state.json").exists() and process.poll() is None:
+        while not is_complete(killed / "checkpoint-3") and process.poll() is None:
             time.sleep(0.005)
         process.send_signal(signal.SIGKILL)
     finally:
@@ -95,11 +95,11 @@ def test_kill_9_then_resume_gives_bit_identical_weights(tmp_path):
     _assert_identical(_weights(reference), _weights(by_path))
 
     # Resume "latest" in the killed folder itself, with a checkpoint left half-written by a kill
-    # during saving (no trainer_state.json): it must be skipped, and then rewritten.
+    # during saving (trainer_state.json, the last file, cut short): it must be skipped, then rewritten.
     half_written = killed / f"checkpoint-{int(last.rsplit('-', 1)[1]) + 3}"
     if not half_written.exists():
         shutil.copytree(last, half_written)
-    (half_written / "trainer_state.json").unlink(missing_ok=True)
+    (half_written / "trainer_state.json").write_text('{"best_global_step": null, "global_st')
     assert latest_checkpoint(killed) == last
     resumed = _train(*RESUME_ARGS, "--output_dir", str(killed), "--resume_from_checkpoint", "latest")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
