@@ -1,0 +1,303 @@
+"""Scale-out through Accelerate: real 2-process launches on CPU (gloo) train exactly like one process.
+
+The global batch of a step is a function of (seed, step) and each process takes its slice;
+ConML's negatives are all-gathered across processes. So DDP, ZeRO-2 and ZeRO-3 on 2 processes
+must log the same icl_loss, conml_loss, d_in and d_out as 1 process holding the whole batch,
+at every step (gradients included). Also: ZeRO-3 saves full weights, a ZeRO-2 run resumes on
+its curve, the SLURM launcher's commands for a fake 2-node allocation run, the GPU check
+dry-runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from icl_conml import ICLModel
+from icl_conml.config import ICLTrainingArguments, parse_recipe
+from icl_conml.launch import expand_hostlist, read_allocation
+from icl_conml.launch import main as launch_main
+from icl_conml.train import build_eval_prompts, build_model
+from icl_conml.train import main as train_main
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "recipes" / "accelerate"
+GLOBAL_BATCH = 8
+STEPS = 4
+# ConML on with a distance whose values are far from constant at initialisation, so that
+# 6-decimal logs tell local negatives (4 tasks) from cross-process ones (8 tasks) apart.
+TINY_RECIPE = {
+    "task": "linear_regression", "n_dims": 5, "n_points": 11,
+    "n_embd": 32, "n_layer": 2, "n_head": 2,
+    "conml_lambda": 0.1, "conml_distance": "sq_euclidean",
+    "max_steps": STEPS, "learning_rate": 0.003, "warmup_steps": 0, "lr_scheduler_type": "linear",
+    "logging_steps": 1, "save_steps": 2, "save_total_limit": 5, "eval_n_prompts": 32,
+    "seed": 3, "report_to": "none", "disable_tqdm": True,
+}  # fmt: skip
+LOGGED = ("icl_loss", "conml_loss", "d_in", "d_out")
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _check(process: subprocess.CompletedProcess | subprocess.Popen, log: str) -> None:
+    assert process.returncode == 0, f"launch failed (exit {process.returncode}):\n{log[-6000:]}"
+
+
+def _launch(config: str, recipe: Path, output_dir: Path, *extra: str) -> None:
+    """``accelerate launch`` of the training CLI on 2 CPU processes, as a user runs it."""
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config),
+        "--num_processes", "2", "--main_process_port", str(_free_port()),
+        "-m", "icl_conml.train", str(recipe), "--output_dir", str(output_dir),
+        "--per_device_train_batch_size", str(GLOBAL_BATCH // 2), *extra,
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=400)
+    _check(done, done.stdout + done.stderr)
+
+
+def _curve(output_dir: Path) -> dict[int, dict[str, float]]:
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    return {entry["step"]: {k: entry[k] for k in LOGGED} for entry in history if "icl_loss" in entry}
+
+
+def _assert_same_curve(got: dict[int, dict[str, float]], want: dict[int, dict[str, float]]) -> None:
+    assert sorted(got) == sorted(want), (sorted(got), sorted(want))
+    for step in want:
+        for key in LOGGED:
+            assert got[step][key] == pytest.approx(want[step][key], rel=1e-4, abs=2e-6), (step, key)
+
+
+@pytest.fixture(scope="module")
+def recipe_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("recipe") / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY_RECIPE))
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_process(recipe_file: Path, tmp_path_factory) -> Path:
+    """The reference: one process holding the whole global batch."""
+    output_dir = tmp_path_factory.mktemp("one_process")
+    code = train_main(
+        [
+            str(recipe_file),
+            "--output_dir",
+            str(output_dir),
+            "--per_device_train_batch_size",
+            str(GLOBAL_BATCH),
+        ]
+    )
+    assert code == 0
+    return output_dir
+
+
+def _predictions(model: ICLModel, recipe_file: Path) -> torch.Tensor:
+    prompts = build_eval_prompts(parse_recipe([str(recipe_file)]))
+    with torch.no_grad():
+        return model.eval()(xs=prompts.xs, ys=prompts.ys).predictions
+
+
+# ---- configs -------------------------------------------------------------------------------------
+def test_accelerate_configs_load_as_documented():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    expected = {
+        REPO / "accelerate_config.yaml": "MULTI_GPU",
+        CONFIGS / "ddp.yaml": "MULTI_GPU",
+        CONFIGS / "cpu_2proc.yaml": "MULTI_GPU",  # torchrun starts both processes
+        CONFIGS / "zero2.yaml": "DEEPSPEED",
+        CONFIGS / "zero3.yaml": "DEEPSPEED",
+        CONFIGS / "zero3_offload.yaml": "DEEPSPEED",
+        CONFIGS / "fsdp.yaml": "FSDP",
+    }
+    for path, kind in expected.items():
+        config = load_config_from_file(str(path))
+        assert str(getattr(config.distributed_type, "value", config.distributed_type)) == kind, path.name
+        assert config.use_cpu is False, path.name
+        if kind == "DEEPSPEED":
+            ds_file = REPO / config.deepspeed_config["deepspeed_config_file"]
+            ds = json.loads(ds_file.read_text())
+            for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+                assert ds[key] == "auto", (ds_file.name, key)  # filled from the recipe by the Trainer
+            assert ds["bf16"] == {"enabled": "auto"}
+            stage = ds["zero_optimization"]["stage"]
+            assert stage == (2 if path.stem == "zero2" else 3)
+            if stage == 3:  # save_model must write full weights
+                assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+        elif path.stem != "cpu_2proc":
+            assert str(config.mixed_precision) == "bf16", path.name
+    assert load_config_from_file(str(CONFIGS / "cpu_2proc.yaml")).num_processes == 2
+    fsdp = load_config_from_file(str(CONFIGS / "fsdp.yaml")).fsdp_config
+    assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_without_a_gpu_the_recipe_picks_the_cpu(tmp_path):
+    # Without use_cpu, a torchrun launch on CPU would let every process train alone.
+    assert ICLTrainingArguments(output_dir=str(tmp_path)).use_cpu is True
+
+
+# ---- real 2-process launches ---------------------------------------------------------------------
+@pytest.mark.slow
+def test_ddp_two_processes_train_like_one(recipe_file, one_process, tmp_path):
+    _launch("cpu_2proc.yaml", recipe_file, tmp_path / "ddp")
+    _assert_same_curve(_curve(tmp_path / "ddp"), _curve(one_process))
+
+
+@pytest.mark.slow
+def test_zero2_trains_like_one_process_and_resumes_on_its_curve(recipe_file, one_process, tmp_path):
+    first = tmp_path / "zero2"
+    _launch("zero2.yaml", recipe_file, first)
+    curve = _curve(first)
+    _assert_same_curve(curve, _curve(one_process))
+    assert (first / "checkpoint-2" / "global_step2").is_dir()  # DeepSpeed's own sharded checkpoint
+
+    resumed = tmp_path / "zero2_resumed"
+    _launch("zero2.yaml", recipe_file, resumed, "--resume_from_checkpoint", str(first / "checkpoint-2"))
+    after = {step: values for step, values in _curve(resumed).items() if step > 2}
+    assert sorted(after) == [3, 4]
+    _assert_same_curve(after, {step: curve[step] for step in (3, 4)})
+
+
+@pytest.mark.slow
+def test_zero3_trains_like_one_process_and_saves_full_weights(recipe_file, one_process, tmp_path):
+    output_dir = tmp_path / "zero3"
+    _launch("zero3.yaml", recipe_file, output_dir)
+    _assert_same_curve(_curve(output_dir), _curve(one_process))
+
+    saved = ICLModel.from_pretrained(output_dir)
+    reference = ICLModel.from_pretrained(one_process)
+    shapes = {name: tuple(p.shape) for name, p in saved.named_parameters()}
+    assert shapes == {name: tuple(p.shape) for name, p in reference.named_parameters()}
+    assert all(p.numel() > 0 for p in saved.parameters())  # gathered, not ZeRO-3's empty shards
+    predictions = _predictions(saved, recipe_file)
+    torch.testing.assert_close(predictions, _predictions(reference, recipe_file), rtol=1e-4, atol=1e-4)
+    untrained = _predictions(build_model(parse_recipe([str(recipe_file)])), recipe_file)
+    assert (predictions - untrained).abs().max() > 1e-2  # the trained weights, not the initial ones
+
+
+# ---- many nodes ----------------------------------------------------------------------------------
+FAKE_JOB = {"SLURM_JOB_ID": "4242", "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "1"}
+
+
+def test_hostlists_expand_like_slurm():
+    assert expand_hostlist("gpu[01-03,07],cpu9") == ["gpu01", "gpu02", "gpu03", "gpu07", "cpu9"]
+    assert expand_hostlist("node7") == ["node7"]
+    assert expand_hostlist("r[1-2]n[8-9]") == ["r1n8", "r1n9", "r2n8", "r2n9"]
+
+
+def test_allocation_is_read_from_slurm_variables():
+    env = {
+        "SLURM_JOB_NODELIST": "gpu[11-12]",
+        "SLURM_NODEID": "1",
+        "SLURM_GPUS_PER_NODE": "h100:8",
+        **FAKE_JOB,
+    }
+    allocation = read_allocation({**env, "SLURM_GPUS_ON_NODE": ""})
+    assert allocation.hosts == ["gpu11", "gpu12"] and allocation.node_rank == 1
+    assert allocation.gpus_per_node == 8 and allocation.main_process_ip == "gpu11"
+    assert allocation.port == 20000 + 4242  # from the job id: the same on every node
+    assert read_allocation({**env, "MASTER_PORT": "31000"}).port == 31000
+
+
+def test_launcher_outside_slurm_says_so(capsys):
+    assert launch_main(["--print", "recipes/quickstart.yaml"], env={}) == 2
+    assert "SLURM_JOB_NODELIST is not set" in capsys.readouterr().err
+
+
+def _slurm_dry_run(config: str, *train_args: str, nodelist: str = "localhost,localhost") -> list[list[str]]:
+    env = {**_env(), **FAKE_JOB, "SLURM_JOB_NODELIST": nodelist, "DRY_RUN": "1", "PYTHON": sys.executable}
+    env["MASTER_PORT"] = str(_free_port())
+    done = subprocess.run(
+        ["bash", "recipes/launch.slurm", config, *train_args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    _check(done, done.stdout + done.stderr)
+    return [shlex.split(line) for line in done.stdout.splitlines()]
+
+
+def _option(command: list[str], name: str) -> str:
+    return command[command.index(name) + 1]
+
+
+def test_slurm_commands_for_two_nodes_name_ranks_address_and_port():
+    commands = _slurm_dry_run("recipes/accelerate/zero2.yaml", "recipes/linear_regression.yaml", "--bf16", "true",
+                              nodelist="gpu[07-08]")  # fmt: skip
+    assert len(commands) == 2
+    for rank, command in enumerate(commands):
+        assert _option(command, "--machine_rank") == str(rank)
+        assert _option(command, "--num_machines") == "2"
+        assert _option(command, "--num_processes") == "2"  # 2 nodes x 1 GPU
+        assert _option(command, "--main_process_ip") == "gpu07"
+        assert _option(command, "--deepspeed_multinode_launcher") == "standard"  # not pdsh/ssh
+        assert command[-5:] == ["-m", "icl_conml.train", "recipes/linear_regression.yaml", "--bf16", "true"]
+    assert _option(commands[0], "--main_process_port") == _option(commands[1], "--main_process_port")
+
+
+@pytest.mark.slow
+def test_slurm_commands_for_two_fake_nodes_train_like_one_process(recipe_file, one_process, tmp_path):
+    """Both 'nodes' on this machine: the generated commands rendezvous and train as one run."""
+    output_dir = tmp_path / "two_nodes"
+    commands = _slurm_dry_run(
+        "recipes/accelerate/cpu_2proc.yaml", str(recipe_file), "--output_dir", str(output_dir),
+        "--per_device_train_batch_size", str(GLOBAL_BATCH // 2),
+    )  # fmt: skip
+    logs = [tmp_path / f"node{rank}.log" for rank in range(2)]
+    nodes = [
+        subprocess.Popen(command, cwd=REPO, env=_env(), stdout=log.open("w"), stderr=subprocess.STDOUT)
+        for command, log in zip(commands, logs, strict=True)
+    ]
+    deadline = time.monotonic() + 400
+    for node, log in zip(nodes, logs, strict=True):
+        try:
+            node.wait(timeout=max(1, deadline - time.monotonic()))
+        finally:
+            if node.poll() is None:
+                node.kill()
+        _check(node, log.read_text())
+    _assert_same_curve(_curve(output_dir), _curve(one_process))
+
+
+# ---- GPU check -----------------------------------------------------------------------------------
+def test_gpu_check_parses_and_dry_runs_on_cpu(tmp_path):
+    script = REPO / "benchmarks" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    committed = (REPO / "docs" / "gpu.md").read_text()
+    report = tmp_path / "gpu.md"
+    done = subprocess.run(
+        ["bash", str(script), "--dry-run", "--report", str(report)],
+        cwd=REPO, env={**_env(), "PYTHON": sys.executable}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    _check(done, done.stdout + done.stderr)
+    text = report.read_text()
+    assert text.startswith("DRY RUN on CPU")  # never mistaken for a GPU measurement
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    for name in ("plain", "conml"):  # measured: step time, samples/s, memory, FLOP/s all numbers
+        cells = [cell.strip() for cell in rows[name].split("|")[2:-1]]
+        assert cells[0] == "1" and cells[2] == "8" and float(cells[4]) > 0 and float(cells[5]) > 0, cells
+    assert int(rows["conml"].split("|")[5]) > int(rows["plain"].split("|")[5])  # probe tokens counted
+    for name in ("zero2 plain", "zero2 conml"):
+        assert "not run: dry run" in rows[name]
+    assert "accelerate.commands.launch --config_file recipes/accelerate/zero2.yaml" in done.stderr
+    assert (REPO / "docs" / "gpu.md").read_text() == committed  # a dry run never overwrites the record
