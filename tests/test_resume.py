@@ -230,3 +230,26 @@ def test_loading_never_unpickles(tmp_path, monkeypatch, capsys):
     names = sorted(Path(f).name for f, _ in loads)
     assert names == ["optimizer.pt", "rng_state.pth", "scheduler.pt"], names
     assert all(weights_only is True for _, weights_only in loads), loads
+
+
+@pytest.mark.slow
+def test_two_processes_stop_together_on_a_non_finite_loss(tmp_path):
+    """The NaN flag is reduced across processes: both stop at the same step, nobody hangs."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+         "-m", "icl_conml.train", *RESUME_ARGS, "--n_embd", "32", "--n_layer", "2", "--n_head", "2",
+         "--per_device_train_batch_size", "8", "--save_steps", "1", "--learning_rate", "1e4",
+         "--warmup_steps", "0", "--lr_scheduler_type", "constant", "--output_dir", str(tmp_path)],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode != 0
+    lines = [
+        line for line in done.stderr.splitlines() if line.startswith("icl_conml: error: non-finite loss")
+    ]
+    assert len(lines) == 2 and all("at step 2 (" in line for line in lines), done.stderr[-3000:]
+    assert (tmp_path / "checkpoint-1").is_dir() and not (tmp_path / "checkpoint-2").exists()
