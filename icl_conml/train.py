@@ -198,11 +198,11 @@ def _check_resumable(recipe: Recipe, checkpoint: str) -> None:
         if key in saved and saved[key] != value:
             raise RecipeError(
                 f"resume_from_checkpoint={checkpoint!r} was trained with {key}={saved[key]!r} but the recipe "
-                f"says {key}={value!r}; resume with the run's own recipe ({training_recipe(recipe)})"
+                f"says {key}={value!r}; resume with the run's own recipe ({_saved_recipe(recipe)})"
             )
 
 
-def training_recipe(recipe: Recipe) -> str:
+def _saved_recipe(recipe: Recipe) -> str:
     return str(Path(recipe.training.output_dir) / "recipe.yaml")
 
 
