@@ -59,16 +59,21 @@ def run_dir(task: str, variant: str, seed: int) -> Path:
     return RUNS / task / variant / f"seed{seed}"
 
 
-def train(seeds: list[int], max_steps: int, only: list[str] | None) -> None:
+def train(seeds: list[int], max_steps: int, only: list[str] | None, tasks: list[str]) -> None:
+    """Train the missing runs; several workers may share the list (a run is claimed by a marker)."""
     from icl_conml.train import main
 
     for seed in seeds:
-        for task, task_args in TASKS.items():
+        for task in tasks:
+            task_args = TASKS[task]
             for variant in PLAN[task]:
                 if only and variant not in only:
                     continue
                 out = run_dir(task, variant, seed)
-                if (out / "model.safetensors").exists():
+                out.mkdir(parents=True, exist_ok=True)
+                try:
+                    (out / "claimed").open("x").close()
+                except FileExistsError:
                     continue
                 start = time.time()
                 args = [*COMMON, "--task", task, *task_args, *VARIANTS[variant]]
@@ -86,9 +91,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--max_steps", type=int, default=2000)
     parser.add_argument("--only", nargs="*", default=None, help="variants to train (default: all)")
+    parser.add_argument("--tasks", nargs="*", default=list(TASKS), choices=list(TASKS))
     args = parser.parse_args()
     if args.phase == "train":
-        train(args.seeds, args.max_steps, args.only)
+        train(args.seeds, args.max_steps, args.only, args.tasks)
     else:
         from table5_analysis import analyze
 
