@@ -34,12 +34,13 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "recipes" / "accelerate"
 GLOBAL_BATCH = 8
 STEPS = 4
-# ConML on with a distance whose values are far from constant at initialisation, so that
-# 6-decimal logs tell local negatives (4 tasks) from cross-process ones (8 tasks) apart.
+# ConML on, in its InfoNCE form: each view must find its own anchor among the anchors of the
+# whole global batch, so the loss tells cross-process negatives (8 tasks, about log 8 at
+# initialisation) from local ones (4 tasks, log 4) and a wrong row offset from the right one.
 TINY_RECIPE = {
     "task": "linear_regression", "n_dims": 5, "n_points": 11,
     "n_embd": 32, "n_layer": 2, "n_head": 2,
-    "conml_lambda": 0.1, "conml_distance": "sq_euclidean",
+    "conml_lambda": 0.1, "conml_loss": "infonce", "conml_distance": "sq_euclidean",
     "max_steps": STEPS, "learning_rate": 0.003, "warmup_steps": 0, "lr_scheduler_type": "linear",
     "logging_steps": 1, "save_steps": 2, "save_total_limit": 5, "eval_n_prompts": 32,
     "seed": 3, "report_to": "none", "disable_tqdm": True,
