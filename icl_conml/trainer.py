@@ -73,9 +73,7 @@ class ConMLTrainer(ModelCardMixin, Trainer):
         if not (settings.enabled and model.training and "probes" in inputs):
             outputs = model(xs=xs, ys=ys)
             if model.training:
-                self._metrics["icl_loss"].append(outputs.loss.detach())
-                self._step_losses["loss"].append(outputs.loss.detach())
-                self._step_losses["icl_loss"].append(outputs.loss.detach())
+                self._record(outputs.loss, icl_loss=outputs.loss)
             return (outputs.loss, outputs) if return_outputs else outputs.loss
 
         layout = conml.build_layout(
@@ -103,16 +101,15 @@ class ConMLTrainer(ModelCardMixin, Trainer):
             temperature=settings.conml_temperature,
         )
         loss = outputs.loss + settings.conml_lambda * terms.loss
-        for key, value in (
-            ("icl_loss", outputs.loss),
-            ("conml_loss", terms.loss),
-            ("d_in", terms.d_in),
-            ("d_out", terms.d_out),
-        ):
+        self._record(loss, icl_loss=outputs.loss, conml_loss=terms.loss, d_in=terms.d_in, d_out=terms.d_out)
+        return (loss, outputs) if return_outputs else loss
+
+    def _record(self, loss: torch.Tensor, **components: torch.Tensor) -> None:
+        """Keep the components for logging, and this step's losses for the non-finite guard."""
+        self._step_losses["loss"].append(loss.detach())
+        for key, value in components.items():
             self._metrics[key].append(value.detach())
             self._step_losses[key].append(value.detach())
-        self._step_losses["loss"].append(loss.detach())
-        return (loss, outputs) if return_outputs else loss
 
     # ---- logging -------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
