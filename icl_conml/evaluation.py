@@ -959,8 +959,18 @@ def _task_kwargs(text: str | None) -> dict[str, Any] | None:
     return value
 
 
+def _quiet_progress_bars() -> None:
+    """The CLI prints its own lines; weight-loading and dataset bars would clutter stderr."""
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet_progress_bars()
     comparing = bool(argv) and argv[0] == "compare"
     args = (build_compare_parser() if comparing else build_parser()).parse_args(
         argv[1:] if comparing else argv
