@@ -258,10 +258,11 @@ def test_slurm_commands_for_two_nodes_name_ranks_address_and_port():
 
 @pytest.mark.slow
 def test_slurm_commands_for_two_fake_nodes_train_like_one_process(recipe_file, one_process, tmp_path):
-    """Both 'nodes' on this machine: the generated commands rendezvous and train as one run."""
+    """Both 'nodes' on this machine: the generated commands rendezvous and train as one run
+    (under ZeRO-2, the multi-node DeepSpeed path: every node starts its own processes)."""
     output_dir = tmp_path / "two_nodes"
     commands = _slurm_dry_run(
-        "recipes/accelerate/cpu_2proc.yaml", str(recipe_file), "--output_dir", str(output_dir),
+        "recipes/accelerate/zero2.yaml", str(recipe_file), "--output_dir", str(output_dir),
         "--per_device_train_batch_size", str(GLOBAL_BATCH // 2),
     )  # fmt: skip
     logs = [tmp_path / f"node{rank}.log" for rank in range(2)]
