@@ -370,6 +370,11 @@ def resolve_setting(
             f"--n_dims {dims} is larger than the model's input dimension {config.n_dims}; use at most {config.n_dims}"
         )
     if eval_set is not None:
+        if ood is not None:
+            raise EvaluationError(
+                "--ood and --eval_set exclude each other: an eval set holds its prompts; "
+                "build a shifted one with data_scripts/make_eval_sets.py --ood"
+            )
         prompts, meta = load_eval_set(eval_set)
         if meta["task"] != task_name or meta["n_dims"] != dims:
             raise EvaluationError(
