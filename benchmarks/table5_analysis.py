@@ -17,10 +17,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from table5 import PLAN, REPO, RUNS, TASKS, VARIANTS, run_dir  # noqa: E402
 
 from icl_conml.evaluation import compare_models, evaluate_model, write_comparison  # noqa: E402
-
-from table5 import PLAN, REPO, RUNS, TASKS, VARIANTS, run_dir  # noqa: E402
 
 EVAL_SEED = 20261129
 N_PROMPTS = 1280
@@ -34,7 +33,16 @@ def eval_set(task: str) -> Path:
     path = RUNS / "eval_sets" / name
     if not path.exists():
         command = [sys.executable, str(REPO / "data_scripts" / "make_eval_sets.py"), "--tasks", task]
-        command += ["--n_dims", "5", "--n_points", "11", "--n_prompts", str(N_PROMPTS), "--seed", str(EVAL_SEED)]
+        command += [
+            "--n_dims",
+            "5",
+            "--n_points",
+            "11",
+            "--n_prompts",
+            str(N_PROMPTS),
+            "--seed",
+            str(EVAL_SEED),
+        ]
         command += ["--output_dir", str(RUNS / "eval_sets")] + (["--sparsity", sparsity] if sparsity else [])
         subprocess.run(command, check=True)
     return path
@@ -87,9 +95,9 @@ def analyze(seeds: list[int]) -> None:
         if not all((p / "model.safetensors").exists() for p in plain):
             print(f"[table5] {task}: plain runs missing, skipped")
             continue
-        least_squares = evaluate_model(str(plain[0]), eval_set=str(data), baselines=["least_squares"])["curves"][
-            "least_squares"
-        ]
+        least_squares = evaluate_model(str(plain[0]), eval_set=str(data), baselines=["least_squares"])[
+            "curves"
+        ]["least_squares"]
         comparisons = {}
         for variant in PLAN[task]:
             if variant == "plain":
@@ -143,7 +151,8 @@ def write_markdown(rows: list[dict]) -> None:
         spare_text = "undefined" if spare["mean"] is None else f"{spare['mean']:.2f} ± {spare['std']:.2f}"
         avg_spare = "undefined" if avg["shot_spare"] is None else str(avg["shot_spare"])
         mins = ", ".join(
-            f"{a:.3f} vs {b:.3f}" for a, b in zip(row["min_error_variant"], row["min_error_plain"], strict=True)
+            f"{a:.3f} vs {b:.3f}"
+            for a, b in zip(row["min_error_variant"], row["min_error_plain"], strict=True)
         )
         lines.append(
             f"| {row['task']} | {row['variant']} | {len(row['seeds'])} | {rel['mean']:.3f} ± {rel['std']:.3f} "
