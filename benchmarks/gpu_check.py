@@ -248,6 +248,10 @@ def main(argv: list[str] | None = None) -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+        # As in icl_conml.train: skip the teardown that sometimes aborts a finished multi-process run.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,8 @@ TINY_RECIPE = {
     "n_embd": 32, "n_layer": 2, "n_head": 2,
     "conml_lambda": 0.1, "conml_loss": "infonce", "conml_distance": "sq_euclidean",
     "max_steps": STEPS, "learning_rate": 0.003, "warmup_steps": 0, "lr_scheduler_type": "linear",
-    "logging_steps": 1, "save_steps": 2, "save_total_limit": 5, "eval_n_prompts": 32,
+    "logging_steps": 1, "save_steps": 2, "save_total_limit": 5,
+    "eval_n_prompts": 32, "eval_strategy": "steps", "eval_steps": STEPS, "per_device_eval_batch_size": 8,
     "seed": 3, "report_to": "none", "disable_tqdm": True,
 }  # fmt: skip
 LOGGED = ("icl_loss", "conml_loss", "d_in", "d_out")
@@ -75,12 +76,20 @@ def _launch(config: str, recipe: Path, output_dir: Path, *extra: str) -> None:
 
 
 def _curve(output_dir: Path) -> dict[int, dict[str, float]]:
+    """The logged loss components per step, and the final eval_loss (key ``"eval"``)."""
     history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
-    return {entry["step"]: {k: entry[k] for k in LOGGED} for entry in history if "icl_loss" in entry}
+    curve: dict = {entry["step"]: {k: entry[k] for k in LOGGED} for entry in history if "icl_loss" in entry}
+    evals = [entry["eval_loss"] for entry in history if "eval_loss" in entry]
+    if evals:
+        curve["eval"] = evals[-1]
+    return curve
 
 
-def _assert_same_curve(got: dict[int, dict[str, float]], want: dict[int, dict[str, float]]) -> None:
-    assert sorted(got) == sorted(want), (sorted(got), sorted(want))
+def _assert_same_curve(got: dict, want: dict) -> None:
+    assert sorted(got, key=str) == sorted(want, key=str), (sorted(got, key=str), sorted(want, key=str))
+    if "eval" in want:  # the fixed eval set, sharded across processes: the same mean loss
+        assert got.pop("eval") == pytest.approx(want["eval"], rel=1e-4)
+        want = {step: values for step, values in want.items() if step != "eval"}
     for step in want:
         for key in LOGGED:
             assert got[step][key] == pytest.approx(want[step][key], rel=1e-4, abs=2e-6), (step, key)
@@ -173,9 +182,8 @@ def test_zero2_trains_like_one_process_and_resumes_on_its_curve(recipe_file, one
 
     resumed = tmp_path / "zero2_resumed"
     _launch("zero2.yaml", recipe_file, resumed, "--resume_from_checkpoint", str(first / "checkpoint-2"))
-    after = {step: values for step, values in _curve(resumed).items() if step > 2}
-    assert sorted(after) == [3, 4]
-    _assert_same_curve(after, {step: curve[step] for step in (3, 4)})
+    after = {step: values for step, values in _curve(resumed).items() if step == "eval" or step > 2}
+    _assert_same_curve(after, {step: curve[step] for step in (3, 4, "eval")})
 
 
 @pytest.mark.slow
