@@ -9,8 +9,8 @@ estimator predicts 0, as in Garg et al. (2022).
 
 Linear estimators work on the prefix statistics ``G_k = Σ_{i<k} x_i x_iᵀ`` and
 ``c_k = Σ_{i<k} y_i x_i`` (one cumulative sum), so ridge, averaging and Lasso fit every
-prefix of every prompt in one batched solve. Least squares loops over k (one batched
-``lstsq`` each); k-nearest neighbours uses one masked distance matrix. Trees and gradient
+prefix of every prompt in one batched solve. Least squares solves one batched k×k system
+per k below d and every longer prefix at once; k-nearest neighbours uses one masked distance matrix. Trees and gradient
 boosting come from scikit-learn (the optional ``trees`` extra), one fit per prompt and
 prefix: scikit-learn has no batched fit, so those are the slow ones.
 """
@@ -53,14 +53,36 @@ def _counts(n_points: int, dtype: torch.dtype) -> torch.Tensor:
 
 # ---- linear estimators ------------------------------------------------------------------------------
 def least_squares(xs: torch.Tensor, ys: torch.Tensor, queries: torch.Tensor | None = None) -> torch.Tensor:
-    """Minimum-norm least squares on each prefix (``lstsq`` with the SVD driver, float64)."""
+    """Minimum-norm least squares on each prefix (float64).
+
+    Below d examples the minimum-norm solution is ``Xᵀ(XXᵀ)⁻¹y`` (a k×k solve per k); from d
+    on it is the unique solution of ``G_k w = c_k``, solved for every prefix at once. A prefix
+    whose system is singular (repeated inputs) falls back to ``lstsq`` with the SVD driver.
+    """
     qs = _queries(xs, queries).double()
-    xs64, ys64 = xs.double(), ys.double()
-    predictions = torch.zeros(ys.shape, dtype=torch.float64)
-    for k in range(1, xs.shape[1]):
-        w = torch.linalg.lstsq(xs64[:, :k], ys64[:, :k, None], driver="gelsd").solution  # (B, d, 1)
-        predictions[:, k] = (qs[:, k] * w.squeeze(-1)).sum(-1)
-    return predictions.to(ys.dtype)
+    x, y = xs.double(), ys.double()
+    batch, n_points, n_dims = x.shape
+    w = torch.zeros(batch, n_points, n_dims, dtype=torch.float64)
+    for k in range(1, min(n_dims, n_points)):
+        context = x[:, :k]
+        dual, info = torch.linalg.solve_ex(context @ context.mT, y[:, :k, None])
+        w[:, k] = (context.mT @ dual).squeeze(-1)
+        _refit_singular(w[:, k], info, context, y[:, :k])
+    if n_points > n_dims:
+        gram, moment = prefix_statistics(x, y)
+        solution, info = torch.linalg.solve_ex(gram[:, n_dims:], moment[:, n_dims:, :, None])
+        w[:, n_dims:] = solution.squeeze(-1)
+        for k in range(n_dims, n_points):
+            _refit_singular(w[:, k], info[:, k - n_dims], x[:, :k], y[:, :k])
+    return (qs * w).sum(-1).to(ys.dtype)
+
+
+def _refit_singular(w: torch.Tensor, info: torch.Tensor, context: torch.Tensor, labels: torch.Tensor) -> None:
+    """Replace, in place, the rows of ``w`` whose solve failed by the SVD least-squares solution."""
+    failed = info.nonzero().flatten()
+    if failed.numel():
+        fit = torch.linalg.lstsq(context[failed], labels[failed, :, None], driver="gelsd").solution
+        w[failed] = fit.squeeze(-1)
 
 
 def ridge(
