@@ -94,15 +94,20 @@ def _assert_same_curve(got: dict, want: dict) -> None:
             assert got[step][key] == pytest.approx(want[step][key], rel=1e-4, abs=2e-6), (step, key)
 
 
-@pytest.fixture(scope="module")
-def recipe_file(tmp_path_factory) -> Path:
+# The paper's ICL setting (difference form, sigmoid_sq, λ = 0.02), the project's default.
+PAPER_RECIPE = {
+    **TINY_RECIPE, "conml_lambda": 0.02, "conml_loss": "difference", "conml_distance": "sigmoid_sq",
+    "eval_strategy": "no",
+}  # fmt: skip
+
+
+def _write_recipe(tmp_path_factory, recipe: dict) -> Path:
     path = tmp_path_factory.mktemp("recipe") / "tiny.yaml"
-    path.write_text(yaml.safe_dump(TINY_RECIPE))
+    path.write_text(yaml.safe_dump(recipe))
     return path
 
 
-@pytest.fixture(scope="module")
-def one_process(recipe_file: Path, tmp_path_factory) -> Path:
+def _one_process_run(recipe_file: Path, tmp_path_factory) -> Path:
     """The reference: one process holding the whole global batch."""
     output_dir = tmp_path_factory.mktemp("one_process")
     code = train_main(
@@ -116,6 +121,16 @@ def one_process(recipe_file: Path, tmp_path_factory) -> Path:
     )
     assert code == 0
     return output_dir
+
+
+@pytest.fixture(scope="module")
+def recipe_file(tmp_path_factory) -> Path:
+    return _write_recipe(tmp_path_factory, TINY_RECIPE)
+
+
+@pytest.fixture(scope="module")
+def one_process(recipe_file: Path, tmp_path_factory) -> Path:
+    return _one_process_run(recipe_file, tmp_path_factory)
 
 
 def _predictions(model: ICLModel, recipe_file: Path) -> torch.Tensor:
@@ -169,6 +184,13 @@ def test_without_a_gpu_the_recipe_picks_the_cpu(tmp_path):
 def test_ddp_two_processes_train_like_one(recipe_file, one_process, tmp_path):
     _launch("cpu_2proc.yaml", recipe_file, tmp_path / "ddp")
     _assert_same_curve(_curve(tmp_path / "ddp"), _curve(one_process))
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_train_like_one_with_the_papers_conml(tmp_path_factory, tmp_path):
+    recipe = _write_recipe(tmp_path_factory, PAPER_RECIPE)
+    _launch("cpu_2proc.yaml", recipe, tmp_path / "ddp")
+    _assert_same_curve(_curve(tmp_path / "ddp"), _curve(_one_process_run(recipe, tmp_path_factory)))
 
 
 @pytest.mark.slow
