@@ -214,14 +214,14 @@ class ICLTrainingArguments(TrainingArguments):
     """``TrainingArguments`` with defaults for in-context meta-training (the quickstart)."""
 
     output_dir: str | None = _help("Where checkpoints and the final model go.", default="outputs/quickstart")
-    max_steps: int = _help("Optimisation steps (prompts are generated on the fly).", default=3000)
+    max_steps: int = _help("Optimisation steps (prompts are generated on the fly).", default=8000)
     per_device_train_batch_size: int = _help("Prompts per process per micro-batch.", default=64)
     per_device_eval_batch_size: int = _help("Prompts per process per evaluation batch.", default=256)
     learning_rate: float = _help("Adam learning rate.", default=1e-3)
     warmup_steps: float = _help("Linear warm-up steps.", default=200)
     lr_scheduler_type: str = _help("Learning-rate schedule.", default="cosine")
     logging_steps: float = _help("Log every this many steps.", default=100)
-    save_steps: float = _help("Checkpoint every this many steps.", default=1000)
+    save_steps: float = _help("Checkpoint every this many steps.", default=2000)
     save_total_limit: int | None = _help("Keep at most this many checkpoints.", default=2)
     remove_unused_columns: bool = _help("Keep custom batch keys (xs, ys, probes).", default=False)
     label_names: list[str] | None = _help(
