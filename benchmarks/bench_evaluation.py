@@ -88,6 +88,9 @@ def main() -> None:
         "--reference_prompts", type=int, default=64, help="Prompts the reference is timed on."
     )
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--dtype", default="float32", choices=("float32", "bfloat16"), help="Our model forward."
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     load = os.getloadavg()
@@ -106,7 +109,7 @@ def main() -> None:
     ours = {}
     predictions = {}
     predictions["model"], ours["model"] = timed(
-        model_predictions, model, prompts, args.batch_size, label="model"
+        model_predictions, model, prompts, args.batch_size, args.dtype, label="model"
     )
     for name, spec in specs.items():
         predictions[name], ours[name] = timed(baseline_predictions, spec, prompts, label=name)

@@ -217,9 +217,20 @@ def load_eval_set(name: str) -> tuple[Prompts, dict[str, Any]]:
 
 # ---- predictions and errors ---------------------------------------------------------------------------
 @torch.no_grad()
-def model_predictions(model, prompts: Prompts, batch_size: int = 256) -> torch.Tensor:
-    """(N, n) predictions: one forward per batch (one per k and batch when queries differ)."""
+def model_predictions(model, prompts: Prompts, batch_size: int = 256, dtype: str = "float32") -> torch.Tensor:
+    """(N, n) predictions: one forward per batch (one per k and batch when queries differ).
+
+    ``dtype="bfloat16"`` runs the forward under bf16 autocast: about 1.8× faster on a CPU with
+    AVX-512 BF16, with predictions that differ by ~1e-2.
+    """
     device = next(model.parameters()).device
+    if dtype not in ("float32", "bfloat16"):
+        raise EvaluationError(f"--dtype {dtype!r} is not supported; use float32 or bfloat16")
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+        return _model_predictions(model, prompts, batch_size, device)
+
+
+def _model_predictions(model, prompts: Prompts, batch_size: int, device: torch.device) -> torch.Tensor:
     n_dims = model.config.n_dims
     out = []
     for start in range(0, prompts.xs.shape[0], batch_size):
@@ -456,6 +467,7 @@ def evaluate_model(
     batch_size: int = 256,
     bootstrap_samples: int = 1000,
     device: str = "cpu",
+    dtype: str = "float32",
 ) -> dict[str, Any]:
     """Curves of the model and the reference estimators on the same prompts (the results.json dict).
 
@@ -480,7 +492,7 @@ def evaluate_model(
     specs, notes = resolve_baselines(baselines, setting.task)
     errors = {
         "model": errors_of(
-            setting.task, model_predictions(model, setting.prompts, batch_size), setting.prompts
+            setting.task, model_predictions(model, setting.prompts, batch_size, dtype), setting.prompts
         )
     }
     for spec in specs:
@@ -499,6 +511,7 @@ def evaluate_model(
             "eval_set": setting.source["eval_set"],
             "ood": setting.source["ood"],
             "error_scale": setting.prompts.error_scale,
+            "dtype": dtype,
             "icl_conml_version": __version__,
             "notes": notes,
         },
@@ -758,6 +771,7 @@ def compare_models(
     batch_size: int = 256,
     bootstrap_samples: int = 1000,
     device: str = "cpu",
+    dtype: str = "float32",
 ) -> dict[str, Any]:
     """The paper's Table 5 for models A_i against B_i (paired by position), on identical prompts.
 
@@ -801,7 +815,7 @@ def compare_models(
     if setting.n_points > shortest:
         raise EvaluationError(f"prompts of {setting.n_points} points exceed a model's n_positions={shortest}")
     errors = [
-        errors_of(setting.task, model_predictions(m, setting.prompts, batch_size), setting.prompts)
+        errors_of(setting.task, model_predictions(m, setting.prompts, batch_size, dtype), setting.prompts)
         for m in loaded
     ]
     result = compare_errors(errors[: len(models_a)], errors[len(models_a) :], bootstrap_samples, seed)
@@ -818,6 +832,7 @@ def compare_models(
         "eval_set": setting.source["eval_set"],
         "ood": setting.source["ood"],
         "bootstrap_samples": bootstrap_samples,
+        "dtype": dtype,
         "icl_conml_version": __version__,
     }
     return result
@@ -912,6 +927,12 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bootstrap_samples", type=int, default=1000, help="Bootstrap resamples.")
     parser.add_argument("--log_scale", action="store_true", help="Logarithmic error axis in the plot.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="Model forward precision (autocast).",
+    )
     parser.add_argument("--debug", action="store_true", help="Show tracebacks.")
 
 
@@ -991,6 +1012,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": args.batch_size,
         "bootstrap_samples": args.bootstrap_samples,
         "device": args.device,
+        "dtype": args.dtype,
     }
     try:
         common["task_kwargs"] = _task_kwargs(args.task_kwargs)

@@ -120,6 +120,16 @@ def test_one_forward_gives_the_same_curve_as_a_forward_per_prefix():
     )
 
 
+def test_bfloat16_forward_is_close_to_float32():
+    model = tiny()
+    prompts = ev.sample_prompts(get_task("linear_regression", 3), 64, 7, seed=0)
+    full = ev.model_predictions(model, prompts)
+    half = ev.model_predictions(model, prompts, dtype="bfloat16")
+    assert not torch.equal(half, full) and (half - full).abs().max().item() < 0.05
+    with pytest.raises(ev.EvaluationError, match="--dtype 'float16'"):
+        ev.model_predictions(model, prompts, dtype="float16")
+
+
 def _least_squares_curve(ood: str | None, n_prompts: int = 3000, n_points: int = 8) -> torch.Tensor:
     task = get_task("linear_regression", 4)
     prompts = ev.sample_prompts(task, n_prompts, n_points, seed=0, ood=ood)
