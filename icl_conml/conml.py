@@ -103,6 +103,14 @@ class ProbeLayout:
     anchor_slots: torch.Tensor
     view_slots: torch.Tensor
 
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """The keyword arguments of ``ICLModel.forward`` that append these tokens."""
+        return {
+            "appended_tokens": self.tokens,
+            "appended_position_ids": self.position_ids,
+            "appended_visible": self.visible,
+        }
+
 
 def interleave(xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
     """[x_1, (y_1, 0, …), x_2, …]: shape (B, 2n, d); y is zero-padded to the width of x."""

@@ -79,13 +79,7 @@ class ConMLTrainer(ModelCardMixin, Trainer):
         layout = conml.build_layout(
             xs, ys, inputs["probes"], inputs["view_index"], settings.conml_views, settings.conml_prefix_mode
         )
-        outputs = model(
-            xs=xs,
-            ys=ys,
-            appended_tokens=layout.tokens,
-            appended_position_ids=layout.position_ids,
-            appended_visible=layout.visible,
-        )
+        outputs = model(xs=xs, ys=ys, **layout.model_inputs())
         anchor, views = conml.representations(
             outputs.appended_outputs, outputs.appended_hidden, layout, settings.conml_representation
         )

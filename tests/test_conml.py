@@ -138,13 +138,7 @@ def test_batched_views_equal_separate_sequences(tiny_config, kind, mode, attn):
     layout = conml.build_layout(xs, ys, probes, view_index, kind, mode)
     with torch.no_grad():
         plain = model(xs=xs, ys=ys).predictions
-        out = model(
-            xs=xs,
-            ys=ys,
-            appended_tokens=layout.tokens,
-            appended_position_ids=layout.position_ids,
-            appended_visible=layout.visible,
-        )
+        out = model(xs=xs, ys=ys, **layout.model_inputs())
         anchor, views = conml.representations(out.appended_outputs, out.appended_hidden, layout)
         torch.testing.assert_close(out.predictions, plain, atol=1e-6, rtol=0)  # main predictions untouched
 
@@ -171,10 +165,7 @@ def test_probe_hidden_representation_has_hidden_width(tiny_model):
     layout = conml.build_layout(
         xs, ys, probes, conml.sample_views("prefix_half", 2, 6, 2, gen), "prefix_half"
     )
-    out = tiny_model(
-        xs=xs, ys=ys, appended_tokens=layout.tokens, appended_position_ids=layout.position_ids,
-        appended_visible=layout.visible,
-    )  # fmt: skip
+    out = tiny_model(xs=xs, ys=ys, **layout.model_inputs())
     anchor, views = conml.representations(out.appended_outputs, out.appended_hidden, layout, "probe_hidden")
     assert anchor.shape == (2, 3 * 32) and views.shape == (2, 2, 3 * 32)
 
@@ -191,10 +182,7 @@ def test_gradients_reach_the_backbone_through_each_term(tiny_config, terms):
     layout = conml.build_layout(
         xs, ys, probes, conml.sample_views("prefix_half", 4, 8, 1, gen), "prefix_half"
     )
-    out = model(
-        xs=xs, ys=ys, appended_tokens=layout.tokens, appended_position_ids=layout.position_ids,
-        appended_visible=layout.visible,
-    )  # fmt: skip
+    out = model(xs=xs, ys=ys, **layout.model_inputs())
     anchor, views = conml.representations(out.appended_outputs, out.appended_hidden, layout)
     conml.conml_loss(anchor, views, terms=terms).loss.backward()
     grads = [p.grad for p in model.backbone.parameters() if p.grad is not None]
