@@ -8,7 +8,6 @@ next to least squares, and writes ``docs/results.md`` (tables) and ``docs/images
 from __future__ import annotations
 
 import json
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -115,11 +114,6 @@ def analyze(seeds: list[int]) -> None:
             write_comparison(result, RUNS / "compare" / task / variant)
             comparisons[variant] = result
             over, avg = result["over_seeds"], result["seed_averaged_curves"]
-            cost = [
-                training_summary(runs[i]).get("seconds", float("nan"))
-                / training_summary(plain[i]).get("seconds", float("nan"))
-                for i in available
-            ]
             rows.append(
                 {
                     "task": task,
@@ -128,7 +122,6 @@ def analyze(seeds: list[int]) -> None:
                     "rel_min_error": over["rel_min_error"],
                     "shot_spare": over["shot_spare"],
                     "seed_averaged": avg,
-                    "wall_time_ratio": statistics.mean(cost),
                     "min_error_variant": [min(c) for c in result["curves"]["a"]],
                     "min_error_plain": [min(c) for c in result["curves"]["b"]],
                     "conml_terms": [training_summary(runs[i]) for i in available],
@@ -143,8 +136,8 @@ def analyze(seeds: list[int]) -> None:
 def write_markdown(rows: list[dict]) -> None:
     lines = [
         "| task | ConML variant | seeds | Rel. Min. Error (mean ± std) [95% CI] | Shot Spare (mean ± std; defined/pairs) [95% CI] "
-        "| seed-averaged curves: Rel. Min. Error / Shot Spare | min error ConML vs plain, per seed | wall time vs plain |",
-        "|---|---|---|---|---|---|---|---|",
+        "| seed-averaged curves: Rel. Min. Error / Shot Spare | min error ConML vs plain, per seed |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         rel, spare, avg = row["rel_min_error"], row["shot_spare"], row["seed_averaged"]
@@ -157,8 +150,7 @@ def write_markdown(rows: list[dict]) -> None:
         lines.append(
             f"| {row['task']} | {row['variant']} | {len(row['seeds'])} | {rel['mean']:.3f} ± {rel['std']:.3f} "
             f"{fmt_interval(rel['interval'])} | {spare_text} ({spare['n_defined']}/{len(row['seeds'])}) "
-            f"{fmt_interval(spare['interval'])} | {avg['rel_min_error']:.3f} / {avg_spare} | {mins} "
-            f"| {row['wall_time_ratio']:.2f}x |"
+            f"{fmt_interval(spare['interval'])} | {avg['rel_min_error']:.3f} / {avg_spare} | {mins} |"
         )
     table = "\n".join(lines) + "\n"
     (RUNS / "table5.md").write_text(table)
