@@ -59,7 +59,11 @@ class ModelArguments:
         "Most (x, y) pairs a prompt may hold (default: n_points, or the curriculum's end).", default=None
     )
     dropout: float = _help("Dropout of the backbone (0 by default, as in Garg et al.).", default=0.0)
-    attn_implementation: str = _help("Attention kernel of the backbone: sdpa or eager.", default="sdpa")
+    attn_implementation: str = _help(
+        "Attention kernel of the backbone: eager (default: the faster one for small models on CPU, where the "
+        "ConML probe mask costs sdpa its causal fast path) or sdpa (faster for larger models; Garg recipes use it).",
+        default="eager",
+    )
     backbone_name_or_path: str | None = _help(
         "Pretrained backbone (Hub id or folder; any AutoModel taking inputs_embeds, e.g. gpt2); "
         "default: a fresh GPT-2 of n_embd/n_layer/n_head.",
