@@ -936,8 +936,15 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="Show tracebacks.")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line on stderr (exit 2), like every other user error."""
+
+    def error(self, message: str):
+        self.exit(2, f"icl_conml: error: {message}; run with --help for the options\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m icl_conml.evaluation",
         description="Error against the number of in-context examples, for a model and reference estimators. "
         "Use 'compare' as the first argument for the Table 5 comparison of two sets of models.",
@@ -958,7 +965,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_compare_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m icl_conml.evaluation compare",
         description="The paper's Table 5: models A_i against B_i (paired by seed) on identical prompts.",
     )
