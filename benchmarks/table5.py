@@ -49,8 +49,16 @@ VARIANTS: dict[str, list[str]] = {
     # Exploration: M = d = 5 probes make the representation the function's values at 5 points
     # (enough to identify a linear map in d = 5), compared by a softmax over the batch.
     "conml_infonce_5probes": [
-        "--conml_lambda", "0.02", "--conml_num_probes", "5", "--conml_loss", "infonce",
-        "--conml_distance", "sq_euclidean", "--conml_temperature", "1.0",
+        "--conml_lambda",
+        "0.02",
+        "--conml_num_probes",
+        "5",
+        "--conml_loss",
+        "infonce",
+        "--conml_distance",
+        "sq_euclidean",
+        "--conml_temperature",
+        "1.0",
     ],  # fmt: skip
 }
 TASKS = {"linear_regression": [], "sparse_linear_regression": ["--sparsity", "2"]}
