@@ -15,6 +15,15 @@ import torch  # noqa: E402
 from icl_conml import ICLConfig, ICLModel  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread in-process too (OMP_NUM_THREADS may have been set by the caller)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_config() -> ICLConfig:
     return ICLConfig(n_dims=5, n_positions=12, n_embd=32, n_layer=2, n_head=2)

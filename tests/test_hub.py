@@ -36,15 +36,6 @@ TINY = [
 ]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two torch threads on a busy 2-core machine run ~100x slower than one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class RecordingHubApi:
     """Stands in for ``huggingface_hub.HfApi`` at the network boundary and records every call.
 

@@ -26,15 +26,6 @@ from icl_conml.trainer import ConMLTrainer
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two torch threads on a busy 2-core machine run ~100x slower than one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def gpt2_path(tmp_path_factory) -> Path:
     torch.manual_seed(0)
