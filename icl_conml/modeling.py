@@ -125,6 +125,8 @@ class ICLModel(ICLPreTrainedModel):
         self.read_in = nn.Linear(config.n_dims, config.hidden_size)
         self.backbone = backbone if backbone is not None else AutoModel.from_config(config.backbone_config)
         self.read_out = nn.Linear(config.hidden_size, 1)
+        # The function class gives the training loss; built once, not on every forward.
+        self.task_class = get_task(config.task, config.n_dims, **config.task_kwargs)
         self.post_init()
 
     @classmethod
@@ -214,8 +216,7 @@ class ICLModel(ICLPreTrainedModel):
 
         loss = None
         if ys is not None:
-            task = get_task(self.config.task, self.config.n_dims, **self.config.task_kwargs)
-            loss = task.loss(predictions.float(), ys.float()).mean()
+            loss = self.task_class.loss(predictions.float(), ys.float()).mean()
         out = ICLOutput(loss=loss, predictions=predictions)
         if appended_tokens is not None:
             out.appended_hidden = hidden[:, 2 * n_points :]

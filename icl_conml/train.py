@@ -306,8 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     crashed = True
     try:
         recipe = parse_recipe(argv)
-        validate(recipe)
-        metrics = run(recipe)
+        metrics = run(recipe)  # run() validates before anything is built
         crashed = False
     except RecipeError as error:
         if debug:
