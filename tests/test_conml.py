@@ -158,15 +158,21 @@ def test_batched_views_equal_separate_sequences(tiny_config, kind, mode, attn):
                 )
 
 
-def test_probe_hidden_representation_has_hidden_width(tiny_model):
+def prefix_half_forward(model, batch: int, n: int, num_probes: int, num_views: int, representation: str):
+    """Anchor and view representations of random prompts under the paper's prefix_half views."""
     gen = torch.Generator().manual_seed(0)
-    xs, ys = torch.randn(2, 6, 5, generator=gen), torch.randn(2, 6, generator=gen)
-    probes = conml.sample_probes(3, 5, gen).expand(2, -1, -1)
-    layout = conml.build_layout(
-        xs, ys, probes, conml.sample_views("prefix_half", 2, 6, 2, gen), "prefix_half"
+    xs, ys = torch.randn(batch, n, 5, generator=gen), torch.randn(batch, n, generator=gen)
+    probes = conml.sample_probes(num_probes, 5, gen).expand(batch, -1, -1)
+    views = conml.sample_views("prefix_half", batch, n, num_views, gen)
+    layout = conml.build_layout(xs, ys, probes, views, "prefix_half")
+    out = model(xs=xs, ys=ys, **layout.model_inputs())
+    return conml.representations(out.appended_outputs, out.appended_hidden, layout, representation)
+
+
+def test_probe_hidden_representation_has_hidden_width(tiny_model):
+    anchor, views = prefix_half_forward(
+        tiny_model, 2, 6, num_probes=3, num_views=2, representation="probe_hidden"
     )
-    out = tiny_model(xs=xs, ys=ys, **layout.model_inputs())
-    anchor, views = conml.representations(out.appended_outputs, out.appended_hidden, layout, "probe_hidden")
     assert anchor.shape == (2, 3 * 32) and views.shape == (2, 2, 3 * 32)
 
 
@@ -176,14 +182,7 @@ def test_gradients_reach_the_backbone_through_each_term(tiny_config, terms):
 
     torch.manual_seed(0)
     model = ICLModel(tiny_config)
-    gen = torch.Generator().manual_seed(0)
-    xs, ys = torch.randn(4, 8, 5, generator=gen), torch.randn(4, 8, generator=gen)
-    probes = conml.sample_probes(1, 5, gen).expand(4, -1, -1)
-    layout = conml.build_layout(
-        xs, ys, probes, conml.sample_views("prefix_half", 4, 8, 1, gen), "prefix_half"
-    )
-    out = model(xs=xs, ys=ys, **layout.model_inputs())
-    anchor, views = conml.representations(out.appended_outputs, out.appended_hidden, layout)
+    anchor, views = prefix_half_forward(model, 4, 8, num_probes=1, num_views=1, representation="probe_output")
     conml.conml_loss(anchor, views, terms=terms).loss.backward()
     grads = [p.grad for p in model.backbone.parameters() if p.grad is not None]
     assert grads and sum(g.abs().sum() for g in grads) > 0
