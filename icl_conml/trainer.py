@@ -20,6 +20,9 @@ from .config import ConMLArguments
 from .data import PromptSampler, TrainingPrompts
 from .hub import ModelCardMixin
 
+#: Batch keys that stay float32 whatever the training precision (see ``_prepare_inputs``).
+FLOAT32_INPUTS = ("ys", "probes")
+
 
 def _single(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Collate for a dataset whose items are already micro-batches."""
@@ -50,6 +53,20 @@ class ConMLTrainer(ModelCardMixin, Trainer):
         """The loss components recorded since the last optimizer step (and forget them)."""
         losses, self._step_losses = self._step_losses, defaultdict(list)
         return losses
+
+    def _prepare_inputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Move the batch to the device; the regression targets and probes keep their dtype.
+
+        Under DeepSpeed the Trainer casts every float input to the engine's dtype (bf16): the
+        targets ``ys`` would lose precision in the loss (8 mantissa bits) and so would the probes.
+        They stay float32 here; ``xs`` follows the model's dtype as before (the read-in casts it).
+        """
+        kept = {key: inputs[key] for key in FLOAT32_INPUTS if isinstance(inputs.get(key), torch.Tensor)}
+        if not kept:
+            return super()._prepare_inputs(inputs)
+        prepared = super()._prepare_inputs({key: value for key, value in inputs.items() if key not in kept})
+        prepared.update({key: value.to(self.args.device) for key, value in kept.items()})
+        return prepared
 
     # ---- data ----------------------------------------------------------------------------------
     def get_train_dataloader(self) -> DataLoader:
