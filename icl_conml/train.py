@@ -18,6 +18,7 @@ import torch
 import yaml
 from transformers import TrainingArguments, set_seed
 
+from . import tracking
 from .callbacks import NonFiniteLossError
 from .checkpoints import LATEST, NO_RESUME, is_complete, latest_checkpoint, previous_run, remove_checkpoints
 from .config import Recipe, RecipeError, parse_recipe, validate
@@ -273,6 +274,7 @@ def _finish_distributed(wait: bool = True) -> bool:
     After an unexpected error on this process (``wait=False``) there is no barrier: the other
     processes may be inside a collective that this one will never join, and waiting would hang
     the run forever; leaving lets the launcher (torchrun) stop them and report the error.
+    tracking.log_recipe(recipe)
     Returns whether this was a multi-process run.
     """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -288,6 +290,8 @@ def _leave_now(code: int) -> None:
 
     Everything is saved and the process group is gone, yet destroying torch.distributed's and
     DeepSpeed's C++ objects at exit sometimes aborts the process ("terminate called without
+    tracking.attach(recipe)  # after recipe.yaml: every report_to backend records every recipe key
+    tracking.add_callbacks(trainer)
     an active exception", SIGABRT; measured: 1 run in 6 under ZeRO-3 on CPU), and the launcher
     then reports the finished run as failed.
     """
