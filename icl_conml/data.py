@@ -19,6 +19,24 @@ from .tasks import FunctionClass, Params, index_params
 _TRAIN_STREAM, _POOL_STREAM, _EVAL_STREAM, _CONML_STREAM = 1, 2, 3, 4
 
 
+def distinct_indices(pool_size: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    """``size`` distinct indices drawn uniformly from ``range(pool_size)`` (needs pool_size >= size).
+
+    A permutation when the pool is at most 64 times the batch; for a larger pool (a permutation
+    of 2^24 takes about 0.9 s) draws with replacement and redraws the repeats, which are rare.
+    """
+    if pool_size <= 64 * size:
+        return torch.randperm(pool_size, generator=generator)[:size]
+    index = torch.randint(0, pool_size, (size,), generator=generator)
+    while True:
+        ordered, order = index.sort(stable=True)
+        repeat = torch.zeros(size, dtype=torch.bool)
+        repeat[order[1:]] = ordered[1:] == ordered[:-1]  # every occurrence after the first
+        if not repeat.any():
+            return index
+        index[repeat] = torch.randint(0, pool_size, (int(repeat.sum()),), generator=generator)
+
+
 def step_generator(seed: int, step: int, stream: int) -> torch.Generator:
     """A generator seeded by (seed, step, stream); well-separated for nearby values."""
     mixed = (seed * 1_000_003 + step * 7_919 + stream * 2_147_483_647) % (2**63 - 1)
@@ -62,7 +80,16 @@ class ConMLSampling:
 
 
 class PromptSampler:
-    """Draws the global batch of step ``step`` and hands out per-process micro-batches."""
+    """Draws the global batch of step ``step`` and hands out per-process micro-batches.
+
+    Under a curriculum, tasks are drawn among the active input coordinates
+    (``FunctionClass.sample_params(..., active_dims)``), as Garg et al. do for sparse regression.
+
+    With a finite task pool (``task_pool_size`` > 0) a batch holds distinct tasks whenever the
+    pool has at least as many tasks as the global batch; a smaller pool is sampled with
+    replacement. Pool batches carry each row's pool index as ``task_ids`` (LongTensor), so that
+    ConML never counts a task against a copy of itself (``conml.conml_loss``).
+    """
 
     def __init__(
         self,
@@ -78,24 +105,43 @@ class PromptSampler:
         self.global_batch_size = global_batch_size
         self.seed = seed
         self.conml_sampling = conml_sampling
-        self.pool: Params | None = None
+        self.task_pool_size = task_pool_size
+        self._pool: tuple[int, Params] | None = None  # (active dims, pool) of the latest stage
         self._cached: tuple[int, dict[str, torch.Tensor]] | None = None
-        if task_pool_size > 0:
-            self.pool = task.sample_params(task_pool_size, step_generator(seed, 0, _POOL_STREAM))
+
+    def pool(self, active_dims: int) -> Params:
+        """The task pool at curriculum dimension ``active_dims``.
+
+        Every stage redraws it from the same pool generator, so its tasks keep their weights
+        (linear w, sparse w and support keys, ReLU weights, tree leaves); only what depends on
+        the active coordinates is drawn again among them: a sparse support (the lowest-key
+        active coordinates) and a tree's split features. Without a curriculum it is drawn once.
+        """
+        if self._pool is None or self._pool[0] != active_dims:
+            generator = step_generator(self.seed, 0, _POOL_STREAM)
+            self._pool = (active_dims, self.task.sample_params(self.task_pool_size, generator, active_dims))
+        return self._pool[1]
 
     def global_batch(self, step: int) -> dict[str, torch.Tensor]:
-        """The whole batch of a step: xs (G, n, d), ys (G, n) and, with ConML, probes and views."""
+        """The whole batch of a step: xs (G, n, d), ys (G, n), ``task_ids`` (G,) with a task
+        pool and, with ConML, probes and views."""
         generator = step_generator(self.seed, step, _TRAIN_STREAM)
         n_dims, n_points = self.curriculum.dims.at(step), self.curriculum.points.at(step)
         size = self.global_batch_size
-        if self.pool is None:
-            params = self.task.sample_params(size, generator)
+        task_ids = None
+        if self.task_pool_size == 0:
+            params = self.task.sample_params(size, generator, active_dims=n_dims)
         else:
-            pool_size = next(iter(self.pool.values())).shape[0]
-            params = index_params(self.pool, torch.randint(0, pool_size, (size,), generator=generator))
+            if self.task_pool_size >= size:  # no task twice in one batch
+                task_ids = distinct_indices(self.task_pool_size, size, generator)
+            else:
+                task_ids = torch.randint(0, self.task_pool_size, (size,), generator=generator)
+            params = index_params(self.pool(n_dims), task_ids)
         xs = self.task.sample_xs(size, n_points, generator)
         xs[:, :, n_dims:] = 0  # curriculum: dimensions beyond the current one are zeroed
         batch = {"xs": xs, "ys": self.task.evaluate(params, xs, generator)}
+        if task_ids is not None:
+            batch["task_ids"] = task_ids
         if self.conml_sampling is not None:
             batch.update(self._conml_inputs(step, size, n_points, n_dims))
         return batch
