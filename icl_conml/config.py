@@ -126,6 +126,16 @@ class TaskArguments:
     curriculum_points_inc: int = _help("Curriculum: points added every interval.", default=2)
     curriculum_points_interval: int = _help("Curriculum: steps between point increments.", default=2000)
     eval_n_prompts: int = _help("Fixed prompts for eval_loss during training (0: no eval set).", default=256)
+    eval_seed: int = _help(
+        "Seed of the eval_n_prompts evaluation prompts, independent of the training seed so that every run "
+        "of a study is evaluated on the same prompts.",
+        default=0,
+    )
+    eval_set: str | None = _help(
+        "A fixed evaluation set (folder or Hub REPO[:CONFIG] written by data_scripts/make_eval_sets.py) to "
+        "evaluate on during training instead of eval_n_prompts sampled prompts.",
+        default=None,
+    )
 
     def __post_init__(self) -> None:
         _choice("task", self.task, tuple(TASK_REGISTRY))
@@ -141,6 +151,7 @@ class TaskArguments:
         _require(self.depth >= 1, f"depth={self.depth} must be >= 1")
         _require(self.task_pool_size >= 0, f"task_pool_size={self.task_pool_size} must be >= 0 (0 = no pool)")
         _require(self.eval_n_prompts >= 0, f"eval_n_prompts={self.eval_n_prompts} must be >= 0")
+        _require(self.eval_seed >= 0, f"eval_seed={self.eval_seed} must be >= 0")
         for name, end in (("dims", self.n_dims), ("points", self.n_points)):
             start = getattr(self, f"curriculum_{name}_start")
             if start is None:
@@ -485,7 +496,7 @@ def validate(recipe: Recipe) -> None:
             _require(value > 0, f"{key}={value} must be > 0 (a number of steps, or a fraction of max_steps)")
     if str(getattr(training.eval_strategy, "value", training.eval_strategy)) != "no":
         _require(
-            task.eval_n_prompts > 0,
+            task.eval_n_prompts > 0 or task.eval_set is not None,
             f"eval_strategy={getattr(training.eval_strategy, 'value', training.eval_strategy)!r} needs an "
             f"eval set but eval_n_prompts=0; set eval_n_prompts > 0 or eval_strategy=no",
         )

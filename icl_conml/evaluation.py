@@ -331,7 +331,9 @@ def curve_summary(curve: Sequence[float], n_dims: int, threshold: float = 0.1) -
 
 def curve_metrics(task: FunctionClass, threshold: float = 0.1) -> Callable[[Any], dict[str, float]]:
     """A ``compute_metrics`` for ``transformers.Trainer``: the model's outputs after the loss are
-    its predictions (N, n) and ``label_names=["ys"]`` makes the labels the targets."""
+    its predictions (N, n) and ``label_names=["ys"]`` makes the labels the targets. Besides the
+    curve summary it returns the whole curve as ``error_at_k/K`` (Garg et al. log it as
+    ``pointwise/loss``), which every ``report_to`` backend records as one scalar per k."""
 
     def compute(eval_prediction) -> dict[str, float]:
         predictions = eval_prediction.predictions
@@ -340,7 +342,9 @@ def curve_metrics(task: FunctionClass, threshold: float = 0.1) -> Callable[[Any]
         errors = task.error(
             torch.as_tensor(predictions).float(), torch.as_tensor(eval_prediction.label_ids).float()
         )
-        return curve_summary(errors.mean(dim=0).tolist(), task.n_dims, threshold)
+        curve = errors.mean(dim=0).tolist()
+        per_k = {f"error_at_k/{k}": round(float(value), 6) for k, value in enumerate(curve)}
+        return {**curve_summary(curve, task.n_dims, threshold), **per_k}
 
     return compute
 

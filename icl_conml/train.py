@@ -138,20 +138,50 @@ def build_sampler(recipe: Recipe) -> PromptSampler:
 
 
 def build_eval_prompts(recipe: Recipe) -> FixedPrompts | None:
+    """The fixed prompts evaluated during training: ``eval_set`` if given, else ``eval_n_prompts``
+    prompts drawn from ``eval_seed`` (not the training seed: every run of a study sees the same)."""
     task_args = recipe.task
+    if task_args.eval_set is not None:
+        return load_training_eval_set(recipe)
     if task_args.eval_n_prompts == 0:
         return None
     task = get_task(task_args.task, task_args.n_dims, **task_args.task_kwargs)
-    return FixedPrompts.sample(task, task_args.eval_n_prompts, task_args.n_points, seed=recipe.training.seed)
+    return FixedPrompts.sample(task, task_args.eval_n_prompts, task_args.n_points, seed=task_args.eval_seed)
+
+
+def load_training_eval_set(recipe: Recipe) -> FixedPrompts:
+    """``eval_set`` as training-time eval prompts, checked against the recipe's task and sizes."""
+    from .evaluation import EvaluationError, load_eval_set
+
+    task_args, name = recipe.task, recipe.task.eval_set
+    try:
+        prompts, metadata = load_eval_set(name)
+    except EvaluationError as error:
+        raise RecipeError(f"eval_set: {error}") from None
+    expected = {"task": task_args.task, "n_dims": task_args.n_dims}
+    for key, value in expected.items():
+        if metadata[key] != value:
+            raise RecipeError(
+                f"eval_set={name!r} holds {key}={metadata[key]!r} prompts but the recipe trains {key}={value!r}; "
+                f"make an eval set for this recipe (data_scripts/make_eval_sets.py) or drop eval_set"
+            )
+    limit = recipe.model.n_positions or task_args.n_points
+    if metadata["n_points"] > limit or prompts.queries is not None:
+        raise RecipeError(
+            f"eval_set={name!r} has prompts of {metadata['n_points']} points"
+            f"{' with shifted queries' if prompts.queries is not None else ''}; training-time evaluation "
+            f"needs plain prompts of at most {limit} points (use the evaluation CLI for shifted sets)"
+        )
+    return FixedPrompts(prompts.xs, prompts.ys)
 
 
 def build_compute_metrics(recipe: Recipe):
-    """The Trainer's ``compute_metrics``: a curve summary (error at k = d and 2d, needed context
-    length at error 0.1) logged next to ``eval_loss`` at every evaluation."""
+    """The Trainer's ``compute_metrics``: the error at every k (``error_at_k/K``), the error at
+    k = d and 2d and the needed context length at error 0.1, logged at every evaluation."""
     from .evaluation import curve_metrics
 
     task_args = recipe.task
-    if task_args.eval_n_prompts == 0:
+    if task_args.eval_n_prompts == 0 and task_args.eval_set is None:
         return None
     return curve_metrics(get_task(task_args.task, task_args.n_dims, **task_args.task_kwargs))
 

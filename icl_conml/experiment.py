@@ -1,0 +1,416 @@
+"""Paired multi-seed studies: ``python -m icl_conml.experiment SPEC.yaml [--jobs N]``.
+
+A spec names a base recipe, the arms (plain ICL and ConML variants as recipe-key overrides),
+the seeds and the evaluation. Every arm of a seed trains from the same seed, hence the same
+initial weights and training prompts: only the arm's keys differ (pairing). Each run is an
+ordinary training run (``python -m icl_conml.train``, or any ``launcher`` such as
+``accelerate launch -m icl_conml.train``) in its own process, evaluated during training on one
+fixed prompt set shared by every run. When a run ends, a small JSON record (resolved recipe,
+commit, version, attention kernel, training log, eval curves) is written under ``records_dir``;
+a run with a record is never trained again, so re-running the command resumes a study (an
+interrupted run resumes from its latest checkpoint). The analysis (``experiment_analysis``)
+reads only records, so it works on any machine that has them.
+
+    python -m icl_conml.experiment recipes/experiments/lr_cpu_study.yaml --jobs 2
+    python -m icl_conml.experiment SPEC --analyze_only          # tables and plots from records
+    python -m icl_conml.experiment SPEC --slurm [--submit]      # a SLURM job array, one run per task
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_LAUNCHER = f"{sys.executable} -m icl_conml.train"
+# Keys that identify a run rather than its experiment: never compared when pairing runs.
+RUN_IDENTITY_KEYS = frozenset(
+    {"seed", "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "run_name", "logging_dir"}
+)
+
+
+class ExperimentError(ValueError):
+    """A user error in a spec or its records: reported as one line (exit 2)."""
+
+
+@dataclass
+class EvalSpec:
+    """How every run is evaluated: the same prompts for all (``eval_set``, or sampled from ``seed``)."""
+
+    n_prompts: int = 1000
+    seed: int = 20261130
+    eval_set: str | None = None
+    every: int = 250
+    thresholds: list[float] = field(default_factory=lambda: [0.1, 0.05])
+    bootstrap_samples: int = 1000
+
+
+@dataclass
+class Spec:
+    name: str
+    base_recipe: str
+    arms: dict[str, dict[str, Any]]
+    seeds: list[int]
+    overrides: dict[str, Any] = field(default_factory=dict)
+    reference_arm: str | None = None
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    output_dir: str | None = None
+    records_dir: str | None = None
+    launcher: str | None = None
+    keep_weights: bool = True
+    slurm: dict[str, Any] = field(default_factory=dict)
+    gpu_hours: str | None = None
+    path: Path | None = None
+
+    @property
+    def reference(self) -> str:
+        return self.reference_arm or next(iter(self.arms))
+
+    @property
+    def out(self) -> Path:
+        return Path(self.output_dir or f"runs/experiments/{self.name}")
+
+    @property
+    def records(self) -> Path:
+        return Path(self.records_dir) if self.records_dir else self.out / "records"
+
+    def runs(self) -> list[Run]:
+        """Seed-major order, so that an interrupted study leaves complete pairs behind."""
+        return [Run(self, arm, seed) for seed in self.seeds for arm in self.arms]
+
+
+_SPEC_KEYS = {f for f in Spec.__dataclass_fields__ if f != "path"}
+_EVAL_KEYS = set(EvalSpec.__dataclass_fields__)
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Read and check a spec file; every problem is one ``ExperimentError`` line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExperimentError(f"experiment spec {str(path)!r} not found; pass the path of a spec YAML")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ExperimentError(f"spec {str(path)!r} is not valid YAML: {str(error).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ExperimentError(f"spec {str(path)!r} must be a mapping (name, base_recipe, arms, seeds, ...)")
+    unknown = set(data) - _SPEC_KEYS
+    if unknown:
+        raise ExperimentError(
+            f"unknown spec key(s) {sorted(unknown)} in {path}; allowed: {sorted(_SPEC_KEYS)}"
+        )
+    for key in ("name", "base_recipe", "arms", "seeds"):
+        if key not in data:
+            raise ExperimentError(f"spec {path} lacks {key!r}")
+    eval_data = data.pop("eval", None) or {}
+    if set(eval_data) - _EVAL_KEYS:
+        raise ExperimentError(
+            f"unknown eval key(s) {sorted(set(eval_data) - _EVAL_KEYS)} in {path}; allowed: {sorted(_EVAL_KEYS)}"
+        )
+    spec = Spec(**data, eval=EvalSpec(**eval_data), path=path)
+    if not isinstance(spec.arms, dict) or len(spec.arms) < 2:
+        raise ExperimentError(f"spec {path}: arms must map at least 2 arm names to key overrides")
+    if any(not isinstance(v, dict) for v in spec.arms.values()):
+        raise ExperimentError(f"spec {path}: each arm is a mapping of recipe keys to values ({{}} for none)")
+    if spec.reference not in spec.arms:
+        raise ExperimentError(f"reference_arm={spec.reference!r} is not one of the arms {list(spec.arms)}")
+    if not spec.seeds or len(set(spec.seeds)) != len(spec.seeds):
+        raise ExperimentError(f"spec {path}: seeds must be a non-empty list of distinct integers")
+    for key in RUN_IDENTITY_KEYS - {"run_name", "logging_dir"}:
+        if key in spec.overrides or any(key in arm for arm in spec.arms.values()):
+            raise ExperimentError(f"spec {path}: {key!r} is set by the experiment per run; remove it")
+    if not spec.eval.thresholds or spec.eval.every < 1 or spec.eval.n_prompts < 1:
+        raise ExperimentError(f"spec {path}: eval needs thresholds, every >= 1 and n_prompts >= 1")
+    base = Path(spec.base_recipe)
+    if not base.is_file() and (path.parent / base).is_file():
+        spec.base_recipe = str(path.parent / base)
+    if not Path(spec.base_recipe).is_file():
+        raise ExperimentError(
+            f"base_recipe {spec.base_recipe!r} not found (relative to the working directory)"
+        )
+    return spec
+
+
+def _flags(values: dict[str, Any]) -> list[str]:
+    out = []
+    for key, value in values.items():
+        if isinstance(value, list):
+            out += [f"--{key}", *map(str, value)]
+        else:
+            out += [f"--{key}", "null" if value is None else str(value)]
+    return out
+
+
+def git_commit() -> dict[str, Any]:
+    """The package's git commit and whether its tracked files differ from it (None outside git)."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "icl_conml"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit, "dirty": bool(dirty)}
+
+
+@dataclass
+class Run:
+    spec: Spec
+    arm: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.arm}/seed{self.seed}"
+
+    @property
+    def output_dir(self) -> Path:
+        return self.spec.out / self.arm / f"seed{self.seed}"
+
+    @property
+    def record_path(self) -> Path:
+        return self.spec.records / self.arm / f"seed{self.seed}.json"
+
+    def train_args(self) -> list[str]:
+        ev = self.spec.eval
+        args = [self.spec.base_recipe, *_flags(self.spec.overrides), *_flags(self.spec.arms[self.arm])]
+        args += ["--seed", str(self.seed), "--output_dir", str(self.output_dir)]
+        args += ["--eval_strategy", "steps", "--eval_steps", str(ev.every), "--disable_tqdm", "true"]
+        if ev.eval_set:
+            args += ["--eval_set", ev.eval_set]
+        else:
+            args += ["--eval_n_prompts", str(ev.n_prompts), "--eval_seed", str(ev.seed)]
+        return args
+
+    def command(self) -> list[str]:
+        return [*shlex.split(self.spec.launcher or DEFAULT_LAUNCHER), *self.train_args()]
+
+
+def _finished_training(output_dir: Path) -> bool:
+    """A final model and top-level trainer state: ``train`` returned and saved."""
+    return (output_dir / "trainer_state.json").is_file() and any(
+        (output_dir / name).is_file() for name in ("model.safetensors", "adapter_model.safetensors")
+    )
+
+
+def execute(run: Run, threads: int) -> dict[str, Any] | None:
+    """Train (or resume) one run, evaluate it and write its record; ``None`` if it already has one."""
+    from .checkpoints import latest_checkpoint, previous_run
+
+    if run.record_path.is_file():
+        return None
+    start = time.time()
+    run.output_dir.mkdir(parents=True, exist_ok=True)
+    command = run.command()
+    if not _finished_training(run.output_dir):
+        if latest_checkpoint(run.output_dir):
+            command += ["--resume_from_checkpoint", "latest"]
+        elif previous_run(run.output_dir):
+            command += ["--overwrite_output_dir", "true"]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        print(f"[experiment] start {run.name}: {shlex.join(command)}", flush=True)
+        with open(run.output_dir / "train.log", "a") as log:
+            code = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+        if code != 0:
+            raise ExperimentError(
+                f"run {run.name} failed (exit {code}); see {run.output_dir / 'train.log'} and re-run to resume"
+            )
+    record = build_record(run, command, time.time() - start)
+    run.record_path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = run.record_path.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(record, indent=1))
+    temporary.replace(run.record_path)  # atomic: a record is complete or absent
+    if not run.spec.keep_weights:
+        import shutil
+
+        for child in run.output_dir.glob("checkpoint-*"):
+            shutil.rmtree(child, ignore_errors=True)
+    print(f"[experiment] done {run.name}: {record['wall_seconds']:.0f} s", flush=True)
+    return record
+
+
+def build_record(run: Run, command: list[str], wall_seconds: float) -> dict[str, Any]:
+    """What the analysis needs from a finished run (small: no weights, no per-prompt errors)."""
+    import torch
+    import transformers
+
+    from . import __version__
+    from .evaluation import curve_with_interval, errors_of, model_predictions
+    from .evaluation import load_model as load_icl_model
+
+    out = run.output_dir
+    state = json.loads((out / "trainer_state.json").read_text())
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text()) if (out / "recipe.yaml").is_file() else {}
+    model = load_icl_model(str(out))
+    prompts, task = _eval_prompts(run.spec, model.config)
+    errors = errors_of(task, model_predictions(model, prompts), prompts)
+    history = state.get("log_history", [])
+    eval_history = []
+    for entry in history:
+        keys = sorted(
+            (k for k in entry if k.startswith("eval_error_at_k/")), key=lambda k: int(k.split("/")[1])
+        )
+        if keys:
+            eval_history.append({"step": entry["step"], "curve": [entry[k] for k in keys]})
+    train_log = [
+        {k: v for k, v in entry.items() if not k.startswith("eval_")}
+        for entry in history
+        if "loss" in entry and "eval_loss" not in entry
+    ]
+    backbone = model.config.backbone_config
+    return {
+        "experiment": run.spec.name,
+        "arm": run.arm,
+        "seed": run.seed,
+        "arm_overrides": run.spec.arms[run.arm],
+        "command": shlex.join(command),
+        "recipe": recipe,
+        "max_steps": state.get("max_steps"),
+        "global_step": state.get("global_step"),
+        "attn_implementation": getattr(backbone, "_attn_implementation", None),
+        "icl_conml_version": __version__,
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        **git_commit(),
+        "finished_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "wall_seconds": wall_seconds,
+        "n_dims": model.config.n_dims,
+        "eval": {
+            "n_prompts": int(prompts.xs.shape[0]),
+            "seed": run.spec.eval.seed,
+            "eval_set": run.spec.eval.eval_set,
+        },
+        "final_curve": curve_with_interval(errors, run.spec.eval.bootstrap_samples, seed=0),
+        "eval_history": eval_history,
+        "train_log": train_log,
+    }
+
+
+def _eval_prompts(spec: Spec, config):
+    """The prompts every run is evaluated on (the ones training evaluated on, at full length)."""
+    from .data import FixedPrompts
+    from .evaluation import Prompts, load_eval_set
+    from .tasks import get_task
+
+    task = get_task(config.task, config.n_dims, **config.task_kwargs)
+    if spec.eval.eval_set:
+        prompts, _ = load_eval_set(spec.eval.eval_set)
+        return prompts, task
+    fixed = FixedPrompts.sample(task, spec.eval.n_prompts, config.n_positions, seed=spec.eval.seed)
+    return Prompts(fixed.xs, fixed.ys), task
+
+
+def run_all(spec: Spec, jobs: int, only_index: int | None = None) -> list[str]:
+    """Run every missing run (``jobs`` at a time, threads split between them); returns failures."""
+    runs = spec.runs() if only_index is None else [spec.runs()[only_index]]
+    todo = [run for run in runs if not run.record_path.is_file()]
+    print(f"[experiment] {spec.name}: {len(runs) - len(todo)} of {len(runs)} runs have records", flush=True)
+    threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
+    failures: list[str] = []
+
+    def one(run: Run) -> None:
+        try:
+            execute(run, threads)
+        except Exception as error:  # one run's failure must not stop the others
+            failures.append(
+                f"{run.name}: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+            )
+            print(f"[experiment] FAILED {failures[-1]}", flush=True)
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        list(pool.map(one, todo))
+    return failures
+
+
+def slurm_script(spec: Spec, spec_path: str) -> str:
+    """A job array with one training run per task; each task skips a run that has a record."""
+    count = len(spec.runs())
+    extra = "".join(f"#SBATCH --{key}={value}\n" for key, value in spec.slurm.items())
+    logs = spec.out / "slurm"
+    return (
+        "#!/bin/bash\n"
+        f"#SBATCH --job-name={spec.name}\n"
+        f"#SBATCH --array=0-{count - 1}\n"
+        f"#SBATCH --output={logs}/%A_%a.out\n"
+        f"{extra}"
+        "set -euo pipefail\n"
+        f"cd {shlex.quote(str(Path.cwd()))}\n"
+        f'python -m icl_conml.experiment {shlex.quote(spec_path)} --run_index "$SLURM_ARRAY_TASK_ID" --no_analysis\n'
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m icl_conml.experiment",
+        description="Run and analyse a paired multi-seed study (plain ICL vs ConML arms).",
+    )
+    parser.add_argument("spec", help="experiment spec YAML (see recipes/experiments/)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time on this machine (threads split)")
+    parser.add_argument(
+        "--analyze_only", action="store_true", help="only build tables and plots from records"
+    )
+    parser.add_argument("--no_analysis", action="store_true", help="train only")
+    parser.add_argument("--run_index", type=int, default=None, help="run only this run (SLURM array task)")
+    parser.add_argument("--slurm", action="store_true", help="write a SLURM job array script and exit")
+    parser.add_argument("--submit", action="store_true", help="with --slurm: submit it with sbatch")
+    parser.add_argument("--dry_run", action="store_true", help="print each run's command and exit")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        spec = load_spec(args.spec)
+        if args.jobs < 1:
+            raise ExperimentError(f"--jobs {args.jobs} must be >= 1")
+        if args.run_index is not None and not 0 <= args.run_index < len(spec.runs()):
+            raise ExperimentError(f"--run_index {args.run_index} is outside 0..{len(spec.runs()) - 1}")
+        if args.dry_run:
+            for run in spec.runs():
+                state = "done" if run.record_path.is_file() else "todo"
+                print(f"{state} {run.name}: {shlex.join(run.command())}")
+            return 0
+        if args.slurm:
+            path = spec.out / "slurm" / f"{spec.name}.sbatch"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(slurm_script(spec, args.spec))
+            print(f"wrote {path} ({len(spec.runs())} array tasks)")
+            if args.submit:
+                return subprocess.run(["sbatch", str(path)]).returncode
+            return 0
+        failures = [] if args.analyze_only else run_all(spec, args.jobs, args.run_index)
+        if not args.no_analysis and args.run_index is None:
+            from .experiment_analysis import analyze
+
+            report = analyze(spec)
+            print(f"[experiment] analysis written to {report}")
+        if failures:
+            print(f"icl_conml: error: {len(failures)} run(s) failed: {'; '.join(failures)}", file=sys.stderr)
+            return 1
+    except ExperimentError as error:
+        print(f"icl_conml: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

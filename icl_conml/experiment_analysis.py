@@ -1,0 +1,396 @@
+"""The analysis of a paired study: records in, Table 5 with seed-level statistics out.
+
+For each arm A against the reference arm R (plain ICL), per seed (a pair shares initial
+weights and training prompts):
+
+- Rel. Min. Error = min_k err_A / min_k err_R (< 1: A's best error is lower).
+- Shot Spare = (first k with err_A ≤ min_k err_R) − argmin_k err_R (< 0: A needs fewer
+  examples). When A never reaches R's minimum it is **censored**: only "> k_max − argmin" is
+  known. Censored pairs are counted and shown, never dropped; the rank test places them as
+  their lower bound k_max − argmin + 1 (worse than any defined value).
+- meta-training speed: the first training step at which the eval error at k = d (and 2d)
+  reaches ε, from the evaluations during training (censored when a run never gets there).
+
+Statistics are over seeds (the seed-to-seed spread dominates at small scale): mean, std (n/a
+below 2 values), a paired bootstrap 95% interval of the mean (pairs resampled) and the exact
+Wilcoxon signed-rank test (two-sided) of "no difference".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .experiment import RUN_IDENTITY_KEYS, ExperimentError, Spec
+
+SIGNIFICANCE = 0.05
+
+
+# ---- loading and pairing -------------------------------------------------------------------------
+def load_records(spec: Spec) -> dict[tuple[str, int], dict[str, Any]]:
+    records = {}
+    for run in spec.runs():
+        if run.record_path.is_file():
+            records[(run.arm, run.seed)] = json.loads(run.record_path.read_text())
+    return records
+
+
+def check_pairing(spec: Spec, records: dict[tuple[str, int], dict[str, Any]]) -> None:
+    """Refuse to pair runs whose settings differ outside their arm's keys and the seed."""
+    arm_keys = set().union(*(set(overrides) for overrides in spec.arms.values()))
+    ignored = arm_keys | RUN_IDENTITY_KEYS
+    reference: tuple[str, dict[str, Any]] | None = None
+    for (arm, seed), record in sorted(records.items()):
+        settings = {k: v for k, v in record.get("recipe", {}).items() if k not in ignored}
+        settings["attn_implementation"] = record.get("attn_implementation")
+        settings["max_steps"] = record.get("max_steps")
+        if reference is None:
+            reference = (f"{arm}/seed{seed}", settings)
+            continue
+        name, expected = reference
+        differ = sorted(k for k in set(expected) | set(settings) if expected.get(k) != settings.get(k))
+        if differ:
+            shown = ", ".join(f"{k}: {expected.get(k)!r} vs {settings.get(k)!r}" for k in differ[:4])
+            raise ExperimentError(
+                f"runs {name} and {arm}/seed{seed} differ outside their arm's keys ({shown}); they cannot be "
+                f"paired: re-run the odd one (delete its record) or make the key part of the arms"
+            )
+
+
+# ---- per-pair metrics --------------------------------------------------------------------------------
+def table5_pair(curve_arm: list[float], curve_ref: list[float]) -> dict[str, Any]:
+    """Rel. Min. Error and (possibly censored) Shot Spare of one pair."""
+    best_ref = min(curve_ref)
+    at_ref = curve_ref.index(best_ref)
+    k_max = len(curve_ref) - 1
+    reached = [k for k, value in enumerate(curve_arm) if value <= best_ref]
+    spare = reached[0] - at_ref if reached else None
+    return {
+        "rel_min_error": min(curve_arm) / best_ref if best_ref > 0 else math.nan,
+        "min_error_arm": min(curve_arm),
+        "min_error_ref": best_ref,
+        "shot_spare": spare,
+        "censored": spare is None,
+        "shot_spare_bound": k_max - at_ref,  # censored: Shot Spare > this
+    }
+
+
+def steps_to_reach(eval_history: list[dict[str, Any]], k: int, threshold: float) -> int | None:
+    """The first evaluated training step whose error at k is ≤ threshold (None: never)."""
+    for entry in sorted(eval_history, key=lambda e: e["step"]):
+        if k < len(entry["curve"]) and entry["curve"][k] <= threshold:
+            return int(entry["step"])
+    return None
+
+
+# ---- seed-level statistics ----------------------------------------------------------------------------
+def mean_std(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"n": 0, "mean": None, "std": None, "median": None}
+    tensor = torch.tensor(values, dtype=torch.float64)
+    return {
+        "n": len(values),
+        "mean": float(tensor.mean()),
+        "std": float(tensor.std()) if len(values) > 1 else None,
+        "median": float(tensor.median()),
+    }
+
+
+def bootstrap_interval(values: list[float], samples: int = 10000, seed: int = 0) -> list[float] | None:
+    """95% percentile interval of the mean over pairs resampled with replacement."""
+    if len(values) < 2:
+        return None
+    data = torch.tensor(values, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(seed)
+    index = torch.randint(0, len(values), (samples, len(values)), generator=generator)
+    means = data[index].mean(dim=1)
+    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64))
+    return [float(low), float(high)]
+
+
+def wilcoxon_signed_rank(differences: list[float]) -> dict[str, float | int | None]:
+    """Exact two-sided Wilcoxon signed-rank test of median 0 (zeros dropped, ties get mean ranks).
+
+    The null distribution of W+ is enumerated exactly with a subset-sum count over the
+    (doubled, hence integer) ranks, so it is exact also with ties, for any n this study has.
+    """
+    nonzero = [d for d in differences if d != 0 and not math.isnan(d)]
+    n = len(nonzero)
+    if n == 0:
+        return {"n": 0, "w_plus": None, "p_value": None}
+    order = sorted(range(n), key=lambda i: abs(nonzero[i]))
+    ranks = [0.0] * n
+    i = 0
+    while i < n:
+        j = i
+        while j + 1 < n and abs(nonzero[order[j + 1]]) == abs(nonzero[order[i]]):
+            j += 1
+        for position in range(i, j + 1):
+            ranks[order[position]] = (i + j) / 2 + 1
+        i = j + 1
+    doubled = [round(2 * r) for r in ranks]
+    w_plus = sum(r for r, d in zip(doubled, nonzero, strict=True) if d > 0)
+    total = sum(doubled)
+    counts = [0] * (total + 1)  # counts[s]: sign assignments whose positive ranks sum to s
+    counts[0] = 1
+    for rank in doubled:
+        for s in range(total, rank - 1, -1):
+            counts[s] += counts[s - rank]
+    center = total / 2
+    extreme = abs(w_plus - center)
+    tail = sum(c for s, c in enumerate(counts) if abs(s - center) >= extreme - 1e-9)
+    return {"n": n, "w_plus": w_plus / 2, "p_value": min(1.0, tail / 2**n)}
+
+
+def _summary(values: list[float], null: float) -> dict[str, Any]:
+    stats = mean_std(values)
+    stats["interval"] = bootstrap_interval(values)
+    test = wilcoxon_signed_rank([v - null for v in values])
+    stats["wilcoxon_p"] = test["p_value"]
+    low_high = stats["interval"]
+    stats["significant"] = bool(
+        test["p_value"] is not None
+        and test["p_value"] < SIGNIFICANCE
+        and low_high is not None
+        and not low_high[0] <= null <= low_high[1]
+    )
+    return stats
+
+
+def compare_arm(spec: Spec, records: dict, arm: str) -> dict[str, Any] | None:
+    """Every statistic of arm against the reference arm, over the seeds both have."""
+    reference = spec.reference
+    seeds = [s for s in spec.seeds if (arm, s) in records and (reference, s) in records]
+    if not seeds:
+        return None
+    pairs = []
+    for seed in seeds:
+        a, r = records[(arm, seed)], records[(reference, seed)]
+        pair = {"seed": seed, **table5_pair(a["final_curve"]["mean"], r["final_curve"]["mean"])}
+        d = a["n_dims"]
+        speed = {}
+        for threshold in spec.eval.thresholds:
+            for label, k in (("d", d), ("2d", 2 * d)):
+                speed[f"eps{threshold}_k{label}"] = {
+                    "arm": steps_to_reach(a["eval_history"], k, threshold),
+                    "ref": steps_to_reach(r["eval_history"], k, threshold),
+                }
+        pair["steps_to_error"] = speed
+        pairs.append(pair)
+    rel = [p["rel_min_error"] for p in pairs]
+    defined = [float(p["shot_spare"]) for p in pairs if not p["censored"]]
+    ranked = [float(p["shot_spare"]) if not p["censored"] else p["shot_spare_bound"] + 1.0 for p in pairs]
+    spare_stats = mean_std(defined)
+    spare_stats.update(
+        n_defined=len(defined),
+        n_censored=len(pairs) - len(defined),
+        interval=bootstrap_interval(defined),
+        wilcoxon_p=wilcoxon_signed_rank(ranked)["p_value"],
+    )
+    speed_summary = {}
+    for key in pairs[0]["steps_to_error"]:
+        both = [
+            p["steps_to_error"][key]
+            for p in pairs
+            if p["steps_to_error"][key]["arm"] is not None and p["steps_to_error"][key]["ref"] is not None
+        ]
+        differences = [float(b["arm"] - b["ref"]) for b in both]
+        speed_summary[key] = {
+            "arm_reached": sum(p["steps_to_error"][key]["arm"] is not None for p in pairs),
+            "ref_reached": sum(p["steps_to_error"][key]["ref"] is not None for p in pairs),
+            "arm_median_steps": _censored_median([p["steps_to_error"][key]["arm"] for p in pairs]),
+            "ref_median_steps": _censored_median([p["steps_to_error"][key]["ref"] for p in pairs]),
+            "paired_difference": {**mean_std(differences), "interval": bootstrap_interval(differences)},
+            "wilcoxon_p": wilcoxon_signed_rank(differences)["p_value"],
+        }
+    return {
+        "arm": arm,
+        "reference": reference,
+        "seeds": seeds,
+        "pairs": pairs,
+        "rel_min_error": _summary(rel, 1.0),
+        "log_rel_min_error": _summary([math.log(v) for v in rel], 0.0),
+        "shot_spare": spare_stats,
+        "meta_training_speed": speed_summary,
+    }
+
+
+def _censored_median(steps: list[int | None]) -> float | str | None:
+    """Median with never-reached runs as +inf; "never" when the median itself is censored."""
+    if not steps:
+        return None
+    values = sorted(math.inf if s is None else float(s) for s in steps)
+    middle = len(values) // 2
+    median = values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+    return "never" if math.isinf(median) else median
+
+
+# ---- report ------------------------------------------------------------------------------------------
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+def _interval(stats: dict[str, Any]) -> str:
+    low_high = stats.get("interval")
+    return "n/a" if not low_high else f"[{_fmt(low_high[0])}, {_fmt(low_high[1])}]"
+
+
+def markdown(spec: Spec, records: dict, comparisons: list[dict[str, Any]]) -> str:
+    lines = [
+        f"# Experiment `{spec.name}`",
+        "",
+        f"Reference arm: `{spec.reference}`; runs with records: {len(records)} of {len(spec.runs())}; "
+        f"commits: {', '.join(sorted({str(r.get('commit'))[:10] for r in records.values()}))}.",
+        "",
+        "| arm | pairs | Rel. Min. Error mean ± std [95% CI over seeds] (Wilcoxon p) | "
+        "Shot Spare mean ± std [95% CI] (defined / censored; Wilcoxon p) | min error arm vs ref (mean) |",
+        "|---|---|---|---|---|",
+    ]
+    for c in comparisons:
+        rel, spare = c["rel_min_error"], c["shot_spare"]
+        star = " **significant**" if rel["significant"] else ""
+        mins = (
+            f"{_fmt(sum(p['min_error_arm'] for p in c['pairs']) / len(c['pairs']))} vs "
+            f"{_fmt(sum(p['min_error_ref'] for p in c['pairs']) / len(c['pairs']))}"
+        )
+        censored = (
+            f"{spare['n_censored']} censored (> k_max − argmin)" if spare["n_censored"] else "0 censored"
+        )
+        lines.append(
+            f"| {c['arm']} | {len(c['pairs'])} | {_fmt(rel['mean'])} ± {_fmt(rel['std'])} {_interval(rel)} "
+            f"(p={_fmt(rel['wilcoxon_p'])}){star} | {_fmt(spare['mean'])} ± {_fmt(spare['std'])} "
+            f"{_interval(spare)} ({spare['n_defined']} defined / {censored}; p={_fmt(spare['wilcoxon_p'])}) "
+            f"| {mins} |"
+        )
+    lines += [
+        "",
+        "Meta-training speed: training steps until the eval error at k first reaches ε "
+        "(median over seeds, never-reached runs counted as +∞; paired difference arm − ref over the "
+        "seeds where both got there).",
+        "",
+        "| arm | ε, k | reached arm / ref | median steps arm vs ref | paired difference mean [95% CI] (p) |",
+        "|---|---|---|---|---|",
+    ]
+    for c in comparisons:
+        for key, s in c["meta_training_speed"].items():
+            eps, k = key.split("_")
+            lines.append(
+                f"| {c['arm']} | {eps[3:]}, {k[1:]} | {s['arm_reached']} / {s['ref_reached']} | "
+                f"{_fmt(s['arm_median_steps'])} vs {_fmt(s['ref_median_steps'])} | "
+                f"{_fmt(s['paired_difference']['mean'])} {_interval(s['paired_difference'])} "
+                f"(p={_fmt(s['wilcoxon_p'])}) |"
+            )
+    lines += ["", "Per pair (seed: Rel. Min. Error, Shot Spare):", ""]
+    for c in comparisons:
+        cells = [
+            f"{p['seed']}: {p['rel_min_error']:.3f}, "
+            + (f"> {p['shot_spare_bound']}" if p["censored"] else f"{p['shot_spare']}")
+            for p in c["pairs"]
+        ]
+        lines.append(f"- {c['arm']}: " + "; ".join(cells))
+    lines += ["", "![curves](curves.png)", "![paired](paired.png)", "![training](training.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(spec: Spec, records: dict, comparisons: list[dict[str, Any]], folder: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def band(curves: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
+        data = torch.tensor(curves, dtype=torch.float64)
+        spread = (
+            data.std(0) / math.sqrt(len(curves)) * 1.96 if len(curves) > 1 else torch.zeros(data.shape[1])
+        )
+        return data.mean(0), spread
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for arm in spec.arms:
+        curves = [r["final_curve"]["mean"] for (a, _), r in records.items() if a == arm]
+        if curves:
+            mean, spread = band(curves)
+            ks = range(len(mean))
+            axis.plot(ks, mean, label=f"{arm} ({len(curves)} seeds)")
+            axis.fill_between(ks, mean - spread, mean + spread, alpha=0.2)
+    axis.set(xlabel="in-context examples k", ylabel="error at k", yscale="log", title=f"{spec.name}: final")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(folder / "curves.png", dpi=110)
+    plt.close(figure)
+
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    for i, c in enumerate(comparisons):
+        values = [p["rel_min_error"] for p in c["pairs"]]
+        axis.scatter([i] * len(values), values, alpha=0.7)
+    axis.axhline(1.0, color="black", lw=0.8)
+    axis.set_xticks(range(len(comparisons)), [c["arm"] for c in comparisons], rotation=20, fontsize=7)
+    axis.set(ylabel=f"Rel. Min. Error vs {spec.reference}", yscale="log", title="per-seed pairs")
+    figure.tight_layout()
+    figure.savefig(folder / "paired.png", dpi=110)
+    plt.close(figure)
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for arm in spec.arms:
+        histories = [r for (a, _), r in records.items() if a == arm and r["eval_history"]]
+        if not histories:
+            continue
+        d = histories[0]["n_dims"]
+        steps = [e["step"] for e in histories[0]["eval_history"]]
+        curves = [[e["curve"][min(d, len(e["curve"]) - 1)] for e in r["eval_history"]] for r in histories]
+        if len({len(c) for c in curves}) != 1:
+            continue
+        mean, spread = band(curves)
+        axis.plot(steps, mean, label=arm)
+        axis.fill_between(steps, mean - spread, mean + spread, alpha=0.2)
+    axis.set(xlabel="training step", ylabel="eval error at k = d", yscale="log", title="meta-training speed")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(folder / "training.png", dpi=110)
+    plt.close(figure)
+
+
+def analyze(spec: Spec, plots: bool = True) -> Path:
+    """Write results.json, results.md (and plots) next to the records; returns results.md."""
+    records = load_records(spec)
+    if not records:
+        raise ExperimentError(f"no records under {spec.records}; run the experiment first")
+    check_pairing(spec, records)
+    comparisons = [c for arm in spec.arms if arm != spec.reference if (c := compare_arm(spec, records, arm))]
+    folder = spec.records
+    folder.mkdir(parents=True, exist_ok=True)
+    cost = sum(r.get("wall_seconds", 0.0) for r in records.values())
+    result = {
+        "experiment": spec.name,
+        "reference": spec.reference,
+        "runs": len(records),
+        "cost_cpu_process_hours": cost / 3600,
+        "commits": sorted({str(r.get("commit")) for r in records.values()}),
+        "comparisons": comparisons,
+    }
+    (folder / "results.json").write_text(json.dumps(result, indent=1))
+    text = markdown(spec, records, comparisons)
+    text += f"\nStudy cost: {len(records)} runs, {cost / 3600:.2f} process-hours of wall time in all.\n"
+    (folder / "results.md").write_text(text)
+    if plots and comparisons:
+        plot(spec, records, comparisons, folder)
+    return folder / "results.md"
+
+
+__all__ = [
+    "analyze",
+    "compare_arm",
+    "check_pairing",
+    "table5_pair",
+    "steps_to_reach",
+    "wilcoxon_signed_rank",
+    "bootstrap_interval",
+]
