@@ -9,6 +9,10 @@ read at a probe input u appended after the context:
     d_out = mean_{τ ≠ τ'} φ(e*_τ, e*_τ')             (discrimination),
     loss  = d_in − d_out                             (``difference``, the paper), or InfoNCE.
 
+τ ≠ τ' ranges over pairs of *distinct tasks*: batch rows are different tasks unless they carry
+the same ``task_ids`` (a finite task pool smaller than the batch), and two rows of one task are
+neither a d_out pair nor an InfoNCE negative of each other.
+
 The total training loss is ``icl_loss + λ · loss``. The paper's ICL setting is the default:
 one probe u ~ N(0, I) per step shared by all tasks, the read-out at u as representation, one
 view = the first ⌊n/2⌋ pairs, φ(a, b) = sigmoid((a − b)²) averaged over dimensions, λ = 0.02.
@@ -242,6 +246,18 @@ def gather_across_processes(local: torch.Tensor) -> tuple[torch.Tensor, int]:
     return torch.cat(gathered, dim=0), dist.get_rank() * local.shape[0]
 
 
+def gather_task_ids(local: torch.Tensor) -> torch.Tensor:
+    """All processes' task ids (G,), in the order of ``gather_across_processes``; integers, so a
+    plain (non-differentiable) all-gather."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return local
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, local.contiguous())
+    return torch.cat(parts)
+
+
 @dataclass
 class ConMLTerms:
     loss: torch.Tensor
@@ -258,12 +274,21 @@ def conml_loss(
     loss_kind: str = "difference",
     terms: str = "both",
     temperature: float = 0.1,
+    task_ids: torch.Tensor | None = None,
+    all_task_ids: torch.Tensor | None = None,
 ) -> ConMLTerms:
     """d_in, d_out and the ConML loss for local anchors (B, D) and views (B, K, D).
 
     ``all_anchors`` (G, D) are the negatives: every task of the global batch, with this
     process's tasks at rows ``offset .. offset + B``. Averaging this process's loss over
     processes gives the loss of one process holding the whole batch.
+
+    ``task_ids`` (B,) and ``all_task_ids`` (G,) say which rows are the same task (a task pool
+    sampled with replacement): every pair of equal ids, not only a row with itself, is left out
+    of d_out and out of the InfoNCE negatives. d_out is then the mean over the N pairs of the
+    global batch with distinct ids; this process contributes its rows' sum × (G / B) / N, so
+    the average over processes is still that mean. With no such pair (one task in the whole
+    batch) d_out is 0. Without ids every row is its own task.
     """
     all_anchors = anchor if all_anchors is None else all_anchors
     batch, total = anchor.shape[0], all_anchors.shape[0]
@@ -272,9 +297,15 @@ def conml_loss(
     d_in = distance(views, anchor.unsqueeze(1), distance_kind).mean()
     pairwise = distance(anchor.unsqueeze(1), all_anchors.unsqueeze(0), distance_kind)  # (B, G)
     own = torch.arange(batch, device=anchor.device) + offset
-    others = torch.ones_like(pairwise, dtype=torch.bool)
-    others[torch.arange(batch, device=anchor.device), own] = False
-    d_out = pairwise[others].mean()
+    if task_ids is None:
+        others = torch.ones_like(pairwise, dtype=torch.bool)
+        others[torch.arange(batch, device=anchor.device), own] = False
+        d_out = pairwise[others].mean()
+    else:
+        all_task_ids = task_ids if all_task_ids is None else all_task_ids
+        others = task_ids[:, None] != all_task_ids[None, :]  # (B, G); False on the diagonal too
+        pairs = (all_task_ids[:, None] != all_task_ids[None, :]).sum().clamp(min=1)  # no host sync
+        d_out = (pairwise * others).sum() * (total / batch) / pairs
 
     if loss_kind == "difference":
         loss = {"both": d_in - d_out, "in": d_in, "out": -d_out}[terms]
@@ -283,6 +314,10 @@ def conml_loss(
         logits = (
             -distance(views.unsqueeze(2), all_anchors[None, None], distance_kind) / temperature
         )  # (B, K, G)
+        if task_ids is not None:  # another row of the same task is no negative
+            copies = ~others
+            copies[torch.arange(batch, device=anchor.device), own] = False
+            logits = logits.masked_fill(copies.unsqueeze(1), float("-inf"))
         target = own.unsqueeze(1).expand(-1, views.shape[1])
         loss = F.cross_entropy(logits.flatten(0, 1), target.flatten())
     else:

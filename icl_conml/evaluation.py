@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from . import __version__
 from .baselines import BaselineError, BaselineSpec, default_baselines, parse_baseline, sklearn_available
@@ -216,35 +217,54 @@ def load_eval_set(name: str) -> tuple[Prompts, dict[str, Any]]:
 
 
 # ---- predictions and errors ---------------------------------------------------------------------------
+def progress_bar(total: int, description: str, progress: bool | None) -> tqdm:
+    """A tqdm bar on stderr: ``progress`` True shows it, False hides it, None shows it only when
+    stderr is a terminal (the CLI's default; ``--quiet`` passes False). A finished bar stays, with its time."""
+    return tqdm(total=total, desc=description, disable=None if progress is None else not progress)
+
+
 @torch.no_grad()
-def model_predictions(model, prompts: Prompts, batch_size: int = 256, dtype: str = "float32") -> torch.Tensor:
+def model_predictions(
+    model,
+    prompts: Prompts,
+    batch_size: int = 256,
+    dtype: str = "float32",
+    progress: bool | None = False,
+) -> torch.Tensor:
     """(N, n) predictions: one forward per batch (one per k and batch when queries differ).
 
     ``dtype="bfloat16"`` runs the forward under bf16 autocast: about 1.8× faster on a CPU with
-    AVX-512 BF16, with predictions that differ by ~1e-2.
+    AVX-512 BF16, with predictions that differ by ~1e-2. ``progress``: see ``progress_bar``.
     """
     device = next(model.parameters()).device
     if dtype not in ("float32", "bfloat16"):
         raise EvaluationError(f"--dtype {dtype!r} is not supported; use float32 or bfloat16")
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-        return _model_predictions(model, prompts, batch_size, device)
+        return _model_predictions(model, prompts, batch_size, device, progress)
 
 
-def _model_predictions(model, prompts: Prompts, batch_size: int, device: torch.device) -> torch.Tensor:
+def _model_predictions(
+    model, prompts: Prompts, batch_size: int, device: torch.device, progress: bool | None = False
+) -> torch.Tensor:
     n_dims = model.config.n_dims
     out = []
-    for start in range(0, prompts.xs.shape[0], batch_size):
-        xs = _pad(prompts.xs[start : start + batch_size], n_dims).to(device)
-        ys = prompts.ys[start : start + batch_size].to(device)
-        if prompts.queries is None:
-            out.append(model(xs=xs, ys=ys).predictions.float().cpu())
-            continue
-        queries = _pad(prompts.queries[start : start + batch_size], n_dims).to(device)
-        column = []
-        for k in range(xs.shape[1]):
-            prefix = torch.cat([xs[:, :k], queries[:, k : k + 1]], dim=1)
-            column.append(model(xs=prefix, ys=ys[:, : k + 1]).predictions[:, k].float().cpu())
-        out.append(torch.stack(column, dim=1))
+    batches = range(0, prompts.xs.shape[0], batch_size)
+    forwards = len(batches) * (1 if prompts.queries is None else prompts.xs.shape[1])
+    with progress_bar(forwards, "model forwards", progress) as bar:
+        for start in batches:
+            xs = _pad(prompts.xs[start : start + batch_size], n_dims).to(device)
+            ys = prompts.ys[start : start + batch_size].to(device)
+            if prompts.queries is None:
+                out.append(model(xs=xs, ys=ys).predictions.float().cpu())
+                bar.update()
+                continue
+            queries = _pad(prompts.queries[start : start + batch_size], n_dims).to(device)
+            column = []
+            for k in range(xs.shape[1]):
+                prefix = torch.cat([xs[:, :k], queries[:, k : k + 1]], dim=1)
+                column.append(model(xs=prefix, ys=ys[:, : k + 1]).predictions[:, k].float().cpu())
+                bar.update()
+            out.append(torch.stack(column, dim=1))
     return torch.cat(out)
 
 
@@ -255,14 +275,21 @@ def _pad(xs: torch.Tensor, n_dims: int) -> torch.Tensor:
     return torch.nn.functional.pad(xs, (0, n_dims - xs.shape[-1]))
 
 
-def baseline_predictions(spec: BaselineSpec, prompts: Prompts, chunk_size: int = 256) -> torch.Tensor:
-    """(N', n) predictions of a reference estimator, N' = min(N, spec.max_prompts)."""
+def baseline_predictions(
+    spec: BaselineSpec, prompts: Prompts, chunk_size: int = 256, progress: bool | None = False
+) -> torch.Tensor:
+    """(N', n) predictions of a reference estimator, N' = min(N, spec.max_prompts).
+
+    ``progress`` (see ``progress_bar``) counts prompts: per-prompt estimators (trees, boosting)
+    are the slow ones, so their chunks are smaller to keep the bar moving."""
     count = prompts.xs.shape[0] if spec.max_prompts is None else min(spec.max_prompts, prompts.xs.shape[0])
     parts = []
-    for start in range(0, count, chunk_size):
-        stop = min(start + chunk_size, count)
-        queries = None if prompts.queries is None else prompts.queries[start:stop]
-        parts.append(spec(prompts.xs[start:stop], prompts.ys[start:stop], queries).float())
+    with progress_bar(count, spec.name, progress) as bar:
+        for start in range(0, count, chunk_size):
+            stop = min(start + chunk_size, count)
+            queries = None if prompts.queries is None else prompts.queries[start:stop]
+            parts.append(spec(prompts.xs[start:stop], prompts.ys[start:stop], queries).float())
+            bar.update(stop - start)
     return torch.cat(parts)
 
 
@@ -473,11 +500,13 @@ def evaluate_model(
     device: str = "cpu",
     dtype: str = "float32",
 ) -> dict[str, Any]:
+    progress: bool | None = False,
     """Curves of the model and the reference estimators on the same prompts (the results.json dict).
 
     ``model`` is an ``ICLModel`` or a local path / Hub id. ``baselines`` are specs for
     ``baselines.parse_baseline`` (default: the task's); pass ``[]`` for the model alone.
     """
+    ``progress``: tqdm bars for the model's forwards and each estimator (see ``progress_bar``).
     if isinstance(model, str | Path):
         model_id = model_id or str(model)
         model = load_model(str(model), device)
@@ -496,11 +525,13 @@ def evaluate_model(
     specs, notes = resolve_baselines(baselines, setting.task)
     errors = {
         "model": errors_of(
-            setting.task, model_predictions(model, setting.prompts, batch_size, dtype), setting.prompts
+            setting.task,
+            model_predictions(model, setting.prompts, batch_size, dtype, progress),
+            setting.prompts,
         )
     }
     for spec in specs:
-        predictions = baseline_predictions(spec, setting.prompts)
+        predictions = baseline_predictions(spec, setting.prompts, progress=progress)
         errors[spec.name] = errors_of(setting.task, predictions, setting.prompts)
     return summarise(
         errors,
@@ -777,6 +808,7 @@ def compare_models(
     device: str = "cpu",
     dtype: str = "float32",
 ) -> dict[str, Any]:
+    progress: bool | None = False,
     """The paper's Table 5 for models A_i against B_i (paired by position), on identical prompts.
 
     Models are ``ICLModel`` objects or local paths / Hub ids. The task, dimension and prompt
@@ -819,7 +851,9 @@ def compare_models(
     if setting.n_points > shortest:
         raise EvaluationError(f"prompts of {setting.n_points} points exceed a model's n_positions={shortest}")
     errors = [
-        errors_of(setting.task, model_predictions(m, setting.prompts, batch_size, dtype), setting.prompts)
+        errors_of(
+            setting.task, model_predictions(m, setting.prompts, batch_size, dtype, progress), setting.prompts
+        )
         for m in loaded
     ]
     result = compare_errors(errors[: len(models_a)], errors[len(models_a) :], bootstrap_samples, seed)
@@ -938,6 +972,11 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
         help="Model forward precision (autocast).",
     )
     parser.add_argument("--debug", action="store_true", help="Show tracebacks.")
+    parser.add_argument(
+        "--quiet",
+        action="store_true",
+        help="No progress bars (they are shown only when stderr is a terminal).",
+    )
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -997,7 +1036,8 @@ def _task_kwargs(text: str | None) -> dict[str, Any] | None:
 
 
 def _quiet_progress_bars() -> None:
-    """The CLI prints its own lines; weight-loading and dataset bars would clutter stderr."""
+    """The CLI shows its own bars (model forwards, estimators); weight-loading and dataset bars
+    would clutter stderr."""
     import datasets
     import transformers
 
@@ -1025,6 +1065,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": args.device,
         "dtype": args.dtype,
     }
+        "progress": False if args.quiet else None,
     try:
         common["task_kwargs"] = _task_kwargs(args.task_kwargs)
         if comparing:

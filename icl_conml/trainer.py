@@ -101,6 +101,8 @@ class ConMLTrainer(ModelCardMixin, Trainer):
             outputs.appended_outputs, outputs.appended_hidden, layout, settings.conml_representation
         )
         all_anchors, offset = conml.gather_across_processes(anchor)
+        task_ids = inputs.get("task_ids")  # task-pool batches: rows of one task are not negatives
+        all_task_ids = None if task_ids is None else conml.gather_task_ids(task_ids)
         terms = conml.conml_loss(
             anchor,
             views,
@@ -110,6 +112,8 @@ class ConMLTrainer(ModelCardMixin, Trainer):
             loss_kind=settings.conml_loss,
             terms=settings.conml_terms,
             temperature=settings.conml_temperature,
+            task_ids=task_ids,
+            all_task_ids=all_task_ids,
         )
         loss = outputs.loss + settings.conml_lambda * terms.loss
         self._record(loss, icl_loss=outputs.loss, conml_loss=terms.loss, d_in=terms.d_in, d_out=terms.d_out)

@@ -80,6 +80,82 @@ def test_cross_process_offset_excludes_own_task():
     assert (halves[0].d_out + halves[1].d_out).item() / 2 == pytest.approx(whole.d_out.item())
 
 
+# ---- rows of the same task (a task pool smaller than the batch) ----------------------------------------
+def pool_batch_ids() -> torch.Tensor:
+    """Task ids of a real pool batch: 8 draws from a pool of 4 repeat some tasks."""
+    task = get_task("linear_regression", 3)
+    ids = PromptSampler(task, Curriculum.constant(3, 4), 8, seed=0, task_pool_size=4).global_batch(0)[
+        "task_ids"
+    ]
+    assert ids.unique().numel() < 8
+    return ids
+
+
+def test_d_out_is_over_pairs_of_distinct_tasks_by_hand():
+    ids = pool_batch_ids()
+    anchor = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+    views = anchor.unsqueeze(1) + 0.1
+    terms = conml.conml_loss(anchor, views, distance_kind="sq_euclidean", task_ids=ids, all_task_ids=ids)
+    pairs = [
+        ((anchor[i] - anchor[j]).square().mean().item())
+        for i in range(8)
+        for j in range(8)
+        if ids[i] != ids[j]
+    ]
+    assert len(pairs) < 8 * 7  # the copies' pairs are left out
+    assert terms.d_out.item() == pytest.approx(sum(pairs) / len(pairs))
+    assert terms.loss.item() == pytest.approx(0.01 - sum(pairs) / len(pairs))
+    # without ids every row is its own task (the copies count as negatives)
+    assert conml.conml_loss(anchor, views, distance_kind="sq_euclidean").d_out.item() != pytest.approx(
+        terms.d_out.item()
+    )
+
+
+@pytest.mark.parametrize("loss_kind", ["difference", "infonce"])
+def test_task_ids_split_across_processes_give_the_whole_batch_loss(loss_kind):
+    ids = pool_batch_ids()
+    anchor = torch.randn(8, 3, generator=torch.Generator().manual_seed(1))
+    views = anchor.unsqueeze(1) + torch.randn(8, 2, 3, generator=torch.Generator().manual_seed(2))
+    kwargs = {"distance_kind": "sq_euclidean", "loss_kind": loss_kind}
+    whole = conml.conml_loss(anchor, views, task_ids=ids, all_task_ids=ids, **kwargs)
+    parts = [
+        conml.conml_loss(
+            anchor[i : i + 2],
+            views[i : i + 2],
+            anchor,
+            i,
+            task_ids=ids[i : i + 2],
+            all_task_ids=ids,
+            **kwargs,
+        )
+        for i in range(0, 8, 2)
+    ]
+    assert sum(p.loss.item() for p in parts) / 4 == pytest.approx(whole.loss.item(), rel=1e-6)
+    assert sum(p.d_out.item() for p in parts) / 4 == pytest.approx(whole.d_out.item(), rel=1e-6)
+
+
+def test_infonce_never_counts_a_copy_of_the_task_as_a_negative():
+    anchor = torch.tensor([[0.0], [0.0], [2.0]])  # rows 0 and 1: the same task
+    views = torch.tensor([[[0.5]], [[0.5]], [[1.5]]])
+    ids = torch.tensor([7, 7, 3])
+    terms = conml.conml_loss(
+        anchor, views, distance_kind="sq_euclidean", loss_kind="infonce", temperature=1.0, task_ids=ids
+    )
+    # logits -φ: row 0 sees itself (-0.25) and task 3 (-2.25), not row 1; row 1 likewise; row 2
+    # sees itself (-0.25) and both rows of task 7 (-2.25 each), which are other tasks for it
+    own, other = -0.25, -2.25
+    rows_0_1 = -own + math.log(math.exp(own) + math.exp(other))
+    row_2 = -own + math.log(math.exp(own) + 2 * math.exp(other))
+    assert terms.loss.item() == pytest.approx((2 * rows_0_1 + row_2) / 3)
+    assert terms.d_out.item() == pytest.approx(4.0)  # pairs (0,2), (1,2), (2,0), (2,1) only
+
+
+def test_one_task_in_the_whole_batch_has_no_d_out():
+    anchor = torch.randn(4, 1)
+    terms = conml.conml_loss(anchor, anchor.unsqueeze(1), task_ids=torch.zeros(4, dtype=torch.long))
+    assert terms.d_out.item() == 0 and torch.isfinite(terms.loss)
+
+
 # ---- views and probes -----------------------------------------------------------------------------
 @pytest.mark.parametrize("n", [1, 2, 7, 10])
 def test_prefix_half_takes_exactly_floor_half(n):

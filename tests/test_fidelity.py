@@ -2,10 +2,12 @@
 recipes, task pools without repeats within a batch; and data without a curriculum unchanged."""
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_TRAIN_ARGS
 
 from icl_conml.config import parse_recipe
 from icl_conml.data import (
@@ -17,7 +19,7 @@ from icl_conml.data import (
     distinct_indices,
 )
 from icl_conml.tasks import TASK_REGISTRY, get_task
-from icl_conml.train import build_sampler
+from icl_conml.train import build_sampler, main
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 GARG_RECIPES = ("linear_regression", "sparse_linear_regression", "decision_tree", "relu_2nn")
@@ -208,3 +210,12 @@ def test_pool_under_a_curriculum_keeps_its_tasks_and_their_supports_in_the_activ
     assert both.any() and torch.equal(early[both], late[both])
     ys = sampler.global_batch(0)["ys"]
     assert not (ys == 0).all(dim=1).any()
+
+
+def test_trainer_passes_task_ids_so_a_single_task_pool_has_no_d_out(tmp_path):
+    # a pool of 1: all 16 rows are one task, so there is no pair of distinct tasks to push apart
+    out = tmp_path / "run"
+    extra = ["--max_steps", "2", "--conml_lambda", "0.02", "--task_pool_size", "1", "--output_dir", str(out)]
+    assert main([*TINY_TRAIN_ARGS, *extra]) == 0
+    logs = [e for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "d_out" in e]
+    assert len(logs) == 2 and all(e["d_out"] == 0 and e["conml_loss"] == e["d_in"] > 0 for e in logs)
