@@ -264,6 +264,11 @@ class ICLTrainingArguments(TrainingArguments):
                 self.use_cpu = True
         super().__post_init__()
 
+    def to_dict(self) -> dict[str, Any]:
+        """``TrainingArguments.to_dict()`` plus the task, model and ConML keys, version and git commit
+        that ``tracking.attach`` stored: every ``report_to`` backend records this dict as the run's config."""
+        return {**getattr(self, "tracked_settings", {}), **super().to_dict()}
+
 
 def _accelerator_available() -> bool:
     """Whether torch sees a GPU (or another accelerator: MPS, XPU, ...)."""
@@ -274,11 +279,6 @@ def _accelerator_available() -> bool:
 
 
 SECTIONS = (ModelArguments, TaskArguments, ConMLArguments, ICLTrainingArguments)
-
-    def to_dict(self) -> dict[str, Any]:
-        """``TrainingArguments.to_dict()`` plus the task, model and ConML keys, version and git commit
-        that ``tracking.attach`` stored: every ``report_to`` backend records this dict as the run's config."""
-        return {**getattr(self, "tracked_settings", {}), **super().to_dict()}
 
 
 @dataclass

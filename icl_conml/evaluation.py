@@ -283,6 +283,7 @@ def baseline_predictions(
     ``progress`` (see ``progress_bar``) counts prompts: per-prompt estimators (trees, boosting)
     are the slow ones, so their chunks are smaller to keep the bar moving."""
     count = prompts.xs.shape[0] if spec.max_prompts is None else min(spec.max_prompts, prompts.xs.shape[0])
+    chunk_size = min(chunk_size, 16) if spec.needs_sklearn else chunk_size
     parts = []
     with progress_bar(count, spec.name, progress) as bar:
         for start in range(0, count, chunk_size):
@@ -499,14 +500,14 @@ def evaluate_model(
     bootstrap_samples: int = 1000,
     device: str = "cpu",
     dtype: str = "float32",
-) -> dict[str, Any]:
     progress: bool | None = False,
+) -> dict[str, Any]:
     """Curves of the model and the reference estimators on the same prompts (the results.json dict).
 
     ``model`` is an ``ICLModel`` or a local path / Hub id. ``baselines`` are specs for
     ``baselines.parse_baseline`` (default: the task's); pass ``[]`` for the model alone.
-    """
     ``progress``: tqdm bars for the model's forwards and each estimator (see ``progress_bar``).
+    """
     if isinstance(model, str | Path):
         model_id = model_id or str(model)
         model = load_model(str(model), device)
@@ -807,8 +808,8 @@ def compare_models(
     bootstrap_samples: int = 1000,
     device: str = "cpu",
     dtype: str = "float32",
-) -> dict[str, Any]:
     progress: bool | None = False,
+) -> dict[str, Any]:
     """The paper's Table 5 for models A_i against B_i (paired by position), on identical prompts.
 
     Models are ``ICLModel`` objects or local paths / Hub ids. The task, dimension and prompt
@@ -971,12 +972,12 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("float32", "bfloat16"),
         help="Model forward precision (autocast).",
     )
-    parser.add_argument("--debug", action="store_true", help="Show tracebacks.")
     parser.add_argument(
         "--quiet",
         action="store_true",
         help="No progress bars (they are shown only when stderr is a terminal).",
     )
+    parser.add_argument("--debug", action="store_true", help="Show tracebacks.")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -1064,8 +1065,8 @@ def main(argv: list[str] | None = None) -> int:
         "bootstrap_samples": args.bootstrap_samples,
         "device": args.device,
         "dtype": args.dtype,
-    }
         "progress": False if args.quiet else None,
+    }
     try:
         common["task_kwargs"] = _task_kwargs(args.task_kwargs)
         if comparing:

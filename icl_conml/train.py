@@ -274,6 +274,7 @@ def run(recipe: Recipe) -> dict[str, float]:
     training = recipe.training
     resume = resolve_resume(recipe)
     prepare_output_dir(recipe, resume)  # every check happens before the model is built
+    tracking.log_recipe(recipe)
     model = build_model(recipe)
     with push_errors_explained(training, trained=False):  # push_to_hub creates the repo here
         trainer = ConMLTrainer(
@@ -289,6 +290,8 @@ def run(recipe: Recipe) -> dict[str, float]:
         (Path(training.output_dir) / "recipe.yaml").write_text(
             yaml.safe_dump(recipe.to_dict(), sort_keys=False)
         )
+    tracking.attach(recipe)  # after recipe.yaml: every report_to backend records every recipe key
+    tracking.add_callbacks(trainer)
     if resume is not None:
         logger.info("resuming from %s", resume)
     result = trainer.train(resume_from_checkpoint=resume)
@@ -304,7 +307,6 @@ def _finish_distributed(wait: bool = True) -> bool:
     After an unexpected error on this process (``wait=False``) there is no barrier: the other
     processes may be inside a collective that this one will never join, and waiting would hang
     the run forever; leaving lets the launcher (torchrun) stop them and report the error.
-    tracking.log_recipe(recipe)
     Returns whether this was a multi-process run.
     """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -320,8 +322,6 @@ def _leave_now(code: int) -> None:
 
     Everything is saved and the process group is gone, yet destroying torch.distributed's and
     DeepSpeed's C++ objects at exit sometimes aborts the process ("terminate called without
-    tracking.attach(recipe)  # after recipe.yaml: every report_to backend records every recipe key
-    tracking.add_callbacks(trainer)
     an active exception", SIGABRT; measured: 1 run in 6 under ZeRO-3 on CPU), and the launcher
     then reports the finished run as failed.
     """
