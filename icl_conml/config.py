@@ -48,6 +48,10 @@ def _choice(key: str, value: str, allowed: tuple[str, ...] | list[str]) -> None:
         raise RecipeError(f"{key}={value!r} is not allowed{hint}; choose one of: {', '.join(allowed)}")
 
 
+#: Attention kernels a recipe may name; the flash kernels take no attention mask (plain ICL only).
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
+
+
 @dataclass
 class ModelArguments:
     """The in-context learner: read-in → backbone → read-out."""
@@ -61,7 +65,8 @@ class ModelArguments:
     dropout: float = _help("Dropout of the backbone (0 by default, as in Garg et al.).", default=0.0)
     attn_implementation: str = _help(
         "Attention kernel of the backbone: eager (default: the faster one for small models on CPU, where the "
-        "ConML probe mask costs sdpa its causal fast path) or sdpa (faster for larger models; Garg recipes use it).",
+        "ConML probe mask costs sdpa its causal fast path) or sdpa (faster for larger models; Garg recipes use it); "
+        "flash_attention_2/3 on a GPU in bf16 for plain ICL only (they take no mask, ConML needs one).",
         default="eager",
     )
     backbone_name_or_path: str | None = _help(
@@ -97,7 +102,7 @@ class ModelArguments:
             f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; pick n_head dividing n_embd",
         )
         _require(0 <= self.dropout < 1, f"dropout={self.dropout} must be in [0, 1)")
-        _choice("attn_implementation", self.attn_implementation, ("sdpa", "eager"))
+        _choice("attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
 
 
 @dataclass
@@ -512,6 +517,36 @@ def validate(recipe: Recipe) -> None:
             global_batch >= 2,
             "ConML needs at least 2 tasks per batch for d_out; raise per_device_train_batch_size",
         )
+    _validate_attention(model, conml_args, training)
+
+
+def _validate_attention(
+    model: ModelArguments, conml_args: ConMLArguments, training: TrainingArguments
+) -> None:
+    """A kernel that cannot apply ConML's probe mask is refused, not left to drop it silently."""
+    from .modeling import MASK_KERNELS
+
+    kernel = model.attn_implementation
+    if kernel in MASK_KERNELS:
+        return
+    _require(
+        not conml_args.enabled,
+        f"attn_implementation={kernel} takes no attention mask, which ConML's probe tokens need "
+        f"(conml_lambda={conml_args.conml_lambda}); use attn_implementation=sdpa (or eager), or conml_lambda=0",
+    )
+    from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
+
+    available = is_flash_attn_3_available() if kernel == "flash_attention_3" else is_flash_attn_2_available()
+    package = "flash-attn 3 (flash_attn_interface)" if kernel == "flash_attention_3" else "flash-attn"
+    _require(
+        available,
+        f"attn_implementation={kernel} needs a CUDA GPU and the {package} package, not found here; "
+        f"install it or use attn_implementation=sdpa",
+    )
+    _require(
+        training.bf16 or training.fp16,
+        f"attn_implementation={kernel} runs in bf16/fp16 only; set bf16: true or use attn_implementation=sdpa",
+    )
 
 
 def _validate_reporting(training: TrainingArguments) -> None:

@@ -107,6 +107,8 @@ class ICLPreTrainedModel(PreTrainedModel):
     main_input_name = "xs"
     supports_gradient_checkpointing = True
     _supports_sdpa = True
+    # Flash kernels serve plain ICL only: they take no arbitrary mask, so ``forward`` refuses
+    # appended (ConML probe) tokens under them rather than let the mask be dropped.
     _supports_flash_attn = True
     _supports_attention_backend = True
 
@@ -195,6 +197,8 @@ class ICLModel(ICLPreTrainedModel):
         """
         dtype = self.read_in.weight.dtype
         batch, n_points, _ = xs.shape
+        if appended_tokens is not None:
+            check_mask_support(self.backbone.config._attn_implementation)
         labels = ys if ys is not None else xs.new_zeros(batch, n_points)
         context = interleave(xs.to(dtype), labels.to(dtype))
         tokens, position_ids, mask = context, None, None
@@ -224,6 +228,23 @@ class ICLModel(ICLPreTrainedModel):
         if output_hidden_states:
             out.hidden_states = backbone_out.hidden_states
         return out if return_dict else out.to_tuple()
+
+
+#: Attention kernels that apply an arbitrary 4D additive mask, checked against running each
+#: view as its own sequence (tests/test_attention_kernels.py). Flash kernels take none (a 4D mask
+#: would be read as padding); flex_attention aborts the process on CPU with such a mask (torch
+#: 2.13); paged kernels ignore it. Those serve plain ICL (no appended tokens) only.
+MASK_KERNELS = ("eager", "sdpa")
+
+
+def check_mask_support(attn_implementation: str | None) -> None:
+    """Raise if the backbone's attention kernel would not apply the appended tokens' 4D mask."""
+    if attn_implementation not in MASK_KERNELS:
+        raise ValueError(
+            f"attn_implementation={attn_implementation!r} cannot apply the 4D attention mask of appended "
+            f"(ConML probe) tokens; use attn_implementation='sdpa' (or 'eager'), or train without ConML "
+            f"(conml_lambda=0)"
+        )
 
 
 def _additive_mask(context: int, appended_visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
