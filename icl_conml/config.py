@@ -258,6 +258,13 @@ class ICLTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        from .extras import is_available, message
+
+        # TrainingArguments would fail on a DeepSpeed config without deepspeed with a TypeError.
+        _require(
+            not self.deepspeed or is_available("deepspeed"),
+            message("deepspeed", f"deepspeed={self.deepspeed!r}"),
+        )
         if not self.use_cpu and not _accelerator_available():
             # No GPU: pick the CPU without being told, also under a multi-process launcher.
             # accelerate forms the gloo process group only for use_cpu (else every process
@@ -339,6 +346,16 @@ def _check_type(key: str, value: Any, expected: Any) -> None:
     if not ok:
         names = " or ".join(o.__name__ for o in options)
         raise RecipeError(f"{key}={value!r} has type {type(value).__name__}; expected {names}")
+
+
+def _recipe_path(name: str) -> Path:
+    """A recipe's path, or a packaged recipe by name (``linear_regression``; see ``resources``)."""
+    from .resources import ResourceNotFound, resolve
+
+    try:
+        return resolve(name)
+    except ResourceNotFound:
+        return Path(name)  # load_yaml reports it missing
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -432,7 +449,7 @@ def parse_recipe(argv: list[str] | None = None) -> Recipe:
     argv = list(sys.argv[1:] if argv is None else argv)
     raw: dict[str, Any] = {}
     if argv and not argv[0].startswith("-"):
-        raw = load_yaml(argv.pop(0))
+        raw = load_yaml(_recipe_path(argv.pop(0)))
     parser = build_parser()
     parser.set_defaults(**raw)
     for i, arg in enumerate(argv):
@@ -556,11 +573,13 @@ def _validate_reporting(training: TrainingArguments) -> None:
         get_available_reporting_integrations,
     )
 
+    from .extras import EXTRAS
+
     available = get_available_reporting_integrations()
     for name in training.report_to or []:
         _choice("report_to", name, ("none", "all", *INTEGRATION_TO_CALLBACK))
         _require(
             name in ("none", "all") or name in available,
             f"report_to={name!r} needs the {name} package, which is not installed; "
-            f"pip install {name} or set report_to=none",
+            f"pip install {EXTRAS.get(name, name)} or set report_to=none",
         )

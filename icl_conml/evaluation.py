@@ -32,6 +32,8 @@ from tqdm import tqdm
 from . import __version__
 from .baselines import BaselineError, BaselineSpec, default_baselines, parse_baseline, sklearn_available
 from .data import step_generator
+from .extras import is_available, require
+from .extras import message as missing_message
 from .tasks import TASK_REGISTRY, FunctionClass, get_task
 
 # A stream of the (seed, step, stream) generator used by no training purpose (see data.py).
@@ -659,9 +661,11 @@ def plot_curves(
     log_scale: bool = False,
     styles: dict[str, dict[str, Any]] | None = None,
 ) -> None:
-    """Error against k with bootstrap bands; ``series`` maps a label to mean/low/high lists."""
-    import matplotlib
+    """Error against k with bootstrap bands; ``series`` maps a label to mean/low/high lists.
 
+    Needs matplotlib (``pip install 'icl_conml[plots]'``); the CLI skips plots, with a note, without it.
+    """
+    matplotlib = require("matplotlib", f"the plot {Path(path).name}")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -703,8 +707,19 @@ def write_results(results: dict[str, Any], output_dir: str | Path, log_scale: bo
     title = f"{meta['model']}: {meta['task']}, d={meta['n_dims']}" + (
         f", {meta['ood']}" if meta.get("ood") else ""
     )
-    plot_curves(series, out / "curves.png", title, log_scale, styles)
+    if _can_plot("curves.png"):
+        plot_curves(series, out / "curves.png", title, log_scale, styles)
     return out
+
+
+def _can_plot(name: str) -> bool:
+    """Whether matplotlib is installed; if not, say on stderr which plot is skipped and how to get it."""
+    if is_available("matplotlib"):
+        return True
+    print(
+        f"icl_conml: note: {name} not written: {missing_message('matplotlib', 'plotting')}", file=sys.stderr
+    )
+    return False
 
 
 # ---- comparison (Table 5) --------------------------------------------------------------------------------
@@ -939,9 +954,9 @@ def write_comparison(result: dict[str, Any], output_dir: str | Path, log_scale: 
                     "linestyle": "--",
                 }
     meta = result["metadata"]
-    plot_curves(
-        series, out / "compare.png", f"{a} vs {b}: {meta['task']}, d={meta['n_dims']}", log_scale, styles
-    )
+    if _can_plot("compare.png"):
+        title = f"{a} vs {b}: {meta['task']}, d={meta['n_dims']}"
+        plot_curves(series, out / "compare.png", title, log_scale, styles)
     return out
 
 
@@ -1073,7 +1088,9 @@ def main(argv: list[str] | None = None) -> int:
             result = compare_models(args.models, args.against, labels=tuple(args.labels), **common)
             out = write_comparison(result, args.output_dir, args.log_scale)
             print(comparison_table(result))
-            print(f"wrote {out / 'compare.json'}, compare.md, compare.png")
+            print(
+                f"wrote {out / 'compare.json'}, compare.md" + (", compare.png" * is_available("matplotlib"))
+            )
         else:
             results = evaluate_model(
                 args.model,
@@ -1086,7 +1103,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"icl_conml: note: {note}", file=sys.stderr)
             out = write_results(results, args.output_dir, args.log_scale)
             print(results_table(results))
-            print(f"wrote {out / 'results.json'}, results.md, curves.png")
+            print(f"wrote {out / 'results.json'}, results.md" + (", curves.png" * is_available("matplotlib")))
     except EvaluationError as error:
         if args.debug:
             raise

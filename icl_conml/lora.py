@@ -17,16 +17,19 @@ import argparse
 import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from peft import LoraConfig, PeftModel, get_peft_model
-from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 from transformers import PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import find_adapter_config_file
 
 from .config import ModelArguments, Recipe, RecipeError
+from .extras import MissingExtra, require
 from .modeling import ICLConfig, ICLModel
+
+if TYPE_CHECKING:  # peft is an extra (pip install 'icl_conml[peft]'): imported where LoRA is used
+    from peft import LoraConfig, PeftModel
 
 #: Modules outside the backbone that always train in full (saved with the adapter).
 TRAINED_MODULES = ["read_in", "read_out"]
@@ -38,7 +41,8 @@ ADAPTABLE_TYPES = (nn.Linear, Conv1D, nn.Embedding, nn.Conv1d, nn.Conv2d)
 
 def default_target_modules(backbone_config: PretrainedConfig) -> list[str]:
     """peft's default LoRA targets for the backbone's architecture (GPT-2: c_attn; Llama: q/v_proj)."""
-    targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(backbone_config.model_type)
+    constants = require("peft.utils.constants", "LoRA")
+    targets = constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(backbone_config.model_type)
     if targets is None:
         raise RecipeError(
             f"no default LoRA target modules for a {backbone_config.model_type!r} backbone; "
@@ -69,7 +73,7 @@ def lora_config(model: ICLModel, args: ModelArguments) -> LoraConfig:
     fan_in_fan_out = any(
         isinstance(m, Conv1D) for name, m in backbone.named_modules() if name.rsplit(".", 1)[-1] in targets
     )
-    return LoraConfig(
+    return require("peft", "LoRA").LoraConfig(
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
@@ -83,7 +87,7 @@ def lora_config(model: ICLModel, args: ModelArguments) -> LoraConfig:
 def prepare_model(model: ICLModel, args: ModelArguments) -> ICLModel | PeftModel:
     """Apply the recipe's LoRA / freezing: LoRA → a ``PeftModel``; ``freeze_backbone`` → frozen backbone."""
     if args.lora_r > 0:
-        return get_peft_model(model, lora_config(model, args))
+        return require("peft", "LoRA").get_peft_model(model, lora_config(model, args))
     if args.freeze_backbone:
         model.backbone.requires_grad_(False)
     return model
@@ -176,7 +180,8 @@ def load_lora_model(
             f"the LoRA run {name_or_path} needs its pretrained backbone {backbone!r}, which could not be "
             f"loaded ({first}); pass backbone_name_or_path= pointing at the same pretrained model"
         ) from error
-    return PeftModel.from_pretrained(base, name_or_path, is_trainable=is_trainable, **hub_kwargs)
+    peft = require("peft", f"the LoRA run {name_or_path}")
+    return peft.PeftModel.from_pretrained(base, name_or_path, is_trainable=is_trainable, **hub_kwargs)
 
 
 def merge(
@@ -191,7 +196,7 @@ def merge(
     The merged folder loads with ``ICLModel.from_pretrained`` / ``AutoModel.from_pretrained``
     alone (safetensors, no peft); its model card is rebuilt from the run's files.
     """
-    if isinstance(source, PeftModel):
+    if hasattr(source, "merge_and_unload"):  # a PeftModel
         model = source
     else:
         model = load_lora_model(source, attn_implementation=attn_implementation, **hub_kwargs)
@@ -201,7 +206,7 @@ def merge(
 
         output_dir = Path(output_dir)
         merged.save_pretrained(output_dir)
-        if not isinstance(source, PeftModel) and Path(source).is_dir():
+        if isinstance(source, str | Path) and Path(source).is_dir():
             for name in ("recipe.yaml", "trainer_state.json", "results.json", "results.md", "curves.png"):
                 if (Path(source) / name).is_file():
                     shutil.copy(Path(source) / name, output_dir / name)
@@ -223,7 +228,11 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    merge(args.adapter, args.output_dir)
+    try:
+        merge(args.adapter, args.output_dir)
+    except MissingExtra as error:
+        print(f"icl_conml.lora: error: {error}", file=sys.stderr)
+        return 2
     print(f"merged {args.adapter} into {args.output_dir}")
     return 0
 

@@ -18,7 +18,7 @@ import torch
 import yaml
 from transformers import TrainingArguments, set_seed
 
-from . import tracking
+from . import extras, tracking
 from .callbacks import NonFiniteLossError
 from .checkpoints import LATEST, NO_RESUME, is_complete, latest_checkpoint, previous_run, remove_checkpoints
 from .config import Recipe, RecipeError, parse_recipe, validate
@@ -271,6 +271,7 @@ def run(recipe: Recipe) -> dict[str, float]:
     from .trainer import ConMLTrainer  # imports deepspeed when installed: keep --help fast
 
     validate(recipe)
+    extras.check_recipe(recipe)  # e.g. LoRA without peft: one line naming the extra
     training = recipe.training
     resume = resolve_resume(recipe)
     prepare_output_dir(recipe, resume)  # every check happens before the model is built

@@ -133,7 +133,7 @@ CASES = [
         "report-to-not-installed",
         None,
         ["--report_to", "wandb"],
-        ["report_to='wandb' needs the wandb package", "pip install wandb or set report_to=none"],
+        ["report_to='wandb' needs the wandb package", "pip install 'icl_conml[wandb]' or set report_to=none"],
     ),
     ("max_steps<1", None, ["--max_steps", "0"], ["max_steps=0 must be >= 1"]),
     ("negative-lr", None, ["--learning_rate", "-1"], ["learning_rate=-1.0 must be >= 0"]),

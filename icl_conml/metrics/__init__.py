@@ -22,6 +22,6 @@ def path(name: str) -> str:
 
 def load(name: str = "icl_curve", **kwargs):
     """``evaluate.load`` of a shipped metric module, offline."""
-    import evaluate
+    from ..extras import require
 
-    return evaluate.load(path(name), **kwargs)
+    return require("evaluate", "the icl_curve metric module").load(path(name), **kwargs)

@@ -1,0 +1,75 @@
+"""Optional dependencies: which pip extra installs what, and one-line errors that name it.
+
+The core install (``pip install icl_conml``) trains and evaluates; these features need an extra:
+
+| extra | package | for |
+|---|---|---|
+| ``deepspeed`` | deepspeed | ZeRO-2/3 and offload (``--deepspeed`` or an accelerate DeepSpeed config) |
+| ``peft`` | peft | LoRA adapters (``lora_r > 0``) and loading/merging LoRA runs |
+| ``tensorboard`` / ``wandb`` | tensorboard / wandb | ``report_to`` backends |
+| ``trees`` | scikit-learn | the decision-tree and gradient-boosting reference estimators |
+| ``plots`` | matplotlib | ``curves.png`` / ``compare.png`` of the evaluation |
+| ``evaluate`` | evaluate | the ``icl_curve`` metric module (``icl_conml.metrics``) |
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .config import Recipe
+
+#: Module → the ``pip install`` argument that provides it.
+EXTRAS = {
+    "deepspeed": "'icl_conml[deepspeed]'",
+    "peft": "'icl_conml[peft]'",
+    "tensorboard": "'icl_conml[tensorboard]'",
+    "wandb": "'icl_conml[wandb]'",
+    "sklearn": "'icl_conml[trees]'",
+    "matplotlib": "'icl_conml[plots]'",
+    "evaluate": "'icl_conml[evaluate]'",
+}
+
+
+class MissingExtra(ImportError):
+    """A feature needs an optional package that is not installed; the message names the extra."""
+
+
+def is_available(module: str) -> bool:
+    """Whether ``module`` can be imported (without importing it)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def message(module: str, feature: str) -> str:
+    """``FEATURE needs MODULE, which is not installed; pip install 'icl_conml[EXTRA]'``."""
+    return f"{feature} needs {module}, which is not installed; pip install {EXTRAS.get(module, module)}"
+
+
+def require(module: str, feature: str) -> ModuleType:
+    """Import ``module`` or raise ``MissingExtra`` naming the extra that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingExtra(message(module, feature)) from None
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """Before anything is built: the extras the recipe's features need (a one-line ``RecipeError``)."""
+    from .config import RecipeError
+
+    needs = []
+    model, training = recipe.model, recipe.training
+    if model.lora_r > 0:
+        needs.append(("peft", f"LoRA (lora_r={model.lora_r})"))
+    if training.deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        needs.append(("deepspeed", "DeepSpeed (--deepspeed or an accelerate DeepSpeed config)"))
+    for module, feature in needs:
+        if not is_available(module):
+            raise RecipeError(message(module, feature))
