@@ -174,24 +174,19 @@ def load_model(name_or_path: str, device: str | torch.device = "cpu"):
 
 def load_eval_set(name: str) -> tuple[Prompts, dict[str, Any]]:
     """Prompts and metadata from a ``datasets`` eval set: a ``save_to_disk`` folder, or
-    ``REPO`` / ``REPO:CONFIG`` on the Hub (written by ``data_scripts/make_eval_sets.py``)."""
-    import datasets
+    ``REPO`` / ``REPO:CONFIG`` on the Hub, from the HF cache when offline (written by
+    ``data_scripts/make_eval_sets.py``; see ``eval_sets.load``)."""
+    from . import eval_sets
 
     try:
-        if Path(name).exists():
-            dataset = datasets.load_from_disk(name)
-        else:
-            repo, _, config = name.partition(":")
-            dataset = datasets.load_dataset(repo, config or None, split="test")
+        dataset = eval_sets.load(name)
     except Exception as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise EvaluationError(
             f"cannot load eval set {name!r}: {first[:200]}; pass a folder written by "
             f"data_scripts/make_eval_sets.py or a Hub dataset REPO[:CONFIG]"
         ) from None
-    if isinstance(dataset, datasets.DatasetDict):
-        dataset = dataset["test"] if "test" in dataset else next(iter(dataset.values()))
-    missing = {"xs", "ys", "task", "n_dims", "n_points"} - set(dataset.column_names)
+    missing = set(eval_sets.COLUMNS) - set(dataset.column_names)
     if missing:
         raise EvaluationError(
             f"eval set {name!r} lacks column(s) {', '.join(sorted(missing))}; build it with data_scripts/make_eval_sets.py"
