@@ -194,6 +194,15 @@ def test_ddp_two_processes_train_like_one_with_the_papers_conml(tmp_path_factory
 
 
 @pytest.mark.slow
+def test_ddp_two_processes_train_like_one_with_a_task_pool_smaller_than_the_batch(tmp_path_factory, tmp_path):
+    # 8 rows from 3 tasks: copies of a task sit on both processes; their task ids are gathered so
+    # that no copy is a negative (InfoNCE) nor a d_out pair, and d_out is the whole batch's mean.
+    recipe = _write_recipe(tmp_path_factory, {**TINY_RECIPE, "task_pool_size": 3, "eval_strategy": "no"})
+    _launch("cpu_2proc.yaml", recipe, tmp_path / "ddp")
+    _assert_same_curve(_curve(tmp_path / "ddp"), _curve(_one_process_run(recipe, tmp_path_factory)))
+
+
+@pytest.mark.slow
 def test_zero2_trains_like_one_process_and_resumes_on_its_curve(recipe_file, one_process, tmp_path):
     first = tmp_path / "zero2"
     _launch("zero2.yaml", recipe_file, first)
