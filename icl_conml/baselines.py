@@ -310,16 +310,6 @@ SKLEARN_ESTIMATORS = ("decision_tree", "gradient_boosting")
 # scikit-learn fits one prompt and prefix at a time: by default the slowest sees fewer prompts.
 DEFAULT_MAX_PROMPTS = {"gradient_boosting": 256}
 
-DEFAULT_BASELINES: dict[str, tuple[str, ...]] = {
-    "linear_regression": ("least_squares", "averaging", "knn"),
-    "noisy_linear_regression": ("ridge", "least_squares", "averaging", "knn"),
-    "sparse_linear_regression": ("lasso", "least_squares", "averaging", "knn"),
-    "linear_classification": ("least_squares", "averaging", "knn"),
-    "quadratic_regression": ("least_squares", "averaging", "knn"),
-    "relu_2nn": ("mlp_gd", "least_squares", "averaging", "knn"),
-    "decision_tree": ("decision_tree", "gradient_boosting", "least_squares", "averaging", "knn"),
-}
-
 
 def _parse_value(text: str) -> Any:
     for cast in (int, float):
@@ -369,4 +359,7 @@ def sklearn_available() -> bool:
 
 
 def default_baselines(task_name: str) -> tuple[str, ...]:
-    return DEFAULT_BASELINES.get(task_name, ("least_squares", "averaging", "knn"))
+    """The estimators a function class declares (``FunctionClass.default_baselines``)."""
+    from .tasks import resolve_task_class
+
+    return resolve_task_class(task_name).default_baselines

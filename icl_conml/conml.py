@@ -35,17 +35,49 @@ How probes and views become tokens (one forward pass, no loop over tasks or view
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 REPRESENTATIONS = ("probe_output", "probe_hidden")
-VIEWS = ("prefix_half", "random_subset", "shuffle", "shuffled_subset")
-DISTANCES = ("sigmoid_sq", "cosine", "sq_euclidean")
 LOSSES = ("difference", "infonce")
 TERMS = ("both", "in", "out")
 PREFIX_MODES = ("probe_mask", "extra_sequence")
+
+# A view sampler: (n_tasks, n_points, num_views, generator, subset_min, subset_max) -> pair
+# indices (B, K, s) in the order the view presents them, s the same for every task and view.
+ViewSampler = Callable[[int, int, int, torch.Generator, float, float], torch.Tensor]
+VIEWS: dict[str, ViewSampler] = {}
+# Views that are the first s pairs in order: probed by masked probe tokens, no extra tokens.
+PREFIX_VIEWS: set[str] = set()
+# A distance φ(a, b) over the last dimension, broadcasting the others.
+DISTANCES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
+
+
+def register_view(name: str, prefix: bool = False) -> Callable[[ViewSampler], ViewSampler]:
+    """Register a view sampler as ``conml_views: name`` (``prefix=True``: it returns leading pairs)."""
+
+    def register(sampler: ViewSampler) -> ViewSampler:
+        VIEWS[name] = sampler
+        if prefix:
+            PREFIX_VIEWS.add(name)
+        return sampler
+
+    return register
+
+
+def register_distance(name: str):
+    """Register φ as ``conml_distance: name``; it must broadcast over leading dimensions."""
+
+    def register(function):
+        DISTANCES[name] = function
+        return function
+
+    return register
 
 
 # ---- sampling --------------------------------------------------------------------------------
@@ -54,17 +86,42 @@ def sample_probes(num_probes: int, n_dims: int, generator: torch.Generator) -> t
     return torch.randn(num_probes, n_dims, generator=generator)
 
 
-def view_size(
-    kind: str, n_points: int, subset_min: float, subset_max: float, generator: torch.Generator
-) -> int:
-    """Number of pairs in each view this step (the same for every task, so views batch)."""
-    if kind == "prefix_half":
-        return n_points // 2
-    if kind == "shuffle":
-        return n_points
+def subset_size(n_points: int, subset_min: float, subset_max: float, generator: torch.Generator) -> int:
+    """A view size s ∈ [subset_min·n, subset_max·n] drawn for this step (the same for every task)."""
     low = max(1, round(subset_min * n_points))
     high = max(low, min(n_points, round(subset_max * n_points)))
     return int(torch.randint(low, high + 1, (1,), generator=generator))
+
+
+def _random_orders(n_tasks: int, num_views: int, n_points: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.rand(n_tasks, num_views, n_points, generator=generator).argsort(dim=-1)
+
+
+@register_view("prefix_half", prefix=True)
+def prefix_half(n_tasks, n_points, num_views, generator, subset_min=0.5, subset_max=0.5) -> torch.Tensor:
+    """The first ⌊n/2⌋ pairs (the paper's view)."""
+    size = n_points // 2
+    return torch.arange(size).expand(n_tasks, num_views, size).contiguous()
+
+
+@register_view("random_subset")
+def random_subset(n_tasks, n_points, num_views, generator, subset_min=0.5, subset_max=0.5) -> torch.Tensor:
+    """A random subset of the pairs, kept in their original order."""
+    size = subset_size(n_points, subset_min, subset_max, generator)
+    return _random_orders(n_tasks, num_views, n_points, generator)[..., :size].sort(dim=-1).values
+
+
+@register_view("shuffle")
+def shuffle(n_tasks, n_points, num_views, generator, subset_min=0.5, subset_max=0.5) -> torch.Tensor:
+    """All pairs in a random order."""
+    return _random_orders(n_tasks, num_views, n_points, generator)
+
+
+@register_view("shuffled_subset")
+def shuffled_subset(n_tasks, n_points, num_views, generator, subset_min=0.5, subset_max=0.5) -> torch.Tensor:
+    """A random subset of the pairs in a random order."""
+    size = subset_size(n_points, subset_min, subset_max, generator)
+    return _random_orders(n_tasks, num_views, n_points, generator)[..., :size]
 
 
 def sample_views(
@@ -76,19 +133,10 @@ def sample_views(
     subset_min: float = 0.5,
     subset_max: float = 0.5,
 ) -> torch.Tensor:
-    """Pair indices of each view, shape (B, K, s), in the order the view presents them.
-
-    ``prefix_half``: the first ⌊n/2⌋ pairs. ``random_subset``: a random subset of size
-    s ∈ [subset_min·n, subset_max·n] kept in its original order. ``shuffle``: all pairs in a
-    random order. ``shuffled_subset``: a random subset in a random order.
-    """
+    """Pair indices of each view, shape (B, K, s), from the registered sampler ``kind``."""
     if kind not in VIEWS:
-        raise ValueError(f"unknown conml_views {kind!r}; choose one of {VIEWS}")
-    size = view_size(kind, n_points, subset_min, subset_max, generator)
-    if kind == "prefix_half":
-        return torch.arange(size).expand(n_tasks, num_views, size).contiguous()
-    order = torch.rand(n_tasks, num_views, n_points, generator=generator).argsort(dim=-1)[..., :size]
-    return order.sort(dim=-1).values if kind == "random_subset" else order
+        raise ValueError(f"unknown conml_views {kind!r}; choose one of {', '.join(VIEWS)}")
+    return VIEWS[kind](n_tasks, n_points, num_views, generator, subset_min, subset_max)
 
 
 # ---- tokens ------------------------------------------------------------------------------------
@@ -99,6 +147,11 @@ class ProbeLayout:
     ``tokens`` (B, P, d) are read-in inputs, ``position_ids`` (P,) their positions,
     ``visible`` (P, 2n + P) says which of [context, appended] tokens each one attends to.
     ``anchor_slots`` (M,) and ``view_slots`` (K, M) index the probe tokens among the P.
+    ``rows`` = (offset, length), when set, says that the appended tokens from ``offset`` on are
+    K independent sequences of ``length`` tokens each (the views: they see nothing else), which
+    the model may run as their own batch rows instead of behind a block mask in the main row;
+    the result is the same (see ``ICLModel.forward``), and the P slots keep their meaning.
+    ``position_ids``, ``visible`` and the slots are shared between steps: treat them as read-only.
     """
 
     tokens: torch.Tensor
@@ -106,14 +159,23 @@ class ProbeLayout:
     visible: torch.Tensor
     anchor_slots: torch.Tensor
     view_slots: torch.Tensor
+    rows: tuple[int, int] | None = None
 
-    def model_inputs(self) -> dict[str, torch.Tensor]:
+    def model_inputs(self) -> dict[str, Any]:
         """The keyword arguments of ``ICLModel.forward`` that append these tokens."""
-        return {
+        inputs: dict[str, Any] = {
             "appended_tokens": self.tokens,
             "appended_position_ids": self.position_ids,
             "appended_visible": self.visible,
         }
+        if self.rows is not None:
+            inputs["appended_rows"] = self.rows
+        return inputs
+
+    @property
+    def tokens_per_task(self) -> int:
+        """Tokens of one task the backbone processes: the 2n context tokens and the P appended."""
+        return self.visible.shape[1]
 
 
 def interleave(xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
@@ -121,6 +183,75 @@ def interleave(xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
     y_tokens = torch.zeros_like(xs)
     y_tokens[..., 0] = ys.to(xs.dtype)
     return torch.stack((xs, y_tokens), dim=2).flatten(1, 2)
+
+
+@dataclass(frozen=True)
+class _LayoutStructure:
+    """The part of a layout that depends only on its sizes (not on the data): built once."""
+
+    position_ids: torch.Tensor
+    visible: torch.Tensor
+    anchor_slots: torch.Tensor
+    view_slots: torch.Tensor
+    rows: tuple[int, int] | None
+
+
+@functools.lru_cache(maxsize=64)
+def _layout_structure(
+    n_points: int, size: int, num_probes: int, num_views: int, masked_prefix: bool, device: torch.device
+) -> _LayoutStructure:
+    """Positions, visibility and probe slots of the appended tokens (see ``build_layout``).
+
+    Cached: a run sees a handful of (n, s) pairs (one per curriculum stage and view size), and
+    rebuilding this from Python lists on every step showed in the step's profile.
+    """
+    with torch.inference_mode(False):  # cached tensors must also serve later training steps
+        context = 2 * n_points
+        # Per appended token: how many context tokens it sees, its segment id (-1: none), is it a probe.
+        positions: list[torch.Tensor] = [torch.full((num_probes,), context, device=device)]
+        context_seen: list[int] = [context] * num_probes
+        segment: list[int] = [-1] * num_probes
+        is_probe: list[bool] = [True] * num_probes
+        anchor_slots = torch.arange(num_probes, device=device)
+        view_slots = torch.empty(num_views, num_probes, dtype=torch.long, device=device)
+        start = num_probes
+        for k in range(num_views):  # K is small (a handful): this loop builds a layout, not data
+            if masked_prefix:
+                positions.append(torch.full((num_probes,), 2 * size, device=device))
+                context_seen += [2 * size] * num_probes
+                segment += [-1] * num_probes
+                is_probe += [True] * num_probes
+                view_slots[k] = torch.arange(start, start + num_probes, device=device)
+                start += num_probes
+                continue
+            positions += [
+                torch.arange(2 * size, device=device),
+                torch.full((num_probes,), 2 * size, device=device),
+            ]
+            context_seen += [0] * (2 * size + num_probes)
+            segment += [k] * (2 * size + num_probes)
+            is_probe += [False] * (2 * size) + [True] * num_probes
+            view_slots[k] = torch.arange(start + 2 * size, start + 2 * size + num_probes, device=device)
+            start += 2 * size + num_probes
+
+        appended = start
+        seen = torch.tensor(context_seen, device=device)
+        seg = torch.tensor(segment, device=device)
+        probe = torch.tensor(is_probe, device=device)
+        sees_context = torch.arange(context, device=device)[None, :] < seen[:, None]
+        j = torch.arange(appended, device=device)
+        # Within a segment, causal over the view's pair tokens; probes never see other probes.
+        same_segment = (
+            (seg[:, None] == seg[None, :]) & (seg[:, None] >= 0) & (j[None, :] < j[:, None]) & ~probe[None, :]
+        )
+        sees_appended = same_segment | torch.eye(appended, dtype=torch.bool, device=device)
+        return _LayoutStructure(
+            position_ids=torch.cat(positions),
+            visible=torch.cat([sees_context, sees_appended], dim=1),
+            anchor_slots=anchor_slots,
+            view_slots=view_slots,
+            rows=None if masked_prefix or num_views == 0 else (num_probes, 2 * size + num_probes),
+        )
 
 
 def build_layout(
@@ -134,65 +265,33 @@ def build_layout(
     """Appended tokens for the anchor and K views of every task; see the module docstring.
 
     xs (B, n, d), ys (B, n), probes (B, M, d) (the same probes in every row), view_index
-    (B, K, s) from ``sample_views``.
+    (B, K, s) from ``sample_views``. The tokens are gathered every step; their positions,
+    visibility and slots come from a cache keyed by the sizes.
     """
-    batch, n_points, _ = xs.shape
+    batch, n_points, width = xs.shape
     num_views, size = view_index.shape[1], view_index.shape[2]
     num_probes = probes.shape[1]
-    context = 2 * n_points
-    device = xs.device
+    masked_prefix = view_kind in PREFIX_VIEWS and prefix_mode == "probe_mask"
+    structure = _layout_structure(n_points, size, num_probes, num_views, masked_prefix, xs.device)
 
-    pieces: list[torch.Tensor] = [probes]  # anchor probes first
-    positions: list[torch.Tensor] = [torch.full((num_probes,), context, device=device)]
-    # Per appended token: how many context tokens it sees, its segment id (-1: none), is it a probe.
-    context_seen: list[int] = [context] * num_probes
-    segment: list[int] = [-1] * num_probes
-    is_probe: list[bool] = [True] * num_probes
-    anchor_slots = torch.arange(num_probes, device=device)
-    view_slots = torch.empty(num_views, num_probes, dtype=torch.long, device=device)
-
-    masked_prefix = view_kind == "prefix_half" and prefix_mode == "probe_mask"
-    for k in range(num_views):  # K is small (a handful): this loop builds a layout, not data
-        start = sum(piece.shape[1] for piece in pieces)
-        if masked_prefix:
-            pieces.append(probes)
-            positions.append(torch.full((num_probes,), 2 * size, device=device))
-            context_seen += [2 * size] * num_probes
-            segment += [-1] * num_probes
-            is_probe += [True] * num_probes
-            view_slots[k] = torch.arange(start, start + num_probes, device=device)
-            continue
-        idx = view_index[:, k]  # (B, s)
-        view_xs = torch.gather(xs, 1, idx.unsqueeze(-1).expand(-1, -1, xs.shape[-1]))
+    probes = probes.to(xs.dtype)
+    if masked_prefix:  # anchor probes, then the probes of each view: no other tokens
+        tokens = torch.cat([probes] * (1 + num_views), dim=1)
+    else:  # anchor probes, then each view: its pairs re-interleaved, followed by the probes
+        idx = view_index.reshape(batch, num_views * size)
+        view_xs = torch.gather(xs, 1, idx.unsqueeze(-1).expand(-1, -1, width))
         view_ys = torch.gather(ys, 1, idx)
-        pieces += [interleave(view_xs, view_ys), probes]
-        positions += [
-            torch.arange(2 * size, device=device),
-            torch.full((num_probes,), 2 * size, device=device),
-        ]
-        context_seen += [0] * (2 * size + num_probes)
-        segment += [k] * (2 * size + num_probes)
-        is_probe += [False] * (2 * size) + [True] * num_probes
-        view_slots[k] = torch.arange(start + 2 * size, start + 2 * size + num_probes, device=device)
-
-    tokens = torch.cat([piece.to(xs.dtype) for piece in pieces], dim=1)
-    appended = tokens.shape[1]
-    seen = torch.tensor(context_seen, device=device)
-    seg = torch.tensor(segment, device=device)
-    probe = torch.tensor(is_probe, device=device)
-    sees_context = torch.arange(context, device=device)[None, :] < seen[:, None]
-    j = torch.arange(appended, device=device)
-    # Within a segment, causal over the view's pair tokens; probes never see other probes.
-    same_segment = (
-        (seg[:, None] == seg[None, :]) & (seg[:, None] >= 0) & (j[None, :] < j[:, None]) & ~probe[None, :]
-    )
-    sees_appended = same_segment | torch.eye(appended, dtype=torch.bool, device=device)
+        pairs = interleave(view_xs.reshape(batch * num_views, size, width), view_ys.reshape(-1, size))
+        view_probes = probes.unsqueeze(1).expand(-1, num_views, -1, -1)
+        views = torch.cat([pairs.reshape(batch, num_views, 2 * size, width), view_probes], dim=2)
+        tokens = torch.cat([probes, views.flatten(1, 2)], dim=1)
     return ProbeLayout(
         tokens=tokens,
-        position_ids=torch.cat(positions),
-        visible=torch.cat([sees_context, sees_appended], dim=1),
-        anchor_slots=anchor_slots,
-        view_slots=view_slots,
+        position_ids=structure.position_ids,
+        visible=structure.visible,
+        anchor_slots=structure.anchor_slots,
+        view_slots=structure.view_slots,
+        rows=structure.rows,
     )
 
 
@@ -219,19 +318,29 @@ def representations(
 
 
 # ---- distances and the objective ---------------------------------------------------------------
-def distance(a: torch.Tensor, b: torch.Tensor, kind: str = "sigmoid_sq") -> torch.Tensor:
-    """φ(a, b) over the last dimension (broadcasting the others).
+@register_distance("sigmoid_sq")
+def sigmoid_sq(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """mean_i sigmoid((a_i − b_i)²): the paper's ICL choice; 1/2 when a = b, saturates at 1."""
+    return torch.sigmoid((a - b).square()).mean(-1)
 
-    ``sigmoid_sq``: mean_i sigmoid((a_i − b_i)²) (the paper's ICL choice; 1/2 when a = b).
-    ``cosine``: 1 − cos(a, b). ``sq_euclidean``: mean_i (a_i − b_i)².
-    """
-    if kind == "sigmoid_sq":
-        return torch.sigmoid((a - b).square()).mean(-1)
-    if kind == "cosine":
-        return 1 - F.cosine_similarity(a, b, dim=-1, eps=1e-8)
-    if kind == "sq_euclidean":
-        return (a - b).square().mean(-1)
-    raise ValueError(f"unknown conml_distance {kind!r}; choose one of {DISTANCES}")
+
+@register_distance("cosine")
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """1 − cos(a, b)."""
+    return 1 - F.cosine_similarity(a, b, dim=-1, eps=1e-8)
+
+
+@register_distance("sq_euclidean")
+def sq_euclidean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """mean_i (a_i − b_i)²: does not saturate on scalar outputs."""
+    return (a - b).square().mean(-1)
+
+
+def distance(a: torch.Tensor, b: torch.Tensor, kind: str = "sigmoid_sq") -> torch.Tensor:
+    """φ(a, b) over the last dimension (broadcasting the others), by registered name."""
+    if kind not in DISTANCES:
+        raise ValueError(f"unknown conml_distance {kind!r}; choose one of {', '.join(DISTANCES)}")
+    return DISTANCES[kind](a, b)
 
 
 def gather_across_processes(local: torch.Tensor) -> tuple[torch.Tensor, int]:

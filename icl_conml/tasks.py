@@ -19,22 +19,105 @@ makes exactly the generator calls it always made, so data without a curriculum i
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
 
 Params = dict[str, torch.Tensor]
+TaskT = TypeVar("TaskT", bound="type[FunctionClass]")
+
+# Every registered function class by name (built-ins and ``@register_task`` classes).
+TASK_REGISTRY: dict[str, type[FunctionClass]] = {}
+
+
+def register_task(name: str) -> Callable[[TaskT], TaskT]:
+    """Class decorator: make a ``FunctionClass`` available to recipes as ``task: name``."""
+
+    def register(cls: TaskT) -> TaskT:
+        if not (isinstance(cls, type) and issubclass(cls, FunctionClass)):
+            raise TypeError(f"@register_task({name!r}) decorates a FunctionClass subclass, not {cls!r}")
+        if TASK_REGISTRY.get(name, cls) is not cls and TASK_REGISTRY[name].__qualname__ != cls.__qualname__:
+            raise ValueError(
+                f"task name {name!r} is already registered for {TASK_REGISTRY[name].__qualname__}"
+            )
+        cls.name = name
+        TASK_REGISTRY[name] = cls
+        return cls
+
+    return register
+
+
+def resolve_task_class(name: str) -> type[FunctionClass]:
+    """The class a recipe's ``task`` names: a registry name or ``package.module:ClassName``."""
+    if name in TASK_REGISTRY:
+        return TASK_REGISTRY[name]
+    module_name, colon, attribute = name.partition(":")
+    if not colon:
+        raise ValueError(
+            f"unknown task {name!r}; choose one of {sorted(TASK_REGISTRY)} or name your own class as "
+            f"'package.module:ClassName'"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(
+            f"task {name!r}: cannot import {module_name!r} ({error}); is it on PYTHONPATH?"
+        ) from None
+    cls = getattr(module, attribute, None)
+    if not (isinstance(cls, type) and issubclass(cls, FunctionClass)):
+        raise ValueError(f"task {name!r}: {module_name} has no FunctionClass subclass named {attribute!r}")
+    return cls
+
+
+def hyperparameter_names(cls: type[FunctionClass]) -> tuple[str, ...]:
+    """A class's hyper-parameters: its dataclass fields after ``n_dims``."""
+    return tuple(f.name for f in fields(cls) if f.init and f.name != "n_dims")
+
+
+def task_reference(task: FunctionClass) -> str:
+    """How a model config records its task so that it can be rebuilt in another process: the
+    registry name for the package's classes, ``module:ClassName`` for a user's (importing the
+    module registers it again)."""
+    cls = type(task)
+    if cls.__module__ == __name__ or ":" in task.name:
+        return task.name
+    return f"{cls.__module__}:{cls.__qualname__}"
 
 
 @dataclass
 class FunctionClass:
-    """Base class: subclasses implement ``sample_params`` and ``evaluate``."""
+    """Base class of a function class; a new one is one file (``docs/extending.md``).
+
+    Subclass it as a dataclass whose fields after ``n_dims`` are the hyper-parameters (their
+    defaults are the only defaults, ``validate`` the only checks), implement ``sample_params``
+    and ``evaluate``, and register it with ``@register_task("name")`` or name it in a recipe by
+    import path (``task: my_module:MyTask``, hyper-parameters in ``task_kwargs``).
+    """
 
     n_dims: int
-    name: str = field(init=False, default="")
+    # Set by @register_task; an unregistered class named by import path gets that path.
+    name: ClassVar[str] = ""
+    # Reference estimators the evaluation runs by default next to a model of this class.
+    default_baselines: ClassVar[tuple[str, ...]] = ("least_squares", "averaging", "knn")
+    # Whether Garg et al.'s distribution shifts of x and w (evaluation --ood) apply.
+    linear: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        if self.n_dims < 1:
+            raise ValueError(f"n_dims={self.n_dims} must be >= 1")
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` (one line: the value, the rule, the fix) for bad hyper-parameters."""
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The hyper-parameters (every dataclass field but ``n_dims``) with their values."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.init and f.name != "n_dims"}
 
     def sample_params(
         self, n_tasks: int, generator: torch.Generator, active_dims: int | None = None
@@ -75,6 +158,7 @@ class FunctionClass:
         return torch.randn(n_tasks, n_points, self.n_dims, generator=generator)
 
 
+@register_task("linear_regression")
 @dataclass
 class LinearRegression(FunctionClass):
     """y = w·x with w ~ N(0, I_d), so E[y^2] = d.
@@ -85,8 +169,7 @@ class LinearRegression(FunctionClass):
     noisy, classification and quadratic subclasses and for ``Relu2NN``.
     """
 
-    def __post_init__(self) -> None:
-        self.name = "linear_regression"
+    linear: ClassVar[bool] = True
 
     def sample_params(
         self, n_tasks: int, generator: torch.Generator, active_dims: int | None = None
@@ -100,6 +183,7 @@ class LinearRegression(FunctionClass):
         return torch.einsum("bnd,bd->bn", xs, params["w"].to(xs.dtype))
 
 
+@register_task("sparse_linear_regression")
 @dataclass
 class SparseLinearRegression(LinearRegression):
     """Linear regression whose w has exactly ``sparsity`` non-zero coordinates.
@@ -112,10 +196,11 @@ class SparseLinearRegression(LinearRegression):
     do not depend on ``active_dims``.
     """
 
+    default_baselines: ClassVar[tuple[str, ...]] = ("lasso", "least_squares", "averaging", "knn")
+
     sparsity: int = 3
 
-    def __post_init__(self) -> None:
-        self.name = "sparse_linear_regression"
+    def validate(self) -> None:
         if not 1 <= self.sparsity <= self.n_dims:
             raise ValueError(
                 f"sparsity={self.sparsity} must be between 1 and n_dims={self.n_dims}: lower sparsity or raise n_dims"
@@ -136,14 +221,16 @@ class SparseLinearRegression(LinearRegression):
         return float(self.sparsity)
 
 
+@register_task("noisy_linear_regression")
 @dataclass
 class NoisyLinearRegression(LinearRegression):
     """y = w·x + noise_std · ε. The Bayes-optimal estimator is ridge with α = noise_std²."""
 
-    noise_std: float = 1.0
+    default_baselines: ClassVar[tuple[str, ...]] = ("ridge", "least_squares", "averaging", "knn")
 
-    def __post_init__(self) -> None:
-        self.name = "noisy_linear_regression"
+    noise_std: float = 0.5
+
+    def validate(self) -> None:
         if self.noise_std < 0:
             raise ValueError(f"noise_std={self.noise_std} must be >= 0")
 
@@ -155,12 +242,10 @@ class NoisyLinearRegression(LinearRegression):
         return clean + self.noise_std * noise
 
 
+@register_task("linear_classification")
 @dataclass
 class LinearClassification(LinearRegression):
     """y = sign(w·x) in {-1, +1}; trained with logistic loss, evaluated by 0-1 error."""
-
-    def __post_init__(self) -> None:
-        self.name = "linear_classification"
 
     def evaluate(
         self, params: Params, xs: torch.Tensor, generator: torch.Generator | None = None
@@ -178,12 +263,12 @@ class LinearClassification(LinearRegression):
         return 1.0
 
 
+@register_task("quadratic_regression")
 @dataclass
 class QuadraticRegression(LinearRegression):
     """y = w·(x ⊙ x) / √3, so E[y^2] = d as for linear regression."""
 
-    def __post_init__(self) -> None:
-        self.name = "quadratic_regression"
+    linear: ClassVar[bool] = False
 
     def evaluate(
         self, params: Params, xs: torch.Tensor, generator: torch.Generator | None = None
@@ -191,14 +276,16 @@ class QuadraticRegression(LinearRegression):
         return super().evaluate(params, xs.square()) / math.sqrt(3)
 
 
+@register_task("relu_2nn")
 @dataclass
 class Relu2NN(FunctionClass):
     """Two-layer ReLU network y = √(2/h) · W2ᵀ relu(W1ᵀ x), weights N(0, 1), so E[y^2] = d."""
 
+    default_baselines: ClassVar[tuple[str, ...]] = ("mlp_gd", "least_squares", "averaging", "knn")
+
     hidden_size: int = 100
 
-    def __post_init__(self) -> None:
-        self.name = "relu_2nn"
+    def validate(self) -> None:
         if self.hidden_size < 1:
             raise ValueError(f"hidden_size={self.hidden_size} must be >= 1")
 
@@ -218,6 +305,7 @@ class Relu2NN(FunctionClass):
         return scale * torch.einsum("bnh,bh->bn", hidden, params["w2"].to(xs.dtype))
 
 
+@register_task("decision_tree")
 @dataclass
 class DecisionTree(FunctionClass):
     """Full binary tree of ``depth``: node i tests x[feature_i] > 0; leaves hold N(0, 1) values.
@@ -233,10 +321,17 @@ class DecisionTree(FunctionClass):
     stage trees of the stated depth; at ``active_dims`` = ``n_dims`` both agree.
     """
 
+    default_baselines: ClassVar[tuple[str, ...]] = (
+        "decision_tree",
+        "gradient_boosting",
+        "least_squares",
+        "averaging",
+        "knn",
+    )
+
     depth: int = 4
 
-    def __post_init__(self) -> None:
-        self.name = "decision_tree"
+    def validate(self) -> None:
         if self.depth < 1:
             raise ValueError(f"depth={self.depth} must be >= 1")
 
@@ -265,31 +360,15 @@ class DecisionTree(FunctionClass):
         return 1.0
 
 
-TASK_REGISTRY: dict[str, Callable[..., FunctionClass]] = {
-    "linear_regression": LinearRegression,
-    "sparse_linear_regression": SparseLinearRegression,
-    "noisy_linear_regression": NoisyLinearRegression,
-    "linear_classification": LinearClassification,
-    "quadratic_regression": QuadraticRegression,
-    "relu_2nn": Relu2NN,
-    "decision_tree": DecisionTree,
-}
-
-# Which keyword arguments each class accepts beyond n_dims (recipe keys of the same name).
-TASK_KWARGS: dict[str, tuple[str, ...]] = {
-    "sparse_linear_regression": ("sparsity",),
-    "noisy_linear_regression": ("noise_std",),
-    "relu_2nn": ("hidden_size",),
-    "decision_tree": ("depth",),
-}
-
-
-def get_task(name: str, n_dims: int, **kwargs) -> FunctionClass:
-    """Build a function class by registry name; irrelevant keyword arguments are ignored."""
-    if name not in TASK_REGISTRY:
-        raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASK_REGISTRY)}")
-    accepted = TASK_KWARGS.get(name, ())
-    return TASK_REGISTRY[name](n_dims=n_dims, **{k: v for k, v in kwargs.items() if k in accepted})
+def get_task(name: str, n_dims: int, **kwargs: Any) -> FunctionClass:
+    """Build a function class by registry name or import path; keyword arguments that are not
+    hyper-parameters of the class are ignored (recipes carry every built-in's flat keys)."""
+    cls = resolve_task_class(name)
+    accepted = hyperparameter_names(cls)
+    task = cls(n_dims=n_dims, **{key: value for key, value in kwargs.items() if key in accepted})
+    if TASK_REGISTRY.get(name) is not cls:
+        task.name = name  # an import path names the class wherever it is used (config, evaluation)
+    return task
 
 
 def index_params(params: Params, index: torch.Tensor) -> Params:

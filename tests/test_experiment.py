@@ -1,0 +1,206 @@
+"""The experiment command: a real paired study end to end, resumption, and the analysis."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from icl_conml.experiment import ExperimentError, load_spec, main
+from icl_conml.experiment_analysis import (
+    analyze,
+    check_pairing,
+    load_records,
+    steps_to_reach,
+    table5_pair,
+    wilcoxon_signed_rank,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+BASE = REPO / "recipes" / "experiments" / "cpu_base.yaml"
+
+
+def write_spec(tmp_path: Path, **changes) -> Path:
+    spec = {
+        "name": "tiny",
+        "base_recipe": str(BASE),
+        "overrides": {
+            "max_steps": 50,
+            "save_steps": 20,
+            "logging_steps": 10,
+            "n_layer": 1,
+            "n_embd": 16,
+            "n_head": 2,
+            "warmup_steps": 5,
+        },
+        "arms": {"plain": {"conml_lambda": 0.0}, "conml": {"conml_lambda": 0.5}},
+        "seeds": [0, 1],
+        "eval": {"n_prompts": 64, "every": 25, "thresholds": [2.0, 0.01], "bootstrap_samples": 50},
+        "output_dir": str(tmp_path / "out"),
+        "records_dir": str(tmp_path / "records"),
+        **changes,
+    }
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def run_experiment(spec: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}
+    return subprocess.run(
+        [sys.executable, "-m", "icl_conml.experiment", str(spec), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.mark.slow
+def test_a_two_seed_two_arm_study_runs_resumes_and_analyses(tmp_path):
+    spec_path = write_spec(tmp_path)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}
+    # Interrupt the study once its first record exists (the other runs are mid-way or not started).
+    process = subprocess.Popen(
+        [sys.executable, "-m", "icl_conml.experiment", str(spec_path), "--jobs", "1", "--no_analysis"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    records = tmp_path / "records"
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(records.glob("*/*.json")):
+        time.sleep(0.5)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    first = list(records.glob("*/*.json"))
+    assert len(first) == 1, "the study was interrupted after its first run"
+
+    result = run_experiment(spec_path, "--jobs", "2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "1 of 4 runs have records" in result.stdout  # the finished run was not trained again
+    assert sorted(p.relative_to(records).as_posix() for p in records.glob("*/*.json")) == [
+        "conml/seed0.json",
+        "conml/seed1.json",
+        "plain/seed0.json",
+        "plain/seed1.json",
+    ]
+    record = json.loads((records / "conml" / "seed1.json").read_text())
+    assert record["recipe"]["conml_lambda"] == 0.5 and record["seed"] == 1
+    assert record["attn_implementation"] == "eager"
+    assert record["global_step"] == 50 and len(record["final_curve"]["mean"]) == 11
+    assert [e["step"] for e in record["eval_history"]] == [25, 50]
+    assert "commit" in record and record["icl_conml_version"]
+
+    # Pairing: the two arms of a seed started from the same weights and prompts, so their first
+    # logged ICL losses differ only by what ConML changed in 10 steps (plain seeds 0 and 1 differ more).
+    plain = [json.loads((records / "plain" / f"seed{s}.json").read_text()) for s in (0, 1)]
+    assert plain[0]["final_curve"]["mean"] != plain[1]["final_curve"]["mean"]
+
+    results = json.loads((records / "results.json").read_text())
+    comparison = results["comparisons"][0]
+    assert comparison["arm"] == "conml" and comparison["seeds"] == [0, 1]
+    assert (records / "results.md").read_text().startswith("# Experiment `tiny`")
+    for image in ("curves.png", "paired.png", "training.png"):
+        assert (records / image).stat().st_size > 0
+
+    # A re-run has nothing left to train; --analyze_only rebuilds the report from records alone.
+    again = run_experiment(spec_path, "--analyze_only")
+    assert again.returncode == 0 and "analysis written" in again.stdout
+
+
+def test_shot_spare_is_censored_not_dropped():
+    reference = [1.0, 0.5, 0.2, 0.1, 0.15]  # minimum 0.1 at k = 3
+    reaches = table5_pair([1.0, 0.3, 0.1, 0.05, 0.05], reference)
+    assert reaches["shot_spare"] == -1 and not reaches["censored"]
+    assert math.isclose(reaches["rel_min_error"], 0.5)
+    never = table5_pair([1.0, 0.6, 0.3, 0.2, 0.2], reference)
+    assert never["censored"] and never["shot_spare"] is None and never["shot_spare_bound"] == 1
+    assert math.isclose(never["rel_min_error"], 2.0)
+
+
+def test_wilcoxon_is_exact():
+    assert wilcoxon_signed_rank([1, 2, 3, 4, 5])["p_value"] == pytest.approx(2 / 32)
+    assert wilcoxon_signed_rank([-1, 2, -3, 4, -5, 6])["p_value"] == pytest.approx(1.0, abs=0.2)
+    assert wilcoxon_signed_rank([0, 0])["p_value"] is None
+    # Ties get mean ranks: |d| = 1, 1, 2 -> ranks 1.5, 1.5, 3; all positive -> p = 2/8.
+    assert wilcoxon_signed_rank([1, 1, 2])["p_value"] == pytest.approx(0.25)
+
+
+def test_steps_to_reach_reads_the_first_evaluation_below_the_threshold():
+    history = [{"step": 10, "curve": [1.0, 0.5]}, {"step": 20, "curve": [1.0, 0.2]}]
+    assert steps_to_reach(history, 1, 0.3) == 20
+    assert steps_to_reach(history, 1, 0.1) is None
+
+
+def _fake_record(arm: str, seed: int, curve: list[float], **recipe) -> dict:
+    return {
+        "arm": arm,
+        "seed": seed,
+        "recipe": {"n_dims": 2, "learning_rate": 0.001, **recipe},
+        "attn_implementation": "eager",
+        "max_steps": 100,
+        "n_dims": 2,
+        "final_curve": {"mean": curve},
+        "eval_history": [{"step": 100, "curve": curve}],
+        "wall_seconds": 1.0,
+        "commit": "abc",
+    }
+
+
+def _write_records(spec, records: dict) -> None:
+    for (arm, seed), record in records.items():
+        path = spec.records / arm / f"seed{seed}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record))
+
+
+def test_analysis_refuses_to_pair_runs_whose_settings_differ(tmp_path):
+    spec = load_spec(write_spec(tmp_path, seeds=[0, 1]))
+    records = {
+        ("plain", 0): _fake_record("plain", 0, [1.0, 0.5, 0.2, 0.1, 0.1], conml_lambda=0.0),
+        ("conml", 0): _fake_record("conml", 0, [1.0, 0.4, 0.1, 0.05, 0.05], conml_lambda=0.5),
+        ("plain", 1): _fake_record("plain", 1, [1.0, 0.5, 0.2, 0.1, 0.1], conml_lambda=0.0),
+        ("conml", 1): _fake_record("conml", 1, [1.0, 0.6, 0.3, 0.2, 0.2], conml_lambda=0.5),
+    }
+    _write_records(spec, records)
+    report = analyze(spec, plots=False)
+    comparison = json.loads((report.parent / "results.json").read_text())["comparisons"][0]
+    assert comparison["shot_spare"]["n_defined"] == 1 and comparison["shot_spare"]["n_censored"] == 1
+    assert comparison["shot_spare"]["std"] is None  # n/a below 2 defined pairs
+    assert "> 1" in report.read_text()  # the censored pair is shown with its bound
+
+    records[("conml", 1)]["recipe"]["learning_rate"] = 0.01
+    _write_records(spec, records)
+    with pytest.raises(ExperimentError, match="learning_rate"):
+        check_pairing(spec, load_records(spec))
+
+
+def test_spec_errors_are_one_line(tmp_path, capsys):
+    bad = write_spec(tmp_path, arms={"plain": {"conml_lambda": 0.0}})
+    assert main([str(bad)]) == 2
+    assert "at least 2 arm" in capsys.readouterr().err
+    bad = write_spec(tmp_path, colour="blue")
+    assert main([str(bad)]) == 2
+    assert "unknown spec key" in capsys.readouterr().err
+
+
+def test_slurm_array_has_one_task_per_run(tmp_path):
+    spec_path = write_spec(tmp_path, slurm={"gres": "gpu:1", "time": "04:00:00"})
+    assert main([str(spec_path), "--slurm"]) == 0
+    script = (tmp_path / "out" / "slurm" / "tiny.sbatch").read_text()
+    assert "#SBATCH --array=0-3" in script and "#SBATCH --gres=gpu:1" in script
+    assert '--run_index "$SLURM_ARRAY_TASK_ID"' in script
+    result = subprocess.run(["bash", "-n", str(tmp_path / "out" / "slurm" / "tiny.sbatch")])
+    assert result.returncode == 0
