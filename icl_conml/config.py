@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import json
 import os
 import re
 import sys
@@ -25,7 +26,7 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from . import conml
-from .tasks import TASK_REGISTRY
+from .tasks import TASK_REGISTRY, FunctionClass, get_task, hyperparameter_names, resolve_task_class
 
 
 class RecipeError(ValueError):
@@ -109,13 +110,28 @@ class ModelArguments:
 class TaskArguments:
     """The function class that prompts are drawn from, and the curriculum."""
 
-    task: str = _help(f"Function class: one of {', '.join(TASK_REGISTRY)}.", default="linear_regression")
+    task: str = _help(
+        f"Function class: one of {', '.join(TASK_REGISTRY)}, or your own as 'package.module:ClassName' "
+        f"(a FunctionClass subclass; see docs/extending.md).",
+        default="linear_regression",
+    )
     n_dims: int = _help("Input dimension d.", default=5)
     n_points: int = _help("(x, y) pairs per prompt.", default=11)
-    sparsity: int = _help("Non-zero coordinates of w (sparse_linear_regression).", default=3)
-    noise_std: float = _help("Label noise std (noisy_linear_regression).", default=0.5)
-    hidden_size: int = _help("Hidden width of the target network (relu_2nn).", default=100)
-    depth: int = _help("Depth of the target tree (decision_tree).", default=4)
+    task_kwargs: dict[str, Any] | str | None = _help(
+        'Hyper-parameters of the function class as a mapping (YAML) or JSON, e.g. {"sparsity": 2}; '
+        "the class's dataclass fields give the defaults. Built-in ones also have the flat keys below.",
+        default=None,
+    )
+    sparsity: int | None = _help(
+        "sparse_linear_regression: non-zero coordinates of w (class default 3).", default=None
+    )
+    noise_std: float | None = _help(
+        "noisy_linear_regression: label noise std (class default 0.5).", default=None
+    )
+    hidden_size: int | None = _help(
+        "relu_2nn: hidden width of the target network (class default 100).", default=None
+    )
+    depth: int | None = _help("decision_tree: depth of the target tree (class default 4).", default=None)
     task_pool_size: int = _help(
         "Draw each prompt's function from a fixed pool of this many functions; 0 = a fresh function every time.",
         default=0,
@@ -143,17 +159,15 @@ class TaskArguments:
     )
 
     def __post_init__(self) -> None:
-        _choice("task", self.task, tuple(TASK_REGISTRY))
+        if self.task not in TASK_REGISTRY and ":" not in self.task:
+            _choice("task", self.task, tuple(TASK_REGISTRY))  # a typo of a built-in: suggest one
         _require(self.n_dims >= 1, f"n_dims={self.n_dims} must be >= 1")
         _require(self.n_points >= 1, f"n_points={self.n_points} must be >= 1")
-        if self.task == "sparse_linear_regression":
-            _require(
-                1 <= self.sparsity <= self.n_dims,
-                f"sparsity={self.sparsity} must be between 1 and n_dims={self.n_dims}",
-            )
-        _require(self.noise_std >= 0, f"noise_std={self.noise_std} must be >= 0")
-        _require(self.hidden_size >= 1, f"hidden_size={self.hidden_size} must be >= 1")
-        _require(self.depth >= 1, f"depth={self.depth} must be >= 1")
+        self.task_kwargs = self._task_kwargs_mapping()
+        try:  # the class validates its own hyper-parameters; build it once here to report them early
+            self.function_class()
+        except (ValueError, TypeError) as error:
+            raise RecipeError(str(error).splitlines()[0]) from None
         _require(self.task_pool_size >= 0, f"task_pool_size={self.task_pool_size} must be >= 0 (0 = no pool)")
         _require(self.eval_n_prompts >= 0, f"eval_n_prompts={self.eval_n_prompts} must be >= 0")
         _require(self.eval_seed >= 0, f"eval_seed={self.eval_seed} must be >= 0")
@@ -172,11 +186,54 @@ class TaskArguments:
                 getattr(self, f"curriculum_{name}_interval") >= 1, f"curriculum_{name}_interval must be >= 1"
             )
 
-    @property
-    def task_kwargs(self) -> dict[str, Any]:
-        from .tasks import TASK_KWARGS
+    def _task_kwargs_mapping(self) -> dict[str, Any]:
+        """``task_kwargs`` as a dict (it may come as JSON from the command line), flat keys merged in."""
+        mapping = self.task_kwargs
+        if isinstance(mapping, str):
+            try:
+                mapping = json.loads(mapping)
+            except ValueError:
+                raise RecipeError(
+                    f"task_kwargs={mapping!r} is not JSON; e.g. '{{\"sparsity\": 2}}'"
+                ) from None
+        _require(mapping is None or isinstance(mapping, dict), f"task_kwargs={mapping!r} must be a mapping")
+        mapping = dict(mapping or {})
+        try:
+            accepted = hyperparameter_names(resolve_task_class(self.task))
+        except ValueError as error:
+            raise RecipeError(str(error).splitlines()[0]) from None
+        unknown = sorted(set(mapping) - set(accepted))
+        _require(
+            not unknown,
+            f"task_kwargs has {unknown} but {self.task} takes {', '.join(accepted) or 'no hyper-parameters'}",
+        )
+        for key in FLAT_TASK_KEYS:
+            value = getattr(self, key)
+            if value is None:
+                continue
+            _require(
+                key in accepted,
+                f"{key}={value!r} is not a hyper-parameter of task {self.task} (it takes "
+                f"{', '.join(accepted) or 'none'}); drop it or pick the task it belongs to",
+            )
+            if mapping.get(key, value) != value:
+                raise RecipeError(
+                    f"{key} is given twice ({key}={value!r} and task_kwargs {key}={mapping[key]!r}); keep one"
+                )
+            mapping[key] = value
+        return mapping
 
-        return {key: getattr(self, key) for key in TASK_KWARGS.get(self.task, ())}
+    def function_class(self) -> FunctionClass:
+        """The function class this section describes (defaults from the class itself)."""
+        return get_task(self.task, self.n_dims, **self.task_kwargs)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """Every hyper-parameter of the function class, defaults included (recorded in the model config)."""
+        return self.function_class().hyperparameters()
+
+
+# The built-in classes' hyper-parameters that also have a flat recipe key (``sparsity: 2``).
+FLAT_TASK_KEYS = ("sparsity", "noise_std", "hidden_size", "depth")
 
 
 @dataclass

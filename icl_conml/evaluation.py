@@ -34,16 +34,10 @@ from .baselines import BaselineError, BaselineSpec, default_baselines, parse_bas
 from .data import step_generator
 from .extras import is_available, require
 from .extras import message as missing_message
-from .tasks import TASK_REGISTRY, FunctionClass, get_task
+from .tasks import TASK_REGISTRY, FunctionClass, get_task, resolve_task_class
 
 # A stream of the (seed, step, stream) generator used by no training purpose (see data.py).
 _EVALUATION_STREAM = 5
-LINEAR_TASKS = (
-    "linear_regression",
-    "sparse_linear_regression",
-    "noisy_linear_regression",
-    "linear_classification",
-)
 OOD_KINDS = ("scale_x", "scale_y", "noisy_y", "skewed", "orthant", "orthogonal_query", "repeated_query")
 _OOD_DEFAULT_VALUES = {"noisy_y": 1.0}
 _OOD_NEEDS_VALUE = ("scale_x", "scale_y")
@@ -116,10 +110,9 @@ def sample_prompts(
     - ``repeated_query``: the k-th query is one of the k examples before it.
     """
     shift = parse_ood(ood)
-    if shift is not None and task.name not in LINEAR_TASKS:
-        raise EvaluationError(
-            f"--ood applies to linear function classes ({', '.join(LINEAR_TASKS)}), not {task.name!r}"
-        )
+    if shift is not None and not task.linear:
+        linear = ", ".join(name for name, cls in TASK_REGISTRY.items() if cls.linear)
+        raise EvaluationError(f"--ood applies to linear function classes ({linear}), not {task.name!r}")
     generator = step_generator(seed, 0, _EVALUATION_STREAM)
     params = task.sample_params(n_prompts, generator)
     xs = task.sample_xs(n_prompts, n_points, generator)
@@ -400,8 +393,10 @@ def resolve_setting(
 ) -> Setting:
     """Task, dimension and length default to the model's saved config; an eval set must match."""
     task_name = task or config.task
-    if task_name not in TASK_REGISTRY:
-        raise EvaluationError(f"unknown --task {task_name!r}; choose one of {', '.join(TASK_REGISTRY)}")
+    try:
+        resolve_task_class(task_name)
+    except ValueError as error:
+        raise EvaluationError(str(error).replace("unknown task", "unknown --task", 1)) from None
     kwargs = dict(config.task_kwargs if task_name == config.task else {})
     kwargs.update(task_kwargs or {})
     dims = n_dims or config.n_dims

@@ -286,7 +286,10 @@ def build_record(run: Run, command: list[str], wall_seconds: float) -> dict[str,
         "recipe": recipe,
         "max_steps": state.get("max_steps"),
         "global_step": state.get("global_step"),
-        "attn_implementation": getattr(backbone, "_attn_implementation", None),
+        # The kernel training ran with (the recipe's); the reloaded model defaults to sdpa.
+        "attn_implementation": recipe.get(
+            "attn_implementation", getattr(backbone, "_attn_implementation", None)
+        ),
         "icl_conml_version": __version__,
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,

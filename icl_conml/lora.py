@@ -27,6 +27,7 @@ from transformers.utils import find_adapter_config_file
 from .config import ModelArguments, Recipe, RecipeError
 from .extras import MissingExtra, require
 from .modeling import ICLConfig, ICLModel
+from .tasks import task_reference
 
 if TYPE_CHECKING:  # peft is an extra (pip install 'icl_conml[peft]'): imported where LoRA is used
     from peft import LoraConfig, PeftModel
@@ -108,8 +109,8 @@ def build_lora_model(recipe: Recipe) -> ICLModel | PeftModel:
     common = {
         "n_dims": task.n_dims,
         "n_positions": n_positions,
-        "task": task.task,
-        "task_kwargs": task.task_kwargs,
+        "task": task_reference(task.function_class()),
+        "task_kwargs": task.hyperparameters(),
     }
     if args.backbone_name_or_path:
         try:

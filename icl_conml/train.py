@@ -25,7 +25,7 @@ from .config import Recipe, RecipeError, parse_recipe, validate
 from .data import ConMLSampling, Curriculum, FixedPrompts, PromptSampler, Schedule
 from .hub import push_errors_explained
 from .modeling import ICLConfig, ICLModel
-from .tasks import get_task
+from .tasks import task_reference
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -86,8 +86,8 @@ def _build_model(recipe: Recipe) -> ICLModel | PeftModel:
         n_layer=model.n_layer,
         n_head=model.n_head,
         dropout=model.dropout,
-        task=task.task,
-        task_kwargs=task.task_kwargs,
+        task=task_reference(task.function_class()),
+        task_kwargs=task.hyperparameters(),
     )
     config.backbone_config._attn_implementation = model.attn_implementation
     set_seed(recipe.training.seed)
@@ -128,7 +128,7 @@ def build_sampler(recipe: Recipe) -> PromptSampler:
         training.per_device_train_batch_size * training.world_size * training.gradient_accumulation_steps
     )
     return PromptSampler(
-        task=get_task(task_args.task, task_args.n_dims, **task_args.task_kwargs),
+        task=task_args.function_class(),
         curriculum=build_curriculum(recipe),
         global_batch_size=global_batch,
         seed=training.data_seed if training.data_seed is not None else training.seed,
@@ -145,7 +145,7 @@ def build_eval_prompts(recipe: Recipe) -> FixedPrompts | None:
         return load_training_eval_set(recipe)
     if task_args.eval_n_prompts == 0:
         return None
-    task = get_task(task_args.task, task_args.n_dims, **task_args.task_kwargs)
+    task = task_args.function_class()
     return FixedPrompts.sample(task, task_args.eval_n_prompts, task_args.n_points, seed=task_args.eval_seed)
 
 
@@ -183,7 +183,7 @@ def build_compute_metrics(recipe: Recipe):
     task_args = recipe.task
     if task_args.eval_n_prompts == 0 and task_args.eval_set is None:
         return None
-    return curve_metrics(get_task(task_args.task, task_args.n_dims, **task_args.task_kwargs))
+    return curve_metrics(task_args.function_class())
 
 
 def resolve_resume(recipe: Recipe) -> str | None:
