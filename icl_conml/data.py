@@ -86,8 +86,9 @@ class PromptSampler:
     (``FunctionClass.sample_params(..., active_dims)``), as Garg et al. do for sparse regression.
 
     With a finite task pool (``task_pool_size`` > 0) a batch holds distinct tasks whenever the
-    pool has at least as many tasks as the global batch; a smaller pool is sampled with
-    replacement. Pool batches carry each row's pool index as ``task_ids`` (LongTensor), so that
+    pool has at least as many tasks as the global batch, as in Garg et al.'s code
+    (``randperm(pool)[:batch]``); a smaller pool is sampled with replacement (Garg's batch would
+    shrink to the pool). Pool batches carry each row's pool index as ``task_ids`` (LongTensor), so that
     ConML never counts a task against a copy of itself (``conml.conml_loss``).
     """
 
