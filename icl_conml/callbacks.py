@@ -1,11 +1,17 @@
 """Training callbacks: stop on a non-finite loss before it reaches the weights or a checkpoint.
 
 The Trainer's own ``logging_nan_inf_filter`` hides NaN/inf losses from the logs and keeps
-training on poisoned weights. ``NonFiniteLossGuard`` checks every optimizer step *before*
-``optimizer.step()`` (the ``on_pre_optimizer_step`` event): if the step's loss, one of its
-components (icl_loss, conml_loss, d_in, d_out) or the gradient norm is not finite, it raises
-``NonFiniteLossError``. Raising there means the bad update is never applied and no checkpoint
-of that step is written, so the newest checkpoint on disk is the last good state.
+training on poisoned weights. ``NonFiniteLossGuard`` checks every optimizer step twice:
+
+- *before* ``optimizer.step()`` (the ``on_pre_optimizer_step`` event): if the step's loss, one
+  of its components (icl_loss, conml_loss, d_in, d_out) or the gradient norm is not finite, it
+  raises ``NonFiniteLossError``, so the bad update is never applied;
+- *after* it (``on_step_end``, which runs before the Trainer logs, evaluates or saves): finite
+  gradients can still give a non-finite update (an infinite or enormous learning rate, a NaN
+  weight decay or Adam epsilon); if any trainable weight is NaN/inf it raises too.
+
+Raising there means no checkpoint of that step is written, and every checkpoint that was
+written held finite weights, so the newest checkpoint on disk is the last good state.
 """
 
 from __future__ import annotations
@@ -54,6 +60,37 @@ class NonFiniteLossGuard(TrainerCallback):
         if float(reduce_max(bad.to(args.device))) == 0:  # NCCL reduces only device tensors
             return control
         raise NonFiniteLossError(_message(args.output_dir, state.global_step + 1, means, float(grad_norm)))
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        # Under ZeRO-3 a parameter's local shard is ds_tensor (p.data is an empty placeholder).
+        tensors = [getattr(p, "ds_tensor", p).detach() for p in model.parameters() if p.requires_grad]
+        finite = [torch.isfinite(t).all() for t in tensors if t.numel()]
+        bad = (~torch.stack(finite).all()).float() if finite else torch.zeros(())
+        if float(reduce_max(bad.to(args.device))) == 0:  # one synchronisation per step
+            return control
+        names = [name for name, p in model.named_parameters() if p.requires_grad]
+        poisoned = [
+            n for n, t in zip(names, tensors, strict=True) if t.numel() and not torch.isfinite(t).all()
+        ]
+        raise NonFiniteLossError(_update_message(args, state.global_step, poisoned, len(names)))
+
+
+def _update_message(args, step: int, poisoned: list[str], total: int) -> str:
+    shown = ", ".join(poisoned[:3]) + (", ..." if len(poisoned) > 3 else "")
+    where = (
+        f"{len(poisoned)} of {total} weight tensors ({shown})" if poisoned else "weights on another process"
+    )
+    settings = (
+        f"learning_rate={args.learning_rate:g}, weight_decay={args.weight_decay:g}, "
+        f"adam_epsilon={args.adam_epsilon:g}"
+    )
+    last = latest_checkpoint(args.output_dir) if args.output_dir else None
+    kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been saved yet"
+    return (
+        f"non-finite weights after the update of step {step}: {where} became NaN/inf although the loss and "
+        f"gradients were finite ({settings}); nothing from step {step} was saved and {kept}. Lower "
+        f"learning_rate (or fix weight_decay/adam_epsilon), then resume with --resume_from_checkpoint latest"
+    )
 
 
 def _message(output_dir: str | None, step: int, means: dict[str, torch.Tensor], grad_norm: float) -> str:

@@ -1,46 +1,246 @@
-"""Where a run stands on disk: complete checkpoints, finished runs, what to resume from.
+"""Where a run stands on disk: intact checkpoints, finished runs, what to resume from.
 
 A checkpoint directory is written file by file (weights, optimizer, scheduler, RNG state,
-then ``trainer_state.json`` last), so a job killed while saving leaves a directory without
-``trainer_state.json``. ``latest_checkpoint`` starts from ``get_last_checkpoint`` and falls
-back to the newest *complete* checkpoint, so such a kill never blocks a resume.
+then ``trainer_state.json``), and ``CheckpointManifest`` (an ``on_save`` callback) then writes
+``manifest.json`` last: the size and sha256 of every file. ``check_checkpoint`` verifies a
+checkpoint against its manifest (a truncated, bit-flipped, replaced or missing file fails),
+or, for a checkpoint without one (written before manifests existed, or a save cut between
+``trainer_state.json`` and the manifest), checks its structure: a readable trainer state for
+its own step, complete weight files, readable optimizer and scheduler archives.
+``latest_checkpoint`` returns the newest checkpoint that passes, with a warning naming why
+each newer one was skipped, so a damaged or half-written checkpoint never blocks a resume.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
+import re
+import zipfile
 from pathlib import Path
+from typing import Any
 
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, sort_checkpoints
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
 
 logger = logging.getLogger("icl_conml")
 
 TRAINER_STATE = "trainer_state.json"
-# Words that mean "the newest complete checkpoint in output_dir" for --resume_from_checkpoint.
+MANIFEST = "manifest.json"
+WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors", "model.safetensors.index.json")
+# Words that mean "the newest intact checkpoint in output_dir" for --resume_from_checkpoint.
 LATEST = ("latest", "last", "true", "True", "yes")
 NO_RESUME = ("", "false", "False", "no", "none", "None")
+_CHUNK = 1 << 20
+
+
+def _trainer_state(checkpoint: str | Path) -> dict[str, Any] | None:
+    try:
+        state = json.loads((Path(checkpoint) / TRAINER_STATE).read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) and isinstance(state.get("global_step"), int) else None
 
 
 def is_complete(checkpoint: str | Path) -> bool:
-    """``trainer_state.json`` is written last: present and readable means the checkpoint is whole."""
+    """``trainer_state.json`` is readable and names a step (its structure only: see ``check_checkpoint``)."""
+    return _trainer_state(checkpoint) is not None
+
+
+def checkpoint_step(checkpoint: str | Path) -> int | None:
+    """The step a checkpoint's ``trainer_state.json`` records (``None`` if it cannot be read)."""
+    state = _trainer_state(checkpoint)
+    return None if state is None else state["global_step"]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while block := stream.read(_CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files(checkpoint: Path) -> list[Path]:
+    return sorted(
+        p for p in checkpoint.rglob("*") if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
+    )
+
+
+def write_manifest(checkpoint: str | Path) -> Path:
+    """Record the size and sha256 of every file of a saved checkpoint in ``manifest.json`` (atomically)."""
+    checkpoint = Path(checkpoint)
+    files = {
+        str(p.relative_to(checkpoint)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in _files(checkpoint)
+    }
+    target = checkpoint / MANIFEST
+    temporary = checkpoint / f".{MANIFEST}.tmp"
+    with open(temporary, "w") as stream:
+        json.dump({"format": 1, "files": files}, stream, indent=1)
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(temporary, target)
+    return target
+
+
+def _is_training_state(name: str) -> bool:
+    """Optimizer, schedule, scaler and RNG files: not read by a weights-only resume."""
+    return (
+        name in ("optimizer.pt", "scheduler.pt", "scaler.pt")
+        or re.fullmatch(r"rng_state(_\d+)?\.pth", name) is not None
+    )
+
+
+def _check_manifest(checkpoint: Path, *, need_training_state: bool = True) -> str | None:
     try:
-        json.loads((Path(checkpoint) / TRAINER_STATE).read_text())
-    except (OSError, ValueError):
-        return False
-    return True
+        manifest = json.loads((checkpoint / MANIFEST).read_text())
+        files = manifest["files"]
+        assert isinstance(files, dict) and files
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        return f"{MANIFEST} is unreadable (corrupted)"
+    for name, expected in files.items():
+        if not need_training_state and _is_training_state(name):
+            continue
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing (listed in its {MANIFEST})"
+        size = path.stat().st_size
+        if size != expected.get("size"):
+            return f"{name} is {size} bytes but {expected.get('size')} were saved (truncated or rewritten)"
+        if _sha256(path) != expected.get("sha256"):
+            return f"{name} does not match the sha256 recorded when it was saved (corrupted or replaced)"
+    return None
 
 
-def latest_checkpoint(output_dir: str | Path) -> str | None:
-    """The newest complete ``checkpoint-N`` in ``output_dir``, or ``None``."""
+def _check_safetensors(path: Path) -> str | None:
+    """The header parses and the data is as long as the header says (catches truncation)."""
+    try:
+        with open(path, "rb") as stream:
+            length = int.from_bytes(stream.read(8), "little")
+            if length <= 0 or length > 100_000_000:
+                return f"{path.name} has no valid safetensors header"
+            header = json.loads(stream.read(length))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return f"{path.name} has no valid safetensors header (truncated or corrupted)"
+    if path.stat().st_size != 8 + length + end:
+        return f"{path.name} is {path.stat().st_size} bytes but its header describes {8 + length + end} (truncated)"
+    return None
+
+
+def _check_structure(checkpoint: Path, *, need_training_state: bool = True) -> str | None:
+    """A checkpoint without a manifest: complete weights and readable optimizer/scheduler archives."""
+    weights = [checkpoint / name for name in WEIGHT_FILES if (checkpoint / name).is_file()]
+    deepspeed = list(checkpoint.glob("global_step*"))
+    if not weights and not deepspeed:
+        return "holds no model weights (model.safetensors)"
+    for path in weights:
+        if path.suffix == ".safetensors" and (problem := _check_safetensors(path)):
+            return problem
+    for name in ("optimizer.pt", "scheduler.pt") if need_training_state else ():
+        path = checkpoint / name
+        if path.is_file():
+            try:
+                with zipfile.ZipFile(path) as archive:
+                    bad = archive.testzip()
+            except (OSError, zipfile.BadZipFile, EOFError, ValueError):
+                return f"{name} is not a readable torch archive (truncated or corrupted)"
+            if bad is not None:
+                return f"{name} is corrupted (entry {bad} fails its CRC)"
+    return None
+
+
+def missing_training_state(checkpoint: str | Path) -> list[str]:
+    """Which of the optimizer and scheduler states a checkpoint lacks (DeepSpeed keeps both in global_step*/)."""
+    checkpoint = Path(checkpoint)
+    if list(checkpoint.glob("global_step*")):
+        return []
+    return [name for name in ("optimizer.pt", "scheduler.pt") if not (checkpoint / name).is_file()]
+
+
+def check_checkpoint(checkpoint: str | Path, *, need_training_state: bool = True) -> str | None:
+    """``None`` if the checkpoint is intact and resumable, else why not (a phrase for a message)."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_dir():
+        return "is not a directory"
+    if not (checkpoint / TRAINER_STATE).is_file():
+        return f"holds no {TRAINER_STATE} (the save was cut short)"
+    state = _trainer_state(checkpoint)
+    if state is None:
+        return f"{TRAINER_STATE} is unreadable or names no global_step (cut short or corrupted)"
+    named = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", checkpoint.name)
+    if named and int(named.group(1)) != state["global_step"]:
+        return f"{TRAINER_STATE} says step {state['global_step']} but the folder is {checkpoint.name} (stale)"
+    if need_training_state and (missing := missing_training_state(checkpoint)):
+        return f"holds no {' or '.join(missing)} (optimizer/schedule state)"
+    check = _check_manifest if (checkpoint / MANIFEST).exists() else _check_structure
+    return check(checkpoint, need_training_state=need_training_state)
+
+
+def checkpoints_newest_first(output_dir: str | Path) -> list[str]:
     if not Path(output_dir).is_dir():
-        return None
-    last = get_last_checkpoint(str(output_dir))
-    if last is None or is_complete(last):
-        return last
-    logger.warning("%s is incomplete (the job was stopped while saving it); skipping it", last)
-    complete = [path for path in sort_checkpoints(str(output_dir)) if is_complete(path)]
-    return complete[-1] if complete else None
+        return []
+    return list(reversed(sort_checkpoints(str(output_dir))))
+
+
+def latest_checkpoint(
+    output_dir: str | Path, *, verify: bool = True, need_training_state: bool = True
+) -> str | None:
+    """The newest intact ``checkpoint-N`` in ``output_dir`` (``None`` if there is none).
+
+    Each newer checkpoint that fails ``check_checkpoint`` is skipped with a warning naming why.
+    ``verify=False`` checks only that ``trainer_state.json`` is readable (no hashing).
+    """
+    for checkpoint in checkpoints_newest_first(output_dir):
+        if not verify:
+            if is_complete(checkpoint):
+                return checkpoint
+            continue
+        problem = check_checkpoint(checkpoint, need_training_state=need_training_state)
+        if problem is None:
+            return checkpoint
+        logger.warning("skipping %s: it %s", checkpoint, problem if problem.startswith(("is ", "holds ")) else
+                       f"fails its check: {problem}")  # fmt: skip
+    return None
+
+
+def damaged_checkpoints(output_dir: str | Path, *, need_training_state: bool = True) -> list[str]:
+    """``checkpoint-N: why`` for every checkpoint that fails its check (for an error message)."""
+    found = []
+    for checkpoint in checkpoints_newest_first(output_dir):
+        if problem := check_checkpoint(checkpoint, need_training_state=need_training_state):
+            found.append(f"{Path(checkpoint).name}: {problem}")
+    return found
+
+
+class CheckpointManifest(TrainerCallback):
+    """Write ``manifest.json`` into each checkpoint once every process has saved its files.
+
+    ``on_save`` runs right after ``Trainer._save_checkpoint`` (weights, optimizer, scheduler,
+    RNG states, trainer state, rotation of old checkpoints). A manifest left over from an
+    earlier save of the same step (a resumed run saving ``checkpoint-N`` again) is removed at
+    the step's end, before any file is rewritten, so it can never vouch for new files.
+    """
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save and args.should_save:
+            stale = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}" / MANIFEST
+            stale.unlink(missing_ok=True)
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        import torch
+
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every process has written its share (RNG states, shards)
+        if args.should_save:
+            checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            if checkpoint.is_dir():
+                write_manifest(checkpoint)
+        return control
 
 
 def previous_run(output_dir: str | Path) -> list[str]:

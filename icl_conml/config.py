@@ -313,6 +313,16 @@ class ICLTrainingArguments(TrainingArguments):
         "checkpoint in output_dir.",
         default=None,
     )
+    resume_weights_only: bool = _help(
+        "Resume from a checkpoint's weights only: a fresh optimizer (Adam moments reset), the schedule moved to "
+        "the checkpoint's step. For a checkpoint whose optimizer.pt/scheduler.pt is missing or damaged.",
+        default=False,
+    )
+    resume_extend_schedule: bool = _help(
+        "Allow a resume with another max_steps under a decaying lr_scheduler_type (linear, cosine, ...): the "
+        "schedule is re-planned over the new max_steps from the checkpoint's step (the learning rate jumps).",
+        default=False,
+    )
 
     def __post_init__(self) -> None:
         from .extras import is_available, message
@@ -359,16 +369,73 @@ class Recipe:
     raw: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """The resolved recipe (every non-default key of every section), for saving with a run."""
+        """The resolved recipe, defaults included: every key of the model, task and ConML sections,
+        the training keys that define or steer the run (``TRAINING_RECIPE_KEYS``), and any other
+        key the recipe or command line set; values as plain YAML data.
+
+        Saved as ``recipe.yaml`` (loading it back gives the same dict), recorded for each run
+        segment in ``run_history.jsonl`` (what a resume is compared with) and by every tracker.
+        """
         out: dict[str, Any] = {}
         for section in (self.model, self.task, self.conml):
             out.update(dataclasses.asdict(section))
+        for key in TRAINING_RECIPE_KEYS:
+            out[key] = _plain(getattr(self.training, key))
         # Run control is not part of the recipe: re-running a saved recipe must not overwrite or resume.
-        out.update({key: value for key, value in self.raw.items() if key not in RUN_CONTROL_KEYS})
+        out.update(
+            {
+                key: _plain(value)
+                for key, value in self.raw.items()
+                if key not in RUN_CONTROL_KEYS and key not in out
+            }
+        )
         return out
 
 
-RUN_CONTROL_KEYS = ("resume_from_checkpoint", "overwrite_output_dir")
+#: ``TrainingArguments`` fields saved in every recipe: those that define the experiment (batch,
+#: optimiser, schedule, seeds, precision) and those that steer the run (length, output, logging,
+#: saving, evaluation, reporting).
+TRAINING_RECIPE_KEYS = (
+    "output_dir",
+    "max_steps",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "learning_rate",
+    "lr_scheduler_type",
+    "lr_scheduler_kwargs",
+    "warmup_steps",
+    "optim",
+    "optim_args",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "max_grad_norm",
+    "seed",
+    "data_seed",
+    "bf16",
+    "fp16",
+    "logging_steps",
+    "save_steps",
+    "save_total_limit",
+    "eval_strategy",
+    "eval_steps",
+    "per_device_eval_batch_size",
+    "report_to",
+)
+
+
+def _plain(value: Any) -> Any:
+    """A value as plain YAML data (enums become their string value)."""
+    return value.value if isinstance(value, enum.Enum) else value
+
+
+RUN_CONTROL_KEYS = (
+    "resume_from_checkpoint",
+    "overwrite_output_dir",
+    "resume_weights_only",
+    "resume_extend_schedule",
+)
 
 
 def known_keys() -> list[str]:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,11 +22,22 @@ from transformers import TrainingArguments, set_seed
 
 from . import extras, tracking
 from .callbacks import NonFiniteLossError
-from .checkpoints import LATEST, NO_RESUME, is_complete, latest_checkpoint, previous_run, remove_checkpoints
+from .checkpoints import (
+    LATEST,
+    NO_RESUME,
+    CheckpointManifest,
+    check_checkpoint,
+    checkpoint_step,
+    damaged_checkpoints,
+    latest_checkpoint,
+    previous_run,
+    remove_checkpoints,
+)
 from .config import Recipe, RecipeError, parse_recipe, validate
 from .data import ConMLSampling, Curriculum, FixedPrompts, PromptSampler, Schedule
 from .hub import push_errors_explained
 from .modeling import ICLConfig, ICLModel
+from .run_guard import EXIT_CTRL_C, EXIT_INTERRUPTED, RunGuard, RunInterrupted, check_resume
 from .tasks import task_reference
 
 if TYPE_CHECKING:
@@ -186,16 +199,41 @@ def build_compute_metrics(recipe: Recipe):
     return curve_metrics(task_args.function_class())
 
 
+WEIGHTS_ONLY_HINT = (
+    "pass --resume_weights_only true to restart from its weights with a fresh optimizer (the schedule "
+    "continues at its step)"
+)
+
+
 def resolve_resume(recipe: Recipe) -> str | None:
     """The checkpoint ``resume_from_checkpoint`` names: a ``checkpoint-N`` folder, or ``latest``
-    (also ``true``/``last``) for the newest complete checkpoint in ``output_dir``."""
+    (also ``true``/``last``) for the newest intact checkpoint in ``output_dir``.
+
+    Every checkpoint is checked (``checkpoints.check_checkpoint``: manifest, structure, optimizer
+    and scheduler state): ``latest`` skips a damaged one with a warning, an explicit folder that
+    fails is refused in one line.
+    """
     training = recipe.training
     value = training.resume_from_checkpoint
     if value is None or str(value) in NO_RESUME:
+        if training.resume_weights_only:
+            raise RecipeError(
+                "resume_weights_only=true needs --resume_from_checkpoint (latest or a checkpoint-N folder)"
+            )
         return None
+    need_state = not training.resume_weights_only
     if str(value) in LATEST:
-        last = latest_checkpoint(training.output_dir)
+        last = latest_checkpoint(training.output_dir, need_training_state=need_state)
         if last is None:
+            damaged = damaged_checkpoints(training.output_dir, need_training_state=need_state)
+            if damaged:
+                shown = "; ".join(damaged[:3]) + ("; ..." if len(damaged) > 3 else "")
+                missing_state = all("optimizer/schedule state" in line for line in damaged)
+                fix = WEIGHTS_ONLY_HINT if missing_state else "start a new run (another output_dir)"
+                raise RecipeError(
+                    f"resume_from_checkpoint={value!r} but no checkpoint in output_dir={training.output_dir!r} "
+                    f"is intact ({shown}); {fix}"
+                )
             raise RecipeError(
                 f"resume_from_checkpoint={value!r} but output_dir={training.output_dir!r} holds no complete "
                 f"checkpoint; point output_dir at the run to resume, or drop the flag to start a new run"
@@ -203,14 +241,22 @@ def resolve_resume(recipe: Recipe) -> str | None:
         checkpoint = last
     else:
         checkpoint = str(value)
-        if not Path(checkpoint).is_dir() or not is_complete(checkpoint):
-            problem = "is not a directory" if not Path(checkpoint).is_dir() else "holds no trainer_state.json"
-            raise RecipeError(
-                f"resume_from_checkpoint={checkpoint!r} {problem}; pass a complete checkpoint-N folder of an "
-                f"earlier run, or 'latest' for the newest one in output_dir"
-            )
+        problem = check_checkpoint(checkpoint, need_training_state=need_state)
+        if problem is not None:
+            if "optimizer/schedule state" in problem:
+                fix = WEIGHTS_ONLY_HINT
+            elif problem == "is not a directory":
+                fix = "pass a complete checkpoint-N folder of an earlier run, or 'latest' for the newest one"
+            else:
+                fix = "resume from an earlier checkpoint-N, or 'latest' (which skips damaged checkpoints)"
+            raise RecipeError(f"resume_from_checkpoint={checkpoint!r} {_phrase(problem)}; {fix}")
     _check_resumable(recipe, checkpoint)
     return checkpoint
+
+
+def _phrase(problem: str) -> str:
+    """``check_checkpoint``'s reason as the end of "resume_from_checkpoint=X ..."."""
+    return problem if problem.startswith(("is ", "holds ")) else f"fails its integrity check: {problem}"
 
 
 def _check_resumable(recipe: Recipe, checkpoint: str) -> None:
@@ -220,7 +266,13 @@ def _check_resumable(recipe: Recipe, checkpoint: str) -> None:
         return  # a LoRA checkpoint saves adapter_config.json: peft checks it on load
     import json
 
-    saved = json.loads(config_file.read_text())
+    try:
+        saved = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        raise RecipeError(
+            f"resume_from_checkpoint={checkpoint!r} fails its integrity check: config.json is unreadable; "
+            f"resume from an earlier checkpoint-N, or 'latest'"
+        ) from None
     task, model = recipe.task, recipe.model
     expected = {"task": task.task, "n_dims": task.n_dims, "n_positions": model.n_positions or task.n_points}
     if not model.backbone_name_or_path:
@@ -233,8 +285,47 @@ def _check_resumable(recipe: Recipe, checkpoint: str) -> None:
             )
 
 
+def check_checkpoint_weights(checkpoint: str, model: torch.nn.Module) -> None:
+    """The checkpoint's weight file holds exactly the model's tensors (the Trainer would keep
+    freshly initialised layers for missing keys, with only a log line)."""
+    path = Path(checkpoint) / "model.safetensors"
+    if not path.is_file() or hasattr(model, "peft_config"):
+        return  # a LoRA checkpoint holds adapters only: peft checks them when loading
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as weights:
+        saved = set(weights.keys())
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - saved), sorted(saved - expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"lacks {len(missing)} of the model's {len(expected)} tensors ({', '.join(missing[:3])}"
+                         f"{', ...' if len(missing) > 3 else ''})")  # fmt: skip
+        if unexpected:
+            parts.append(f"holds {len(unexpected)} unknown tensors ({', '.join(unexpected[:3])})")
+        raise RecipeError(
+            f"resume_from_checkpoint={checkpoint!r}: model.safetensors {' and '.join(parts)}; it is not a "
+            f"checkpoint of this model: resume from another checkpoint, or with the run's own recipe "
+            f"({_saved_recipe_path(checkpoint)})"
+        )
+
+
+def _saved_recipe_path(checkpoint: str) -> str:
+    return str(Path(checkpoint).parent / "recipe.yaml")
+
+
 def _saved_recipe(recipe: Recipe) -> str:
     return str(Path(recipe.training.output_dir) / "recipe.yaml")
+
+
+def make_output_dir(output_dir: str) -> None:
+    try:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise RecipeError(
+            f"output_dir={output_dir!r} cannot be created ({error.strerror}); pick a writable folder"
+        ) from None
 
 
 def prepare_output_dir(recipe: Recipe, resume: str | None) -> None:
@@ -245,12 +336,7 @@ def prepare_output_dir(recipe: Recipe, resume: str | None) -> None:
     """
     training = recipe.training
     output_dir = training.output_dir
-    try:
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise RecipeError(
-            f"output_dir={output_dir!r} cannot be created ({error.strerror}); pick a writable folder"
-        ) from None
+    make_output_dir(output_dir)
     found = previous_run(output_dir) if resume is None else []
     if not found:
         return
@@ -267,18 +353,57 @@ def prepare_output_dir(recipe: Recipe, resume: str | None) -> None:
 
 
 def run(recipe: Recipe) -> dict[str, float]:
-    """Train as the recipe says; returns the final training metrics."""
-    from .trainer import ConMLTrainer  # imports deepspeed when installed: keep --help fast
+    """Train as the recipe says; returns the final training metrics.
 
+    The run holds ``output_dir``'s lock from its first check to its final save, records itself
+    in ``run_status.json``/``run_history.jsonl``, and stops cleanly on SIGTERM/SIGUSR1 (a
+    checkpoint, no final model: ``RunInterrupted``) or Ctrl-C (``RunInterrupted``, code 130).
+    """
     validate(recipe)
     extras.check_recipe(recipe)  # e.g. LoRA without peft: one line naming the extra
     training = recipe.training
+    make_output_dir(training.output_dir)
+    with RunGuard(training.output_dir, training.process_index) as guard:
+        try:
+            return _run(recipe, guard)
+        except KeyboardInterrupt:
+            guard.end("interrupted", signal="SIGINT")
+            raise RunInterrupted(_ctrl_c_message(recipe, guard), EXIT_CTRL_C) from None
+
+
+def _ctrl_c_message(recipe: Recipe, guard: RunGuard) -> str:
+    training = recipe.training
+    step = guard.step
+    where = f" at step {step} of {training.max_steps}" if step is not None else " before training started"
+    last = latest_checkpoint(training.output_dir, verify=False)
+    kept = (
+        f"the last checkpoint is {last}: resume with --resume_from_checkpoint latest"
+        if last
+        else "no checkpoint was saved"
+    )
+    return f"interrupted (Ctrl-C){where}; {kept}"
+
+
+def _run(recipe: Recipe, guard: RunGuard) -> dict[str, float]:
+    from .trainer import ConMLTrainer  # imports deepspeed when installed: keep --help fast
+
+    training = recipe.training
     resume = resolve_resume(recipe)
     prepare_output_dir(recipe, resume)  # every check happens before the model is built
+    start_step = checkpoint_step(resume) if resume is not None else 0
+    global_batch = (
+        training.per_device_train_batch_size * training.world_size * training.gradient_accumulation_steps
+    )
+    changes = check_resume(recipe, resume, start_step, global_batch) if resume is not None else {}
     tracking.log_recipe(recipe)
     model = build_model(recipe)
+    if resume is not None:
+        check_checkpoint_weights(resume, model)
+    trainer_class = (
+        weights_only(ConMLTrainer) if resume is not None and training.resume_weights_only else ConMLTrainer
+    )
     with push_errors_explained(training, trained=False):  # push_to_hub creates the repo here
-        trainer = ConMLTrainer(
+        trainer = trainer_class(
             model=model,
             args=training,
             train_dataset=build_sampler(recipe),
@@ -286,20 +411,74 @@ def run(recipe: Recipe) -> dict[str, float]:
             compute_metrics=build_compute_metrics(recipe),
             conml_args=recipe.conml,
         )
+    guard.attach(trainer)  # SIGTERM/SIGUSR1: checkpoint at the next step end, then stop
+    trainer.add_callback(CheckpointManifest())  # after the stop callback: sees its should_save
+    settings = recipe.to_dict()
     if trainer.is_world_process_zero():
         Path(training.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(training.output_dir) / "recipe.yaml").write_text(
-            yaml.safe_dump(recipe.to_dict(), sort_keys=False)
-        )
+        (Path(training.output_dir) / "recipe.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
+    guard.start(settings, start_step, resume, world_size=training.world_size, global_batch_size=global_batch,
+                changes=changes)  # fmt: skip
     tracking.attach(recipe)  # after recipe.yaml: every report_to backend records every recipe key
     tracking.add_callbacks(trainer)
     if resume is not None:
         logger.info("resuming from %s", resume)
     result = trainer.train(resume_from_checkpoint=resume)
+    stopped = guard.stop.stopped_at
+    if stopped is not None and stopped < training.max_steps:
+        checkpoint = str(Path(training.output_dir) / f"checkpoint-{stopped}")
+        name = signal.Signals(guard.stop.signal).name
+        guard.end("interrupted", signal=name, checkpoint=checkpoint)
+        raise RunInterrupted(
+            f"stopped by {name} after step {stopped} of {training.max_steps}: saved {checkpoint}, no final "
+            f"model; resume with --resume_from_checkpoint latest (exit status {EXIT_INTERRUPTED})",
+            EXIT_INTERRUPTED,
+        )
+    metrics = dict(result.metrics)
+    if result.global_step == start_step and resume is not None:
+        _nothing_trained(trainer, guard, metrics, resume)
+    guard.trained(metrics)  # kept in run_history.jsonl: a kill during the final save loses nothing
     trainer.save_state()
     with push_errors_explained(training, trained=True):
         trainer.save_model()  # the final model and its card; pushed when push_to_hub
-    return result.metrics
+    guard.end("finished", metrics=metrics)
+    return metrics
+
+
+def _nothing_trained(trainer, guard: RunGuard, metrics: dict[str, float], resume: str) -> None:
+    """Resuming a checkpoint at max_steps trains no step: the Trainer then reports train_loss=0.0.
+    Keep the train_loss the run recorded when it trained those steps (or none at all)."""
+    recorded = guard.recorded_metrics(trainer.state.global_step).get("train_loss")
+    logger.info("%s is at max_steps=%s: nothing left to train; writing the final model", resume,
+                trainer.args.max_steps)  # fmt: skip
+    last = trainer.state.log_history[-1] if trainer.state.log_history else {}
+    for logged in (metrics, last):
+        if "train_loss" in logged:
+            if recorded is None:
+                del logged["train_loss"]
+            else:
+                logged["train_loss"] = recorded
+
+
+def weights_only(trainer_class: type) -> type:
+    """``trainer_class`` resuming only the weights: a fresh optimizer, the schedule moved to the step."""
+
+    class WeightsOnlyResume(trainer_class):
+        def _load_optimizer_and_scheduler(self, checkpoint):
+            logger.warning(
+                "resume_weights_only: starting a fresh optimizer at step %s (Adam moments reset); the "
+                "learning-rate schedule continues at that step",
+                self.state.global_step,
+            )
+            with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": on purpose
+                warnings.simplefilter("ignore")
+                for _ in range(self.state.global_step):
+                    self.lr_scheduler.step()
+
+        def _load_rng_state(self, checkpoint):
+            return None
+
+    return WeightsOnlyResume
 
 
 def _finish_distributed(wait: bool = True) -> bool:
@@ -343,6 +522,17 @@ def main(argv: list[str] | None = None) -> int:
         recipe = parse_recipe(argv)
         metrics = run(recipe)  # run() validates before anything is built
         crashed = False
+    except RunInterrupted as error:
+        if debug and error.code == EXIT_CTRL_C:
+            raise
+        crashed = error.code == EXIT_CTRL_C  # a signal stop ends every process after the same step
+        print(f"icl_conml: {error}", file=sys.stderr)
+        code = error.code
+    except KeyboardInterrupt:  # before the run started (parsing)
+        if debug:
+            raise
+        print("icl_conml: interrupted (Ctrl-C) before training started", file=sys.stderr)
+        return EXIT_CTRL_C
     except RecipeError as error:
         if debug:
             raise
@@ -353,12 +543,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"icl_conml: error: {error}", file=sys.stderr)
         return 3
+    else:
+        code = 0
+        logger.info("finished: %s", metrics)
     finally:
         distributed = _finish_distributed(wait=not crashed)
-    logger.info("finished: %s", metrics)
     if distributed:
-        _leave_now(0)
-    return 0
+        _leave_now(code)
+    return code
 
 
 if __name__ == "__main__":

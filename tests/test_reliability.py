@@ -1,0 +1,452 @@
+"""Reliability under a hostile user and an unlucky cluster (issue 15), with real processes, real
+signals and real damaged files: one run per output_dir, preemption that saves and resumes
+exactly, only finite weights on disk, checkpoints checked before a resume."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_resume import RESUME_ARGS, TINY, _assert_identical, _env, _weights
+
+from icl_conml import run_guard
+from icl_conml.checkpoints import MANIFEST, check_checkpoint
+from icl_conml.run_guard import EXIT_CTRL_C, EXIT_INTERRUPTED, read_history, read_status
+from icl_conml.train import main
+
+REPO = Path(__file__).resolve().parents[1]
+# A run long enough never to finish during a test (it is always stopped early).
+LONG = [*TINY, "--max_steps", "100000", "--save_steps", "50000", "--logging_steps", "1"]
+
+
+def _start(args: list[str], log: Path) -> subprocess.Popen:
+    """``python -m icl_conml.train ARGS`` as a real process, stdout and stderr into ``log``."""
+    with log.open("w") as stream:
+        return subprocess.Popen(
+            [sys.executable, "-m", "icl_conml.train", *args],
+            cwd=REPO,
+            env=_env(),
+            stdout=stream,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def _wait_for(condition, process: subprocess.Popen, what: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, f"the run ended (exit {process.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _finish(process: subprocess.Popen, timeout: float = 300) -> int:
+    try:
+        return process.wait(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def _held(output_dir: Path) -> bool:
+    try:
+        return json.loads((output_dir / ".lock").read_text()).get("state") == "held"
+    except (OSError, ValueError):
+        return False
+
+
+def _error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("icl_conml: ")]
+
+
+# ---- 1. one run per output_dir ----------------------------------------------------------------------------
+def test_a_second_run_into_a_busy_output_dir_is_refused_and_a_dead_owner_is_reported(tmp_path, capsys):
+    out = tmp_path / "run"
+    first = _start([*LONG, "--output_dir", str(out)], tmp_path / "first.log")
+    try:
+        # Before its first checkpoint: the old check (checkpoint folders only) let a second run in.
+        _wait_for(lambda: _held(out), first, "the first run to take the lock")
+        assert not list(out.glob("checkpoint-*"))
+        for extra in ([], ["--overwrite_output_dir", "true"], ["--resume_from_checkpoint", "latest"]):
+            assert main([*TINY, "--output_dir", str(out), "--seed", "1", *extra]) == 2
+            [line] = _error_lines(capsys.readouterr().err)
+            assert line.startswith(
+                f"icl_conml: error: output_dir={str(out)!r} is in use by another run "
+                f"(pid {first.pid} on host {socket.gethostname()}, started "
+            ), line
+            assert "wait for it to end, stop it, or choose another output_dir" in line
+        _wait_for(lambda: "'loss'" in (tmp_path / "first.log").read_text(), first, "the first training step")
+        first.send_signal(signal.SIGKILL)  # dies holding the lock: its record still says "held"
+    finally:
+        _finish(first)
+    assert _held(out)
+    assert read_status(out)["status"] == "running"  # what a killed run leaves
+
+    # The stale lock is reported, never silently taken: a warning naming the dead owner.
+    done = subprocess.run(
+        [sys.executable, "-m", "icl_conml.train", *TINY, "--output_dir", str(out)],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (
+        f"taking over the lock of a run that ended without releasing it (pid {first.pid} on host"
+        in done.stderr
+    )
+    assert json.loads((out / ".lock").read_text())["state"] == "released"
+    segments = [e for e in read_history(out) if e["event"] == "start"]
+    assert [e["pid"] for e in segments] == [first.pid, int(json.loads((out / ".lock").read_text())["pid"])]
+
+
+def test_a_lock_of_another_host_is_taken_only_once_it_stops_being_refreshed(tmp_path, monkeypatch, caplog):
+    out = tmp_path / "run"
+    out.mkdir()
+    record = {"state": "held", "pid": 4242, "host": "elsewhere", "started": "2026-01-01T00:00:00+00:00"}
+    (out / ".lock").write_text(json.dumps(record))
+    monkeypatch.setattr(run_guard, "STALE_AFTER_S", 1.0)
+    monkeypatch.setattr(run_guard, "HEARTBEAT_S", 0.3)
+    lock = run_guard.OutputDirLock(out)
+    # Fresh and still refreshed by its owner: refused.
+    import threading
+
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(0.1):
+            os.utime(out / ".lock")
+
+    owner = threading.Thread(target=beat)
+    owner.start()
+    try:
+        with pytest.raises(
+            run_guard.RecipeError, match="is in use by a run on another host .pid 4242 on host elsewhere"
+        ):
+            lock.acquire()
+    finally:
+        stop.set()
+        owner.join()
+    # No longer refreshed: taken over, with a warning.
+    old = time.time() - 10
+    os.utime(out / ".lock", (old, old))
+    lock.acquire()
+    try:
+        assert (
+            "taking over the lock of a run that ended without releasing it (pid 4242 on host elsewhere"
+            in caplog.text
+        )
+    finally:
+        lock.release()
+
+
+def test_a_read_only_output_dir_is_refused_before_the_model_is_built(tmp_path, capsys, monkeypatch):
+    if os.geteuid() == 0:
+        pytest.skip("root can write into a read-only folder")
+    out = tmp_path / "ro"
+    out.mkdir()
+    out.chmod(0o555)
+    try:
+        assert main([*TINY, "--output_dir", str(out)]) == 2
+    finally:
+        out.chmod(0o755)
+    [line] = _error_lines(capsys.readouterr().err)
+    assert "is not writable (Permission denied)" in line
+
+
+# ---- 2. preemption ----------------------------------------------------------------------------------------
+def test_sigterm_saves_a_checkpoint_marks_the_run_interrupted_and_resumes_exactly(tmp_path):
+    """The issue's scenario: with enable_jit_checkpoint the run used to log "finished" and write a
+    final model. SIGTERM arrives while the run starts; it stops after step 1 with checkpoint-1."""
+    reference = tmp_path / "reference"
+    assert main([*RESUME_ARGS, "--output_dir", str(reference)]) == 0
+
+    out = tmp_path / "preempted"
+    log = tmp_path / "preempted.log"
+    process = _start([*RESUME_ARGS, "--output_dir", str(out), "--enable_jit_checkpoint", "true"], log)
+    try:
+        _wait_for(lambda: "resolved recipe" in log.read_text(), process, "the first log line")
+        process.send_signal(signal.SIGTERM)
+    finally:
+        code = _finish(process)
+    text = log.read_text()
+    assert code == EXIT_INTERRUPTED, text[-3000:]
+    assert "Traceback" not in text and "finished" not in text
+    [line] = _error_lines(text)
+    assert line == (
+        f"icl_conml: stopped by SIGTERM after step 1 of 12: saved {out / 'checkpoint-1'}, no final model; "
+        f"resume with --resume_from_checkpoint latest (exit status 75)"
+    )
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert check_checkpoint(out / "checkpoint-1") is None and (out / "checkpoint-1" / MANIFEST).is_file()
+    assert not (out / "model.safetensors").exists() and not (out / "trainer_state.json").exists()
+    status = read_status(out)
+    assert status["status"] == "interrupted" and status["step"] == 1 and status["signal"] == "SIGTERM"
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "icl_conml.train", *RESUME_ARGS, "--output_dir", str(out),
+         "--resume_from_checkpoint", "latest"],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _assert_identical(_weights(reference), _weights(out))
+    assert read_status(out)["status"] == "finished"
+    ends = [(e["status"], e["step"]) for e in read_history(out) if e["event"] == "end"]
+    assert ends == [("interrupted", 1), ("finished", 12)]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGINT], ids=["SIGUSR1", "Ctrl-C"])
+def test_a_signal_mid_training_stops_cleanly(tmp_path, signum):
+    out = tmp_path / "run"
+    log = tmp_path / "run.log"
+    process = _start([*LONG, "--output_dir", str(out), "--save_steps", "2"], log)
+    try:
+        _wait_for(lambda: (out / "checkpoint-2" / MANIFEST).is_file(), process, "checkpoint-2")
+        process.send_signal(signum)
+    finally:
+        code = _finish(process)
+    text = log.read_text()
+    assert "Traceback" not in text and "finished" not in text, text[-3000:]
+    [line] = _error_lines(text)
+    status = read_status(out)
+    assert status["status"] == "interrupted"
+    assert not (out / "model.safetensors").exists()
+    if signum == signal.SIGUSR1:
+        assert code == EXIT_INTERRUPTED
+        step = status["step"]
+        assert line.startswith(f"icl_conml: stopped by SIGUSR1 after step {step} of 100000: saved")
+        assert check_checkpoint(out / f"checkpoint-{step}") is None
+    else:
+        assert code == EXIT_CTRL_C
+        assert line.startswith("icl_conml: interrupted (Ctrl-C) at step "), line
+        assert "the last checkpoint is " in line and line.endswith(
+            "resume with --resume_from_checkpoint latest"
+        )
+        assert status["signal"] == "SIGINT"
+    assert json.loads((out / ".lock").read_text())["state"] == "released"
+
+
+# ---- 3. only finite weights are saved ---------------------------------------------------------------------
+def test_an_update_that_poisons_the_weights_is_stopped_before_it_is_saved(tmp_path):
+    # lr=1e39 passes as a finite number but is inf in float32: step 1's loss and gradients are
+    # finite, its update is not. The guard used to certify checkpoint-1 (NaN in 55 of 56 tensors).
+    done = subprocess.run(
+        [sys.executable, "-m", "icl_conml.train", *TINY, "--max_steps", "3", "--learning_rate", "1e39",
+         "--warmup_steps", "0", "--lr_scheduler_type", "constant", "--output_dir", str(tmp_path)],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 3, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    [line] = _error_lines(done.stderr)
+    assert "non-finite weights after the update of step 1:" in line
+    assert "no checkpoint had been saved yet" in line
+    assert not list(tmp_path.glob("checkpoint-*")) and not (tmp_path / "model.safetensors").exists()
+    assert read_status(tmp_path)["status"] == "failed"
+
+
+def test_every_saved_checkpoint_is_finite_when_the_update_fails_later(tmp_path, capsys):
+    from icl_conml.config import parse_recipe
+    from icl_conml.train import build_model, build_sampler
+    from icl_conml.trainer import ConMLTrainer
+
+    recipe = parse_recipe([*TINY, "--max_steps", "4", "--output_dir", str(tmp_path)])
+    trainer = ConMLTrainer(
+        model=build_model(recipe), args=recipe.training, train_dataset=build_sampler(recipe)
+    )
+
+    class PoisonAtStep3(run_guard.TrainerCallback):
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            if state.global_step == 2:  # the update of step 3
+                with torch.no_grad():
+                    next(trainer.model.parameters()).fill_(float("inf"))
+
+    trainer.add_callback(PoisonAtStep3())
+    from icl_conml.callbacks import NonFiniteLossError
+
+    with pytest.raises(NonFiniteLossError) as raised:
+        trainer.train()
+    assert "non-finite weights after the update of step 3" in str(raised.value)
+    assert f"the last good checkpoint is {tmp_path / 'checkpoint-2'}" in str(raised.value)
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    for checkpoint in tmp_path.glob("checkpoint-*"):
+        assert all(torch.isfinite(t).all() for t in _weights(checkpoint).values())
+
+
+# ---- 4. checkpoint integrity ------------------------------------------------------------------------------
+CKPT_ARGS = [*TINY, "--max_steps", "3", "--save_total_limit", "10", "--logging_steps", "1"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A finished 3-step run with checkpoint-1..3 (each with its manifest)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert main([*CKPT_ARGS, "--output_dir", str(out)]) == 0
+    return out
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path) -> Path:
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    return out
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _flip_a_bit(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x10  # inside the last tensor's data: the file still parses
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "truncated-weights": (
+        lambda c: _truncate(c / "model.safetensors"),
+        "fails its integrity check: model.safetensors is ",
+        "were saved (truncated or rewritten); resume from an earlier checkpoint-N",
+    ),
+    "bit-flip": (
+        lambda c: _flip_a_bit(c / "model.safetensors"),
+        "fails its integrity check: model.safetensors does not match the sha256 recorded when it was saved",
+        "(corrupted or replaced)",
+    ),
+    "stale-weights": (
+        lambda c: (c / "model.safetensors").write_bytes(
+            (c.parent / "checkpoint-1" / "model.safetensors").read_bytes()
+        ),
+        "model.safetensors does not match the sha256 recorded when it was saved",
+        "",
+    ),
+    "empty-trainer-state": (
+        lambda c: (c / "trainer_state.json").write_text("{}"),
+        "trainer_state.json is unreadable or names no global_step (cut short or corrupted)",
+        "",
+    ),
+    "truncated-optimizer": (
+        lambda c: _truncate(c / "optimizer.pt"),
+        "optimizer.pt is ",
+        "(truncated or rewritten)",
+    ),
+    "no-optimizer": (
+        lambda c: (c / "optimizer.pt").unlink(),
+        "holds no optimizer.pt (optimizer/schedule state); pass --resume_weights_only true",
+        "",
+    ),
+    "no-scheduler": (
+        lambda c: (c / "scheduler.pt").unlink(),
+        "holds no scheduler.pt (optimizer/schedule state); pass --resume_weights_only true",
+        "",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_checkpoint_is_refused_by_path_and_skipped_by_latest(damage, run_copy, capsys, caplog):
+    spoil, *fragments = DAMAGE[damage]
+    checkpoint = run_copy / "checkpoint-3"
+    spoil(checkpoint)
+    resume = ["--output_dir", str(run_copy), "--resume_from_checkpoint"]
+    assert main([*CKPT_ARGS, *resume, str(checkpoint)]) == 2
+    [line] = _error_lines(capsys.readouterr().err)
+    assert line.startswith(f"icl_conml: error: resume_from_checkpoint={str(checkpoint)!r} "), line
+    for fragment in fragments:
+        assert fragment in line, line
+
+    # "latest" skips it, says why, and resumes from checkpoint-2: the run ends as it did.
+    before = _weights(run_copy)
+    (run_copy / "model.safetensors").unlink()
+    with caplog.at_level(logging.INFO, logger="icl_conml"):
+        assert main([*CKPT_ARGS, *resume, "latest"]) == 0
+    assert f"skipping {checkpoint}: it " in caplog.text
+    assert f"resuming from {run_copy / 'checkpoint-2'}" in caplog.text
+    _assert_identical(before, _weights(run_copy))
+
+
+def test_weights_only_restart_keeps_the_schedule_at_its_step(run_copy, capsys, caplog):
+    for checkpoint in ("checkpoint-1", "checkpoint-2"):
+        for name in ("optimizer.pt", "scheduler.pt"):
+            (run_copy / checkpoint / name).unlink()
+    import shutil
+
+    shutil.rmtree(run_copy / "checkpoint-3")
+    history = json.loads((run_copy / "trainer_state.json").read_text())["log_history"]
+    rate_at_3 = next(e["learning_rate"] for e in history if e.get("step") == 3 and "learning_rate" in e)
+    args = [*CKPT_ARGS, "--output_dir", str(run_copy), "--resume_from_checkpoint", "latest"]
+    assert main(args) == 2
+    [line] = _error_lines(capsys.readouterr().err)
+    assert (
+        "no checkpoint in output_dir=" in line
+        and "checkpoint-2: holds no optimizer.pt or scheduler.pt" in line
+    )
+    assert "pass --resume_weights_only true" in line
+    assert main([*args, "--resume_weights_only", "true"]) == 0
+    assert "resume_weights_only: starting a fresh optimizer at step 2" in caplog.text
+    resumed = json.loads((run_copy / "trainer_state.json").read_text())["log_history"]
+    assert (
+        next(e["learning_rate"] for e in resumed if e.get("step") == 3 and "learning_rate" in e) == rate_at_3
+    )
+    [start] = [e for e in read_history(run_copy) if e["event"] == "start" and e["resumed_from"]]
+    assert start["start_step"] == 2 and "resume_weights_only" not in start["settings"]
+
+
+def test_a_checkpoint_of_another_model_without_manifest_is_refused_after_reading_its_keys(run_copy, capsys):
+    from safetensors.torch import save_file
+
+    checkpoint = run_copy / "checkpoint-3"
+    (checkpoint / MANIFEST).unlink()  # as a checkpoint written before manifests existed
+    weights = _weights(checkpoint)
+    dropped = sorted(k for k in weights if ".h.0." in k)
+    save_file({k: v for k, v in weights.items() if k not in dropped}, str(checkpoint / "model.safetensors"))
+    code = main([*CKPT_ARGS, "--output_dir", str(run_copy), "--resume_from_checkpoint", str(checkpoint)])
+    assert code == 2
+    [line] = _error_lines(capsys.readouterr().err)
+    assert f"model.safetensors lacks {len(dropped)} of the model's {len(weights)} tensors" in line
+    assert "it is not a checkpoint of this model" in line
+
+
+def test_a_kill_during_the_final_save_does_not_rewrite_train_loss(tmp_path):
+    """Case 7: kill -9 while the final model is written, then resume: nothing is left to train,
+    and the train_loss recorded is the run's, not 0.0."""
+    kill_at_final_save = (
+        "import os, signal, sys\n"
+        "from icl_conml.trainer import ConMLTrainer\n"
+        "real = ConMLTrainer.save_model\n"
+        "def save_model(self, output_dir=None, _internal_call=False):\n"
+        "    if output_dir is None:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return real(self, output_dir, _internal_call)\n"
+        "ConMLTrainer.save_model = save_model\n"
+        "from icl_conml.train import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    out = tmp_path / "run"
+    killed = subprocess.run(
+        [sys.executable, "-c", kill_at_final_save, *CKPT_ARGS, "--output_dir", str(out)],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    [trained] = [e for e in read_history(out) if e["event"] == "trained"]
+    loss = trained["metrics"]["train_loss"]
+    assert loss > 0
+    resumed = subprocess.run(
+        [sys.executable, "-m", "icl_conml.train", *CKPT_ARGS, "--output_dir", str(out),
+         "--resume_from_checkpoint", "latest"],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "nothing left to train" in resumed.stderr
+    final = json.loads((out / "trainer_state.json").read_text())["log_history"][-1]
+    assert final["train_loss"] == loss
+    assert read_status(out)["metrics"]["train_loss"] == loss
+    _assert_identical(_weights(out / "checkpoint-3"), _weights(out))
