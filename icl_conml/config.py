@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import enum
 import json
+import math
 import os
 import re
 import sys
@@ -630,7 +631,7 @@ def validate(recipe: Recipe) -> None:
         f"per_device_train_batch_size={training.per_device_train_batch_size} must be >= 1",
     )
     _validate_reporting(training)
-    _require(training.learning_rate >= 0, f"learning_rate={training.learning_rate} must be >= 0")
+    _validate_optimizer(training)
     _require(
         training.gradient_accumulation_steps >= 1,
         f"gradient_accumulation_steps={training.gradient_accumulation_steps} must be >= 1",
@@ -688,6 +689,31 @@ def _validate_attention(
         training.bf16 or training.fp16,
         f"attn_implementation={kernel} runs in bf16/fp16 only; set bf16: true or use attn_implementation=sdpa",
     )
+
+
+def _validate_optimizer(training: TrainingArguments) -> None:
+    """The optimiser's numbers are finite and in range: a NaN or infinite one passes the loss and
+    gradient checks of step 1 but poisons its update (or fails deep inside torch)."""
+    for key in OPTIMIZER_NUMBERS:
+        value = getattr(training, key)
+        _require(math.isfinite(value), f"{key}={value} must be a finite number")
+    _require(training.learning_rate >= 0, f"learning_rate={training.learning_rate} must be >= 0")
+    _require(training.weight_decay >= 0, f"weight_decay={training.weight_decay} must be >= 0")
+    for key in ("adam_beta1", "adam_beta2"):
+        _require(0 <= getattr(training, key) < 1, f"{key}={getattr(training, key)} must be in [0, 1)")
+    _require(training.adam_epsilon >= 0, f"adam_epsilon={training.adam_epsilon} must be >= 0")
+
+
+#: ``TrainingArguments`` numbers that must be finite (checked before anything is built).
+OPTIMIZER_NUMBERS = (
+    "learning_rate",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "max_grad_norm",
+    "warmup_steps",
+)
 
 
 def _validate_reporting(training: TrainingArguments) -> None:

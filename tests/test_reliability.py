@@ -450,3 +450,144 @@ def test_a_kill_during_the_final_save_does_not_rewrite_train_loss(tmp_path):
     assert final["train_loss"] == loss
     assert read_status(out)["metrics"]["train_loss"] == loss
     _assert_identical(_weights(out / "checkpoint-3"), _weights(out))
+
+
+# ---- 5. honest resumes ------------------------------------------------------------------------------------
+HONEST_ARGS = [*TINY, "--max_steps", "4", "--save_steps", "2", "--save_total_limit", "10", "--warmup_steps", "1",
+               "--lr_scheduler_type", "cosine", "--seed", "7"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def half_run(tmp_path_factory) -> Path:
+    """A 4-step cosine run stopped after checkpoint-2 (checkpoints 3 and 4 and the final model removed)."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("half") / "run"
+    assert main([*HONEST_ARGS, "--output_dir", str(out)]) == 0
+    shutil.rmtree(out / "checkpoint-4")
+    for name in ("model.safetensors", "trainer_state.json", "config.json"):
+        (out / name).unlink()
+    return out
+
+
+@pytest.fixture
+def half_copy(half_run, tmp_path) -> Path:
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(half_run, out)
+    return out
+
+
+EXPERIMENT_CHANGES = {
+    "learning_rate": (["--learning_rate", "0.002"], "learning_rate 0.001 -> 0.002"),
+    "batch": (
+        ["--per_device_train_batch_size", "4"],
+        "per_device_train_batch_size 8 -> 4, global_batch_size 8 -> 4",
+    ),
+    "accumulation": (
+        ["--gradient_accumulation_steps", "2"],
+        "gradient_accumulation_steps 1 -> 2, global_batch_size 8 -> 16",
+    ),
+    "seed": (["--seed", "8"], "seed 7 -> 8"),
+    "data_seed": (["--data_seed", "3"], "data_seed None -> 3"),
+    "lambda": (["--conml_lambda", "0.5"], "conml_lambda 0.02 -> 0.5"),
+    "views": (["--conml_views", "shuffle"], "conml_views 'prefix_half' -> 'shuffle'"),
+    "schedule": (["--lr_scheduler_type", "linear"], "lr_scheduler_type 'cosine' -> 'linear'"),
+    "two-keys": (["--seed", "8", "--learning_rate", "0.01"], "learning_rate 0.001 -> 0.01, seed 7 -> 8"),
+}
+
+
+@pytest.mark.parametrize("change", list(EXPERIMENT_CHANGES))
+def test_a_resume_that_changes_the_experiment_is_refused_naming_the_keys(change, half_copy, capsys):
+    args, shown = EXPERIMENT_CHANGES[change]
+    recipe_before = (half_copy / "recipe.yaml").read_text()
+    code = main([*HONEST_ARGS, *args, "--output_dir", str(half_copy), "--resume_from_checkpoint", "latest"])
+    assert code == 2
+    [line] = _error_lines(capsys.readouterr().err)
+    assert (
+        f"resuming {half_copy / 'checkpoint-2'} would change the experiment ({shown}; recorded in " in line
+    ), line
+    assert f"python -m icl_conml.train {half_copy / 'recipe.yaml'} --resume_from_checkpoint latest" in line
+    assert (half_copy / "recipe.yaml").read_text() == recipe_before  # the record is not rewritten
+
+
+def test_max_steps_changes_are_checked_against_the_schedule(half_copy, capsys):
+    resume = ["--output_dir", str(half_copy), "--resume_from_checkpoint", "latest"]
+    assert main([*HONEST_ARGS, "--max_steps", "1", *resume]) == 2
+    [line] = _error_lines(capsys.readouterr().err)
+    assert f"max_steps=1 is below the step of {half_copy / 'checkpoint-2'} (2)" in line
+
+    assert main([*HONEST_ARGS, "--max_steps", "40", *resume]) == 2
+    [line] = _error_lines(capsys.readouterr().err)
+    assert (
+        "max_steps 4 -> 40 re-plans the cosine learning-rate schedule from step 2 (the learning rate goes "
+        in line
+    )
+    assert "pass --resume_extend_schedule true to accept that" in line
+
+    assert main([*HONEST_ARGS, "--max_steps", "6", "--resume_extend_schedule", "true", *resume]) == 0
+    [start] = [e for e in read_history(half_copy) if e["event"] == "start" and e["resumed_from"]]
+    assert start["changes"]["max_steps"] == [4, 6] and start["start_step"] == 2
+    assert set(start["changes"]) == {"max_steps", "output_dir"}  # (the run was copied to another folder)
+    assert start["settings"]["max_steps"] == 6 and "resume_extend_schedule" not in start["settings"]
+    assert "max_steps: 6" in (half_copy / "recipe.yaml").read_text()
+
+
+def test_safe_changes_are_allowed_and_recorded(tmp_path, capsys):
+    out = tmp_path / "run"
+    constant = [*HONEST_ARGS, "--lr_scheduler_type", "constant", "--output_dir", str(out)]
+    assert main(constant) == 0
+    resume = ["--resume_from_checkpoint", "latest"]
+    assert (
+        main([*constant, *resume, "--max_steps", "6", "--logging_steps", "1", "--save_total_limit", "3"]) == 0
+    )
+    starts = [e for e in read_history(out) if e["event"] == "start"]
+    assert [e["start_step"] for e in starts] == [0, 4]
+    assert starts[1]["changes"] == {
+        "max_steps": [4, 6],
+        "logging_steps": [100, 1],
+        "save_total_limit": [10, 3],
+    }
+    assert starts[0]["settings"]["logging_steps"] == 100 and starts[1]["settings"]["logging_steps"] == 1
+    assert read_status(out)["step"] == 6
+    # recipe.yaml is the current segment's settings and loads back to the same recipe.
+    from icl_conml.config import parse_recipe
+
+    saved = parse_recipe([str(out / "recipe.yaml")]).to_dict()
+    assert saved == starts[1]["settings"]
+
+
+# ---- 9. numbers and sizes checked up front ---------------------------------------------------------------
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if a model gets built: every check must come first."""
+    import icl_conml.train as train_module
+
+    def build_model(recipe):
+        raise AssertionError("a model was built before the bad input was reported")
+
+    monkeypatch.setattr(train_module, "build_model", build_model)
+
+
+UP_FRONT = {
+    "lr-inf": (["--learning_rate", "inf"], "learning_rate=inf must be a finite number"),
+    "lr-nan": (["--learning_rate", "nan"], "learning_rate=nan must be a finite number"),
+    "weight-decay-nan": (["--weight_decay", "nan"], "weight_decay=nan must be a finite number"),
+    "weight-decay-negative": (["--weight_decay", "-1"], "weight_decay=-1.0 must be >= 0"),
+    "warmup-nan": (["--warmup_steps", "nan"], "warmup_steps=nan must be a finite number"),
+    "beta1-nan": (["--adam_beta1", "nan"], "adam_beta1=nan must be a finite number"),
+    "beta2-out-of-range": (["--adam_beta2", "1.5"], "adam_beta2=1.5 must be in [0, 1)"),
+    "epsilon-inf": (["--adam_epsilon", "inf"], "adam_epsilon=inf must be a finite number"),
+    "clip-nan": (["--max_grad_norm", "nan"], "max_grad_norm=nan must be a finite number"),
+}
+
+
+@pytest.mark.parametrize("case", list(UP_FRONT))
+def test_bad_numbers_are_one_line_before_anything_is_built(case, tmp_path, capsys, no_model):
+    args, fragment = UP_FRONT[case]
+    assert main([*TINY, *args, "--output_dir", str(tmp_path / "run")]) == 2
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    [line] = _error_lines(captured.err)
+    assert fragment in line, line
