@@ -13,7 +13,7 @@ adapters into the backbone and returns a plain ``ICLModel``:
 
 from __future__ import annotations
 
-import argparse
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -25,13 +25,15 @@ from transformers.pytorch_utils import Conv1D
 from transformers.utils import find_adapter_config_file
 
 from .config import ModelArguments, Recipe, RecipeError
-from .extras import MissingExtra, require
+from .errors import OneLineParser, UserError, command_name, entry_point
+from .extras import require
 from .modeling import ICLConfig, ICLModel
 from .tasks import task_reference
 
 if TYPE_CHECKING:  # peft is an extra (pip install 'icl_conml[peft]'): imported where LoRA is used
     from peft import LoraConfig, PeftModel
 
+ADAPTER_CONFIG_NAME = "adapter_config.json"
 #: Modules outside the backbone that always train in full (saved with the adapter).
 TRAINED_MODULES = ["read_in", "read_out"]
 #: ``from_pretrained`` arguments that locate files (passed on to the adapter's repository).
@@ -143,6 +145,26 @@ def is_lora_checkpoint(name_or_path: str | Path, **hub_kwargs) -> bool:
     return find_adapter_config_file(str(name_or_path), **hub_kwargs) is not None
 
 
+def record_repo_id(folder: str | Path, repo_id: str) -> bool:
+    """Name the Hub repo a LoRA run is pushed to as its adapter's ``base_model_name_or_path``.
+
+    ``AutoModel.from_pretrained(HUB_ID)`` on an adapter repo loads whatever the adapter's
+    ``base_model_name_or_path`` names, not the id it was given (a local folder holding a
+    ``config.json`` keeps its own path). A run's base model is the ``ICLModel`` described by the
+    ``config.json`` next to the adapter, so the repo names itself; ``ICLModel.from_pretrained``
+    then finds the adapter and merges it onto the pretrained backbone. Called before every push
+    (``icl_conml.hub``). Returns whether ``folder`` held an adapter to update.
+    """
+    path = Path(folder) / ADAPTER_CONFIG_NAME
+    if not path.is_file():
+        return False
+    config = json.loads(path.read_text())
+    if config.get("base_model_name_or_path") != repo_id:
+        config["base_model_name_or_path"] = repo_id
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return True
+
+
 def load_lora_model(
     name_or_path: str | Path,
     *,
@@ -215,25 +237,23 @@ def merge(
     return merged
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m icl_conml.lora", description=__doc__.split("\n\n")[0])
+@entry_point
+def main(argv: list[str]) -> int:
+    """``python -m icl_conml.lora merge ADAPTER OUTPUT_DIR`` (``icl_conml merge``)."""
+    parser = OneLineParser(
+        prog=command_name("python -m icl_conml.lora", "icl_conml"), description=__doc__.split("\n\n")[0]
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     merge_cmd = commands.add_parser("merge", help="export a LoRA run as a plain ICLModel")
     merge_cmd.add_argument("adapter", help="folder or Hub id of the LoRA run (adapter_config.json)")
     merge_cmd.add_argument("output_dir", help="where the merged model goes")
     args = parser.parse_args(argv)
     if not is_lora_checkpoint(args.adapter):
-        print(
-            f"icl_conml.lora: error: {args.adapter} holds no adapter_config.json; "
-            f"pass the folder (or Hub id) of a run trained with lora_r > 0",
-            file=sys.stderr,
+        raise UserError(
+            f"{args.adapter} holds no adapter_config.json; pass the folder (or Hub id) of a run trained "
+            f"with lora_r > 0"
         )
-        return 2
-    try:
-        merge(args.adapter, args.output_dir)
-    except MissingExtra as error:
-        print(f"icl_conml.lora: error: {error}", file=sys.stderr)
-        return 2
+    merge(args.adapter, args.output_dir)  # MissingExtra (no peft): one line, exit 2
     print(f"merged {args.adapter} into {args.output_dir}")
     return 0
 

@@ -189,6 +189,9 @@ def test_lora_push_uploads_adapter_and_config(tmp_path, hub_api):
     )
     assert "model.safetensors" not in final["files"]
     assert "library_name: peft" in final["readme"] and 'load_lora_model("me/lora")' in final["readme"]
+    # The repo names itself as the adapter's base: AutoModel.from_pretrained("me/lora") loads the run
+    # (tests/test_lora.py loads such a repo by id from an HF cache).
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "me/lora"
 
 
 def test_push_fails_fast_offline_before_training(tmp_path, capsys):

@@ -338,3 +338,72 @@ def test_a_moved_backbone_is_named_and_can_be_pointed_at(trained_gpt2, gpt2_path
     xs, ys = prompts()
     loaded = load_lora_model(moved, backbone_name_or_path=str(gpt2_path))
     torch.testing.assert_close(outputs(loaded, xs, ys)[0], outputs(model, xs, ys)[0], atol=1e-6, rtol=0)
+
+
+# ---- loading by Hub id ---------------------------------------------------------------------------------
+LOAD_BY_HUB_ID = """
+import sys, torch
+import icl_conml
+from transformers import AutoModel
+from icl_conml.evaluation import load_model
+from icl_conml.lora import load_lora_model, merge
+from icl_conml.lora import main as lora_main
+run = "test-org/icl-lora"
+assert lora_main(["merge", run, sys.argv[2] + "_cli"]) == 0
+models = {
+    "AutoModel": AutoModel.from_pretrained(run),  # merged onto the backbone
+    "ICLModel": icl_conml.ICLModel.from_pretrained(run),
+    "load_lora_model": load_lora_model(run),
+    "merge": merge(run, sys.argv[2] + "_merged"),
+    "merge CLI": icl_conml.ICLModel.from_pretrained(sys.argv[2] + "_cli"),
+    "evaluation": load_model(run),
+}
+probe = torch.load(sys.argv[1])
+with torch.no_grad():
+    torch.save({name: (type(m).__name__, m.eval()(**probe).predictions, m(**probe).appended_outputs)
+                for name, m in models.items()}, sys.argv[2])
+"""
+
+
+def _publish(hub_cache: Path, repo_id: str, folder: Path) -> Path:
+    """Copy ``folder`` into huggingface_hub's cache layout as ``repo_id`` at one commit (refs/main)."""
+    repo = hub_cache / ("models--" + repo_id.replace("/", "--"))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    return repo / "snapshots" / commit
+
+
+def test_a_lora_run_loads_by_hub_id_offline_on_every_documented_path(trained_gpt2, gpt2_path, tmp_path):
+    """The run and its backbone as Hub ids in an HF cache (as after a download), loaded offline."""
+    from icl_conml.lora import record_repo_id
+
+    model, _, _, folder = trained_gpt2
+    hub_cache = tmp_path / "hub"
+    _publish(hub_cache, "test-org/tiny-gpt2", gpt2_path)
+    snapshot = _publish(hub_cache, "test-org/icl-lora", folder)
+    config = json.loads((snapshot / "config.json").read_text())
+    config["backbone_name_or_path"] = "test-org/tiny-gpt2"  # a run trained on a Hub backbone
+    (snapshot / "config.json").write_text(json.dumps(config))
+    assert record_repo_id(snapshot, "test-org/icl-lora")  # what a push does (icl_conml.hub)
+    assert not record_repo_id(gpt2_path, "test-org/tiny-gpt2")  # not an adapter: left alone
+
+    xs, ys = prompts()
+    probe = {"xs": xs, "ys": ys, **probe_inputs()}
+    torch.save(probe, tmp_path / "probe.pt")
+    env = {**os.environ, "HF_HUB_CACHE": str(hub_cache), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", LOAD_BY_HUB_ID, str(tmp_path / "probe.pt"), str(tmp_path / "out.pt")],
+        capture_output=True, text=True, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    expected_plain, expected_probe = outputs(model, xs, ys)
+    loaded = torch.load(tmp_path / "out.pt")
+    assert {name: kind for name, (kind, _, _) in loaded.items()} == {
+        "AutoModel": "ICLModel", "ICLModel": "ICLModel", "load_lora_model": "PeftModel", "merge": "ICLModel",
+        "merge CLI": "ICLModel", "evaluation": "ICLModel",
+    }  # fmt: skip
+    for name, (_, plain, probed) in loaded.items():
+        torch.testing.assert_close(plain, expected_plain, atol=1e-5, rtol=0, msg=name)
+        torch.testing.assert_close(probed, expected_probe, atol=1e-5, rtol=0, msg=name)
