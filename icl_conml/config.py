@@ -470,7 +470,7 @@ def _check_type(key: str, value: Any, expected: Any) -> None:
         ok = True
     if not ok:
         names = " or ".join(o.__name__ for o in options)
-        raise RecipeError(f"{key}={value!r} has type {type(value).__name__}; expected {names}")
+        raise RecipeError(f"{key}={_short(value)} has type {type(value).__name__}; expected {names}")
 
 
 def _recipe_path(name: str) -> Path:
@@ -483,18 +483,107 @@ def _recipe_path(name: str) -> Path:
         return Path(name)  # load_yaml reports it missing
 
 
+#: A recipe is a few hundred bytes of ``key: value`` lines; these bounds only stop accidents.
+MAX_RECIPE_BYTES = 1_000_000
+MAX_VALUE_ITEMS = 1_000
+MAX_VALUE_CHARS = 10_000
+
+
+class _RecipeYAMLError(Exception):
+    """A recipe-specific YAML problem (line known), reported by ``load_yaml`` with the file name."""
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` refusing what a recipe never needs and what hides mistakes: anchors and
+    aliases (a few lines of nested aliases expand to gigabytes) and duplicate keys (YAML silently
+    keeps the last one)."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            kind = f"alias *{event.anchor}" if isinstance(event, yaml.AliasEvent) else f"anchor &{event.anchor}"
+            raise _RecipeYAMLError(
+                f"uses the YAML {kind} (line {event.start_mark.line + 1}); recipes take no anchors or aliases: "
+                f"write each value out"
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise _RecipeYAMLError(f"sets {key!r} twice (lines {seen[key]} and {line}); keep one")
+            except TypeError:  # an unhashable key: SafeLoader reports it
+                break
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def _read_recipe(path: Path) -> Any:
+    """The parsed YAML of a recipe file, or ``RecipeError`` (one line) for a file that is not one."""
+    name = str(path)
+    size = path.stat().st_size
+    if size > MAX_RECIPE_BYTES:
+        raise RecipeError(
+            f"recipe {name!r} is {size:,} bytes; a recipe is a short list of key: value lines (at most "
+            f"{MAX_RECIPE_BYTES:,} bytes): is this the right file?"
+        )
+    raw = path.read_bytes()
+    try:
+        if b"\x00" in raw:
+            raise UnicodeDecodeError("utf-8", raw, raw.index(b"\x00"), raw.index(b"\x00") + 1, "NUL byte")
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RecipeError(f"recipe {name!r} is not a text file (UTF-8 YAML); pass a YAML recipe") from None
+    try:
+        data = yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+    except _RecipeYAMLError as error:
+        raise RecipeError(f"recipe {name!r} {error}") from None
+    except yaml.YAMLError as error:
+        raise RecipeError(f"recipe {name!r} is not valid YAML: {str(error).splitlines()[0]}") from None
+    if data is None:
+        raise RecipeError(
+            f"recipe {name!r} is empty; write key: value lines (see recipes/), or give no recipe to run the "
+            f"quickstart"
+        )
+    return data
+
+
+def _check_size(key: str, value: Any, depth: int = 0) -> None:
+    """Refuse a value far larger than any recipe key takes (a list of a million modules...)."""
+    if isinstance(value, str) and len(value) > MAX_VALUE_CHARS:
+        raise RecipeError(f"{key} is a string of {len(value):,} characters (at most {MAX_VALUE_CHARS:,})")
+    if isinstance(value, (list, dict)):
+        if len(value) > MAX_VALUE_ITEMS or depth > 4:
+            what = f"{len(value):,} items" if len(value) > MAX_VALUE_ITEMS else "values nested more than 4 deep"
+            raise RecipeError(f"{key} holds {what}; a recipe value is at most {MAX_VALUE_ITEMS:,} items, 4 deep")
+        for item in value.values() if isinstance(value, dict) else value:
+            _check_size(key, item, depth + 1)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters (error messages stay one readable line)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(
             f"recipe file {str(path)!r} not found; pass the path of a YAML recipe (see recipes/)"
         )
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise RecipeError(f"recipe {str(path)!r} is not valid YAML: {str(error).splitlines()[0]}") from None
+    data = _read_recipe(path)
     if not isinstance(data, dict):
         raise RecipeError(f"recipe {str(path)!r} must be a mapping of key: value, got {type(data).__name__}")
+    for key, value in data.items():
+        try:
+            _check_size(str(key), value)
+        except RecipeError as error:
+            raise RecipeError(f"recipe {str(path)!r}: {error}") from None
     expected = _field_types()
     for key, value in data.items():
         if key not in expected:
@@ -632,6 +721,7 @@ def validate(recipe: Recipe) -> None:
     )
     _validate_reporting(training)
     _validate_optimizer(training)
+    _validate_sizes(recipe)
     _require(
         training.gradient_accumulation_steps >= 1,
         f"gradient_accumulation_steps={training.gradient_accumulation_steps} must be >= 1",
@@ -688,6 +778,17 @@ def _validate_attention(
     _require(
         training.bf16 or training.fp16,
         f"attn_implementation={kernel} runs in bf16/fp16 only; set bf16: true or use attn_implementation=sdpa",
+    )
+
+
+def _validate_sizes(recipe: Recipe) -> None:
+    """Sizes that cannot fit in this machine's memory are refused with the estimate (``memory.py``)."""
+    from .memory import too_large, training_memory
+
+    problem = too_large(training_memory(recipe))
+    _require(
+        problem is None,
+        f"this recipe {problem}; lower n_dims, n_points, the batch size or eval_n_prompts",
     )
 
 

@@ -591,3 +591,59 @@ def test_bad_numbers_are_one_line_before_anything_is_built(case, tmp_path, capsy
     assert "Traceback" not in captured.err
     [line] = _error_lines(captured.err)
     assert fragment in line, line
+
+
+# ---- 8/9. recipe files that are not recipes ---------------------------------------------------------------
+NESTED_ALIASES = (
+    "a: &a [x, x, x, x, x, x, x, x, x]\n"
+    + "".join(
+        f"{name}: &{name} [{', '.join(['*' + previous] * 9)}]\n"
+        for previous, name in zip("abcdefgh", "bcdefghi", strict=True)
+    )
+    + "lora_target_modules: *i\n"
+)  # 9^9 = 387 million names once expanded
+
+RECIPE_FILES = {
+    "duplicate-key": (b"n_dims: 5\nseed: 1\nn_dims: 6\n", "sets 'n_dims' twice (lines 1 and 3); keep one"),
+    "empty": (
+        b"",
+        "is empty; write key: value lines (see recipes/), or give no recipe to run the quickstart",
+    ),
+    "only-comments": (b"# nothing yet\n", "is empty"),
+    "binary": (bytes(range(256)) * 4, "is not a text file (UTF-8 YAML); pass a YAML recipe"),
+    "aliases": (
+        NESTED_ALIASES.encode(),
+        "uses the YAML anchor &a (line 1); recipes take no anchors or aliases",
+    ),
+    "huge-list": (
+        ("lora_target_modules: [" + ", ".join(["c_attn"] * 5000) + "]\n").encode(),
+        "lora_target_modules holds 5,000 items; a recipe value is at most 1,000 items",
+    ),
+    "huge-file": (
+        b"# " + b"x" * 2_000_000 + b"\n",
+        "is 2,000,003 bytes; a recipe is a short list of key: value lines",
+    ),
+    "long-wrong-type": (("n_dims: " + "9" * 5000 + "x\n").encode(), "has type str; expected int"),
+}
+
+
+@pytest.mark.parametrize("case", list(RECIPE_FILES))
+def test_a_file_that_is_not_a_recipe_is_one_line(case, tmp_path, capsys, no_model):
+    content, fragment = RECIPE_FILES[case]
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_bytes(content)
+    started = time.monotonic()
+    assert main([str(recipe), "--output_dir", str(tmp_path / "run")]) == 2
+    assert time.monotonic() - started < 30
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    [line] = _error_lines(captured.err)
+    assert fragment in line, line
+    assert len(line) < 400  # the value is never printed whole
+
+
+def test_sizes_that_cannot_fit_are_refused_with_the_estimate(tmp_path, capsys, no_model):
+    assert main([*TINY, "--n_dims", "100000000", "--output_dir", str(tmp_path / "run")]) == 2
+    [line] = _error_lines(capsys.readouterr().err)
+    assert line.startswith("icl_conml: error: this recipe needs at least ")
+    assert "GB of memory (" in line and "n_dims=100000000" in line and "but this machine has " in line
