@@ -24,13 +24,14 @@ from typing import Any
 
 import torch
 
+from .errors import UserError
 from .tasks import FunctionClass
 
 Estimator = Callable[..., torch.Tensor]
 
 
-class BaselineError(ValueError):
-    """A bad estimator specification or a missing optional dependency (one line)."""
+class BaselineError(UserError, ValueError):
+    """A bad estimator specification or a missing optional dependency (one line, exit 2)."""
 
 
 # ---- shared pieces --------------------------------------------------------------------------------

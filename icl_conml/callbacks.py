@@ -23,10 +23,13 @@ import torch
 from transformers import TrainerCallback
 
 from .checkpoints import latest_checkpoint
+from .errors import EXIT_NON_FINITE, CommandError
 
 
-class NonFiniteLossError(RuntimeError):
-    """Training hit a NaN/inf loss or gradient; the message is one line for the user."""
+class NonFiniteLossError(CommandError, RuntimeError):
+    """Training hit a NaN/inf loss or gradient; the message is one line for the user (exit 3)."""
+
+    exit_code = EXIT_NON_FINITE
 
 
 def reduce_max(flag: torch.Tensor) -> torch.Tensor:

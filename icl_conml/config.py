@@ -27,11 +27,12 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from . import conml
+from .errors import UserError
 from .tasks import TASK_REGISTRY, FunctionClass, get_task, hyperparameter_names, resolve_task_class
 
 
-class RecipeError(ValueError):
-    """A user error in a recipe or on the command line: one line, no traceback needed."""
+class RecipeError(UserError, ValueError):
+    """A user error in a recipe or on the command line: one line, no traceback needed (exit 2)."""
 
 
 def _help(text: str, **kwargs) -> Any:

@@ -17,7 +17,6 @@ change here.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import shlex
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
+from .errors import OneLineParser, UserError, command_name, entry_point
 from .tasks import TASK_REGISTRY, FunctionClass, get_task
 
 if TYPE_CHECKING:
@@ -35,8 +35,8 @@ COLUMNS = ("xs", "ys", "task", "n_dims", "n_points")
 CARD_TAGS = ["in-context-learning", "icl_conml", "synthetic"]
 
 
-class EvalSetError(ValueError):
-    """A user error in building or loading an eval set (one line)."""
+class EvalSetError(UserError, ValueError):
+    """A user error in building or loading an eval set (one line, exit 2)."""
 
 
 # ---- building ---------------------------------------------------------------------------------------
@@ -261,10 +261,11 @@ def _from_parquet(files: list[Path], name: str) -> datasets.Dataset:
 
 
 # ---- command line ------------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(
-        prog="python data_scripts/make_eval_sets.py",
+@entry_point
+def main(argv: list[str]) -> int:
+    """``python data_scripts/make_eval_sets.py ...`` (``icl_conml make-eval-sets``)."""
+    parser = OneLineParser(
+        prog=command_name("python data_scripts/make_eval_sets.py", "icl_conml make-eval-sets"),
         description="Write fixed evaluation prompt sets (datasets, with a dataset card).",
     )
     parser.add_argument("--tasks", nargs="+", default=["linear_regression"], help=", ".join(TASK_REGISTRY))
@@ -293,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["python", "data_scripts/make_eval_sets.py", *argv])
     try:
         overrides = json.loads(args.task_kwargs) if args.task_kwargs else {}
+    except json.JSONDecodeError:
+        raise EvalSetError(f"--task_kwargs {args.task_kwargs!r} is not JSON") from None
+    try:
         if not isinstance(overrides, dict):
             raise EvalSetError(f"--task_kwargs {args.task_kwargs!r} must be a JSON object")
         overrides.update(
@@ -317,12 +321,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.push_to_hub:
                 _push(dataset, args.push_to_hub, name, command)
                 print(f"pushed {args.push_to_hub}:{name}")
-    except json.JSONDecodeError:
-        print(f"make_eval_sets: error: --task_kwargs {args.task_kwargs!r} is not JSON", file=sys.stderr)
-        return 2
-    except (EvalSetError, ValueError) as error:
-        print(f"make_eval_sets: error: {error}", file=sys.stderr)
-        return 2
+    except UserError:
+        raise
+    except ValueError as error:  # a function class's own check of its hyper-parameters
+        raise EvalSetError(str(error)) from None
     return 0
 
 

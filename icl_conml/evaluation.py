@@ -32,6 +32,7 @@ from tqdm import tqdm
 from . import __version__
 from .baselines import BaselineError, BaselineSpec, default_baselines, parse_baseline, sklearn_available
 from .data import step_generator
+from .errors import OneLineParser, UserError, command_name, entry_point
 from .extras import is_available, require
 from .extras import message as missing_message
 from .tasks import TASK_REGISTRY, FunctionClass, get_task, resolve_task_class
@@ -44,8 +45,8 @@ _OOD_NEEDS_VALUE = ("scale_x", "scale_y")
 NUMERICAL_ZERO = 1e-6
 
 
-class EvaluationError(ValueError):
-    """A user error (bad model id, eval set, option): reported as one line by the CLI."""
+class EvaluationError(UserError, ValueError):
+    """A user error (bad model id, eval set, option): reported as one line by the CLI (exit 2)."""
 
 
 # ---- prompts ---------------------------------------------------------------------------------------
@@ -982,19 +983,11 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="No progress bars (they are shown only when stderr is a terminal).",
     )
-    parser.add_argument("--debug", action="store_true", help="Show tracebacks.")
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line on stderr (exit 2), like every other user error."""
-
-    def error(self, message: str):
-        self.exit(2, f"icl_conml: error: {message}; run with --help for the options\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
-        prog="python -m icl_conml.evaluation",
+        prog=command_name("python -m icl_conml.evaluation", "icl_conml eval"),
         description="Error against the number of in-context examples, for a model and reference estimators. "
         "Use 'compare' as the first argument for the Table 5 comparison of two sets of models.",
     )
@@ -1015,7 +1008,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def build_compare_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
-        prog="python -m icl_conml.evaluation compare",
+        prog=command_name("python -m icl_conml.evaluation compare", "icl_conml compare"),
         description="The paper's Table 5: models A_i against B_i (paired by seed) on identical prompts.",
     )
     parser.add_argument(
@@ -1051,8 +1044,9 @@ def _quiet_progress_bars() -> None:
     datasets.disable_progress_bars()
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+@entry_point(debug_alias=True)
+def main(argv: list[str]) -> int:
+    """``python -m icl_conml.evaluation [compare] ...`` (``icl_conml eval`` / ``icl_conml compare``)."""
     _quiet_progress_bars()
     comparing = bool(argv) and argv[0] == "compare"
     args = (build_compare_parser() if comparing else build_parser()).parse_args(
@@ -1072,33 +1066,25 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": args.dtype,
         "progress": False if args.quiet else None,
     }
-    try:
-        common["task_kwargs"] = _task_kwargs(args.task_kwargs)
-        if comparing:
-            result = compare_models(args.models, args.against, labels=tuple(args.labels), **common)
-            out = write_comparison(result, args.output_dir, args.log_scale)
-            print(comparison_table(result))
-            print(
-                f"wrote {out / 'compare.json'}, compare.md" + (", compare.png" * is_available("matplotlib"))
-            )
-        else:
-            results = evaluate_model(
-                args.model,
-                threshold=args.threshold,
-                relative_tolerance=args.relative_tolerance,
-                baselines=args.baselines,
-                **common,
-            )
-            for note in results["metadata"]["notes"]:
-                print(f"icl_conml: note: {note}", file=sys.stderr)
-            out = write_results(results, args.output_dir, args.log_scale)
-            print(results_table(results))
-            print(f"wrote {out / 'results.json'}, results.md" + (", curves.png" * is_available("matplotlib")))
-    except EvaluationError as error:
-        if args.debug:
-            raise
-        print(f"icl_conml: error: {error}", file=sys.stderr)
-        return 2
+    common["task_kwargs"] = _task_kwargs(args.task_kwargs)
+    if comparing:
+        result = compare_models(args.models, args.against, labels=tuple(args.labels), **common)
+        out = write_comparison(result, args.output_dir, args.log_scale)
+        print(comparison_table(result))
+        print(f"wrote {out / 'compare.json'}, compare.md" + (", compare.png" * is_available("matplotlib")))
+    else:
+        results = evaluate_model(
+            args.model,
+            threshold=args.threshold,
+            relative_tolerance=args.relative_tolerance,
+            baselines=args.baselines,
+            **common,
+        )
+        for note in results["metadata"]["notes"]:
+            print(f"icl_conml: note: {note}", file=sys.stderr)
+        out = write_results(results, args.output_dir, args.log_scale)
+        print(results_table(results))
+        print(f"wrote {out / 'results.json'}, results.md" + (", curves.png" * is_available("matplotlib")))
     return 0
 
 

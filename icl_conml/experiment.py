@@ -33,6 +33,8 @@ from typing import Any
 
 import yaml
 
+from .errors import OneLineParser, UserError, command_name, entry_point
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_LAUNCHER = f"{sys.executable} -m icl_conml.train"
 # Keys that identify a run rather than its experiment: never compared when pairing runs.
@@ -41,7 +43,7 @@ RUN_IDENTITY_KEYS = frozenset(
 )
 
 
-class ExperimentError(ValueError):
+class ExperimentError(UserError, ValueError):
     """A user error in a spec or its records: reported as one line (exit 2)."""
 
 
@@ -362,8 +364,8 @@ def slurm_script(spec: Spec, spec_path: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m icl_conml.experiment",
+    parser = OneLineParser(
+        prog=command_name("python -m icl_conml.experiment", "icl_conml experiment"),
         description="Run and analyse a paired multi-seed study (plain ICL vs ConML arms).",
     )
     parser.add_argument("spec", help="experiment spec YAML (see recipes/experiments/)")
@@ -379,39 +381,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+@entry_point
+def main(argv: list[str]) -> int:
+    """``python -m icl_conml.experiment SPEC`` (``icl_conml experiment``); exit 1 if a run failed."""
     args = build_parser().parse_args(argv)
-    try:
-        spec = load_spec(args.spec)
-        if args.jobs < 1:
-            raise ExperimentError(f"--jobs {args.jobs} must be >= 1")
-        if args.run_index is not None and not 0 <= args.run_index < len(spec.runs()):
-            raise ExperimentError(f"--run_index {args.run_index} is outside 0..{len(spec.runs()) - 1}")
-        if args.dry_run:
-            for run in spec.runs():
-                state = "done" if run.record_path.is_file() else "todo"
-                print(f"{state} {run.name}: {shlex.join(run.command())}")
-            return 0
-        if args.slurm:
-            path = spec.out / "slurm" / f"{spec.name}.sbatch"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(slurm_script(spec, args.spec))
-            print(f"wrote {path} ({len(spec.runs())} array tasks)")
-            if args.submit:
-                return subprocess.run(["sbatch", str(path)]).returncode
-            return 0
-        failures = [] if args.analyze_only else run_all(spec, args.jobs, args.run_index)
-        if not args.no_analysis and args.run_index is None:
-            from .experiment_analysis import analyze
+    spec = load_spec(args.spec)
+    if args.jobs < 1:
+        raise ExperimentError(f"--jobs {args.jobs} must be >= 1")
+    if args.run_index is not None and not 0 <= args.run_index < len(spec.runs()):
+        raise ExperimentError(f"--run_index {args.run_index} is outside 0..{len(spec.runs()) - 1}")
+    if args.dry_run:
+        for run in spec.runs():
+            state = "done" if run.record_path.is_file() else "todo"
+            print(f"{state} {run.name}: {shlex.join(run.command())}")
+        return 0
+    if args.slurm:
+        path = spec.out / "slurm" / f"{spec.name}.sbatch"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(slurm_script(spec, args.spec))
+        print(f"wrote {path} ({len(spec.runs())} array tasks)")
+        if args.submit:
+            return subprocess.run(["sbatch", str(path)]).returncode
+        return 0
+    failures = [] if args.analyze_only else run_all(spec, args.jobs, args.run_index)
+    if not args.no_analysis and args.run_index is None:
+        from .experiment_analysis import analyze
 
-            report = analyze(spec)
-            print(f"[experiment] analysis written to {report}")
-        if failures:
-            print(f"icl_conml: error: {len(failures)} run(s) failed: {'; '.join(failures)}", file=sys.stderr)
-            return 1
-    except ExperimentError as error:
-        print(f"icl_conml: error: {error}", file=sys.stderr)
-        return 2
+        report = analyze(spec)
+        print(f"[experiment] analysis written to {report}")
+    if failures:
+        print(f"icl_conml: error: {len(failures)} run(s) failed: {'; '.join(failures)}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -20,6 +20,8 @@ import os
 from types import ModuleType
 from typing import TYPE_CHECKING
 
+from .errors import UserError
+
 if TYPE_CHECKING:
     from .config import Recipe
 
@@ -35,8 +37,8 @@ EXTRAS = {
 }
 
 
-class MissingExtra(ImportError):
-    """A feature needs an optional package that is not installed; the message names the extra."""
+class MissingExtra(UserError, ImportError):
+    """A feature needs an optional package that is not installed; the message names the extra (exit 2)."""
 
 
 def is_available(module: str) -> bool:

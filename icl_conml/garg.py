@@ -21,7 +21,6 @@ buffers that checkpoints saved under transformers 4.x carry. Their task names ma
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 import yaml
 from transformers import GPT2Config
 
+from .errors import OneLineParser, UserError, command_name, entry_point
 from .modeling import ICLConfig, ICLModel
 from .tasks import TASK_REGISTRY
 
@@ -43,8 +43,8 @@ _BUFFER = re.compile(r"(^|\.)h\.\d+\.attn\.(bias|masked_bias)$")
 _PREFIXES = {"_read_in.": "read_in.", "_backbone.": "backbone.", "_read_out.": "read_out."}
 
 
-class GargConversionError(ValueError):
-    """The files are not a Garg et al. TransformerModel checkpoint (one line)."""
+class GargConversionError(UserError, ValueError):
+    """The files are not a Garg et al. TransformerModel checkpoint (one line, exit 2)."""
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
@@ -198,9 +198,11 @@ def _card(settings: dict[str, Any], state_path: str | Path, step: int | None) ->
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m icl_conml.convert_garg",
+@entry_point
+def main(argv: list[str]) -> int:
+    """``python -m icl_conml.convert_garg STATE CONFIG OUT`` (``icl_conml convert-garg``)."""
+    parser = OneLineParser(
+        prog=command_name("python -m icl_conml.convert_garg", "icl_conml convert-garg"),
         description="Convert a Garg et al. (dtsip/in-context-learning) checkpoint into an ICLModel folder.",
     )
     parser.add_argument("state", help="their state.pt (or model_<step>.pt)")
@@ -213,11 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         help="attention kernel (default eager)",
     )
     args = parser.parse_args(argv)
-    try:
-        out = save_converted(args.state, args.config, args.output_dir, args.attn_implementation)
-    except GargConversionError as error:
-        print(f"icl_conml: error: {error}", file=sys.stderr)
-        return 2
+    out = save_converted(args.state, args.config, args.output_dir, args.attn_implementation)
     settings = read_config(args.config)
     length = f" --n_points {settings['train_n_points']}" if settings["train_n_points"] else ""
     print(

@@ -17,7 +17,6 @@ A finished local run can be pushed (or its card refreshed after an evaluation) l
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -36,6 +35,7 @@ from transformers.utils.hub import hf_api
 
 from . import __version__
 from .config import RecipeError
+from .errors import OneLineParser, UserError, command_name, entry_point
 from .modeling import ICLConfig
 
 logger = logging.getLogger(__name__)
@@ -402,8 +402,12 @@ def push_folder(
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m icl_conml.hub", description=__doc__.split("\n\n")[0])
+@entry_point
+def main(argv: list[str]) -> int:
+    """``python -m icl_conml.hub card|push FOLDER ...`` (``icl_conml card`` / ``icl_conml push``)."""
+    parser = OneLineParser(
+        prog=command_name("python -m icl_conml.hub", "icl_conml"), description=__doc__.split("\n\n")[0]
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     card = commands.add_parser("card", help="(re)write FOLDER/README.md")
     card.add_argument("folder")
@@ -424,15 +428,10 @@ def main(argv: list[str] | None = None) -> int:
             info = push_folder(args.folder, args.hub_model_id, private=args.private or None)
             print(f"pushed {args.folder} to {getattr(info, 'commit_url', args.hub_model_id)}")
     except FileNotFoundError as error:
-        print(f"icl_conml.hub: error: {error}", file=sys.stderr)
-        return 2
+        raise UserError(str(error)) from None
     except _PUSH_ERRORS as error:
         reason, fix = _reason_and_fix(error, args.hub_model_id)
-        print(
-            f"icl_conml.hub: error: pushing {args.folder} to {args.hub_model_id} failed: {reason}; {fix}",
-            file=sys.stderr,
-        )
-        return 2
+        raise HubPushError(f"pushing {args.folder} to {args.hub_model_id} failed: {reason}; {fix}") from None
     return 0
 
 

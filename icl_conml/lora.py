@@ -13,7 +13,6 @@ adapters into the backbone and returns a plain ``ICLModel``:
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -26,7 +25,8 @@ from transformers.pytorch_utils import Conv1D
 from transformers.utils import find_adapter_config_file
 
 from .config import ModelArguments, Recipe, RecipeError
-from .extras import MissingExtra, require
+from .errors import OneLineParser, UserError, command_name, entry_point
+from .extras import require
 from .modeling import ICLConfig, ICLModel
 from .tasks import task_reference
 
@@ -237,25 +237,27 @@ def merge(
     return merged
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m icl_conml.lora", description=__doc__.split("\n\n")[0])
+@entry_point
+def main(argv: list[str]) -> int:
+    """``python -m icl_conml.lora merge ADAPTER OUTPUT_DIR`` (``icl_conml merge``)."""
+    parser = OneLineParser(
+        prog=command_name("python -m icl_conml.lora", "icl_conml"), description=__doc__.split("\n\n")[0]
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     merge_cmd = commands.add_parser("merge", help="export a LoRA run as a plain ICLModel")
     merge_cmd.add_argument("adapter", help="folder or Hub id of the LoRA run (adapter_config.json)")
     merge_cmd.add_argument("output_dir", help="where the merged model goes")
     args = parser.parse_args(argv)
-    if not is_lora_checkpoint(args.adapter):
-        print(
-            f"icl_conml.lora: error: {args.adapter} holds no adapter_config.json; "
-            f"pass the folder (or Hub id) of a run trained with lora_r > 0",
-            file=sys.stderr,
-        )
-        return 2
     try:
-        merge(args.adapter, args.output_dir)
-    except MissingExtra as error:
-        print(f"icl_conml.lora: error: {error}", file=sys.stderr)
-        return 2
+        found = is_lora_checkpoint(args.adapter)
+    except OSError:  # neither a folder nor a valid Hub id
+        found = False
+    if not found:
+        raise UserError(
+            f"{args.adapter} holds no adapter_config.json; pass the folder (or Hub id) of a run trained "
+            f"with lora_r > 0"
+        )
+    merge(args.adapter, args.output_dir)  # MissingExtra (no peft): one line, exit 2
     print(f"merged {args.adapter} into {args.output_dir}")
     return 0
 

@@ -17,16 +17,17 @@ commands of the docs work as written.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 from pathlib import Path
 
+from .errors import OneLineParser, UserError, command_name, entry_point
+
 SUFFIXES = (".yaml", ".yml", ".json", ".slurm")
 
 
-class ResourceNotFound(FileNotFoundError):
-    """A recipe name or path that is neither a file nor a packaged recipe (one-line message)."""
+class ResourceNotFound(UserError, FileNotFoundError):
+    """A recipe name or path that is neither a file nor a packaged recipe (one-line message, exit 2)."""
 
 
 def recipes_dir() -> Path:
@@ -87,9 +88,12 @@ def copy(destination: str | Path = ".") -> Path:
     return target
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m icl_conml.resources", description=__doc__.split("\n\n")[0]
+@entry_point
+def main(argv: list[str]) -> int:
+    """``python -m icl_conml.resources list|path NAME|copy DEST`` (``icl_conml recipes``)."""
+    parser = OneLineParser(
+        prog=command_name("python -m icl_conml.resources", "icl_conml recipes"),
+        description=__doc__.split("\n\n")[0],
     )
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", help="every packaged recipe and accelerate config")
@@ -101,11 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "list":
         print("\n".join(available()))
     elif args.command == "path":
-        try:
-            print(resolve(args.name))
-        except ResourceNotFound as error:
-            print(f"icl_conml: error: {error}", file=sys.stderr)
-            return 2
+        print(resolve(args.name))
     else:
         print(f"copied the recipes to {copy(args.destination)}")
     return 0

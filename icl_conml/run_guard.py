@@ -44,16 +44,14 @@ import torch
 from transformers import TrainerCallback
 
 from .config import RecipeError
+from .errors import EXIT_CTRL_C, CommandError
+from .errors import EXIT_INTERRUPTED as EXIT_INTERRUPTED  # the status of a signal stop (re-exported)
 
 logger = logging.getLogger("icl_conml")
 
 LOCK_NAME = ".lock"
 STATUS_NAME = "run_status.json"
 HISTORY_NAME = "run_history.jsonl"
-#: Exit status of a run stopped by SIGTERM/SIGUSR1 after saving a checkpoint: resume it.
-EXIT_INTERRUPTED = 75
-#: Exit status after Ctrl-C (128 + SIGINT, the shell's convention).
-EXIT_CTRL_C = 130
 #: Seconds between refreshes of the lock file's time stamp by its holder.
 HEARTBEAT_S = 20.0
 #: A lock record of another host not refreshed for this long belongs to a dead run.
@@ -61,12 +59,17 @@ STALE_AFTER_S = 3 * HEARTBEAT_S
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
-class RunInterrupted(Exception):
-    """The run stopped before its end (a stop signal or Ctrl-C); the message is one line."""
+class RunInterrupted(CommandError):
+    """The run stopped before its end (a stop signal or Ctrl-C); the message is one line, the exit
+    status ``code``: ``EXIT_INTERRUPTED`` (75) after a signal stop, ``EXIT_CTRL_C`` (130)."""
+
+    label = ""  # "icl_conml: stopped by SIGUSR1 after step ...": an outcome, not an error
 
     def __init__(self, message: str, code: int) -> None:
         super().__init__(message)
-        self.code = code
+        self.code = self.exit_code = code
+        # --traceback shows where Ctrl-C struck; a signal stop is requested, not a failure.
+        self.traceback_on_request = code == EXIT_CTRL_C
 
 
 def _now() -> str:

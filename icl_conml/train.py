@@ -21,7 +21,6 @@ import yaml
 from transformers import TrainingArguments, set_seed
 
 from . import extras, tracking
-from .callbacks import NonFiniteLossError
 from .checkpoints import (
     LATEST,
     NO_RESUME,
@@ -35,6 +34,7 @@ from .checkpoints import (
 )
 from .config import Recipe, RecipeError, parse_recipe, validate
 from .data import ConMLSampling, Curriculum, FixedPrompts, PromptSampler, Schedule
+from .errors import run_main
 from .hub import push_errors_explained
 from .modeling import ICLConfig, ICLModel
 from .run_guard import EXIT_CTRL_C, EXIT_INTERRUPTED, RunGuard, RunInterrupted, check_resume
@@ -512,45 +512,38 @@ def _leave_now(code: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
-    argv = [arg for arg in argv if arg != "--debug"]
+    """``python -m icl_conml.train [RECIPE] [--key value ...]``; returns the exit status.
+
+    Errors follow ``icl_conml.errors`` (one line; 2: a user error, 3: a non-finite loss, 75: a
+    signal stop after a checkpoint, 130: Ctrl-C; ``--traceback``, or a bare ``--debug``, for the
+    stack). ``--debug VALUE`` is ``TrainingArguments.debug``.
+    """
+    ended: dict[str, bool] = {}
+    code = run_main(lambda args: _train(args, ended), argv, debug_alias=True)
+    if ended.get("distributed"):
+        _leave_now(code)
+    return code
+
+
+def _train(argv: list[str], ended: dict[str, bool]) -> int:
+    """Parse, validate and run; ``ended["distributed"]``: whether a process group was shut down."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     crashed = True
     try:
-        recipe = parse_recipe(argv)
+        try:
+            recipe = parse_recipe(argv)
+        except KeyboardInterrupt:
+            raise RunInterrupted("interrupted (Ctrl-C) before training started", EXIT_CTRL_C) from None
         metrics = run(recipe)  # run() validates before anything is built
         crashed = False
-    except RunInterrupted as error:
-        if debug and error.code == EXIT_CTRL_C:
-            raise
-        crashed = error.code == EXIT_CTRL_C  # a signal stop ends every process after the same step
-        print(f"icl_conml: {error}", file=sys.stderr)
-        code = error.code
-    except KeyboardInterrupt:  # before the run started (parsing)
-        if debug:
-            raise
-        print("icl_conml: interrupted (Ctrl-C) before training started", file=sys.stderr)
-        return EXIT_CTRL_C
-    except RecipeError as error:
-        if debug:
-            raise
-        print(f"icl_conml: error: {error}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as error:
-        if debug:
-            raise
-        print(f"icl_conml: error: {error}", file=sys.stderr)
-        return 3
-    else:
-        code = 0
         logger.info("finished: %s", metrics)
+    except RunInterrupted as error:
+        crashed = error.code == EXIT_CTRL_C  # a signal stop ends every process after the same step
+        raise
     finally:
-        distributed = _finish_distributed(wait=not crashed)
-    if distributed:
-        _leave_now(code)
-    return code
+        ended["distributed"] = _finish_distributed(wait=not crashed)
+    return 0
 
 
 if __name__ == "__main__":

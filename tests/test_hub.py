@@ -360,7 +360,7 @@ def test_hub_push_cli_offline_is_one_line(tmp_path, capsys):
     capsys.readouterr()
     assert hub_main(["push", str(folder), "--hub_model_id", "me/x"]) == 2  # HF_HUB_OFFLINE=1 in tests
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"icl_conml.hub: error: pushing {folder} to me/x failed: offline mode is on (HF_HUB_OFFLINE=1); "
+        f"icl_conml: error: pushing {folder} to me/x failed: offline mode is on (HF_HUB_OFFLINE=1); "
         "unset HF_HUB_OFFLINE on a machine with network"
     ]
     assert (folder / "model.safetensors").is_file() and (folder / "README.md").is_file()

@@ -49,6 +49,7 @@ def test_wheel_ships_every_recipe_and_only_core_dependencies(tmp_path):
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
         metadata = archive.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+        scripts = archive.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
     shipped = {
         name.removeprefix("icl_conml/recipes/") for name in names if name.startswith("icl_conml/recipes/")
     }
@@ -60,6 +61,8 @@ def test_wheel_ships_every_recipe_and_only_core_dependencies(tmp_path):
         "accelerate/ds_zero2.json",
     } <= shipped
     assert "icl_conml/metrics/icl_curve.py" in names
+    # One console script with subcommands; the two older names stay as aliases.
+    assert "icl_conml = icl_conml.cli:main" in scripts and "icl-conml-train = icl_conml.train:main" in scripts
     core = [
         line.split(" ", 1)[1]
         for line in metadata.splitlines()
