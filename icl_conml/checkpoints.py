@@ -33,6 +33,8 @@ WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors", "model.safeten
 # Words that mean "the newest intact checkpoint in output_dir" for --resume_from_checkpoint.
 LATEST = ("latest", "last", "true", "True", "yes")
 NO_RESUME = ("", "false", "False", "no", "none", "None")
+# "latest" if output_dir holds a checkpoint, else a new run (what a requeued job asks for).
+AUTO = ("auto",)
 _CHUNK = 1 << 20
 
 

@@ -311,8 +311,8 @@ class ICLTrainingArguments(TrainingArguments):
         "Train into an output_dir that already holds a run, deleting its checkpoint-N folders.", default=False
     )
     resume_from_checkpoint: str | None = _help(
-        "Continue a run: a checkpoint-N folder, or 'latest' (also 'true') for the newest complete "
-        "checkpoint in output_dir.",
+        "Continue a run: a checkpoint-N folder, 'latest' (also 'true') for the newest intact checkpoint in "
+        "output_dir, or 'auto' (latest if output_dir holds a checkpoint, else start the run: for requeues).",
         default=None,
     )
     resume_weights_only: bool = _help(

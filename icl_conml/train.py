@@ -22,11 +22,13 @@ from transformers import TrainingArguments, set_seed
 
 from . import extras, tracking
 from .checkpoints import (
+    AUTO,
     LATEST,
     NO_RESUME,
     CheckpointManifest,
     check_checkpoint,
     checkpoint_step,
+    checkpoints_newest_first,
     damaged_checkpoints,
     latest_checkpoint,
     previous_run,
@@ -222,6 +224,13 @@ def resolve_resume(recipe: Recipe) -> str | None:
             )
         return None
     need_state = not training.resume_weights_only
+    if str(value) in AUTO:  # requeue scripts: continue the run if it saved a checkpoint, else start it
+        if not checkpoints_newest_first(training.output_dir):
+            logger.info(
+                "resume_from_checkpoint=auto: %s holds no checkpoint; starting the run", training.output_dir
+            )
+            return None
+        value = "latest"
     if str(value) in LATEST:
         last = latest_checkpoint(training.output_dir, need_training_state=need_state)
         if last is None:

@@ -647,3 +647,72 @@ def test_sizes_that_cannot_fit_are_refused_with_the_estimate(tmp_path, capsys, n
     [line] = _error_lines(capsys.readouterr().err)
     assert line.startswith("icl_conml: error: this recipe needs at least ")
     assert "GB of memory (" in line and "n_dims=100000000" in line and "but this machine has " in line
+
+
+# ---- 2. the SLURM script requeues and resumes -------------------------------------------------------------
+FAKE_SRUN = """#!/bin/bash
+# srun on this machine: drop srun's options and run the task (one node)
+while [[ $1 == -* ]]; do shift; done
+exec "$@"
+"""
+FAKE_SCONTROL = """#!/bin/bash
+echo "$@" >> "$SCONTROL_LOG"
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_launch_slurm_stops_on_usr1_requeues_and_the_next_attempt_resumes(tmp_path):
+    """recipes/launch.slurm with srun and scontrol stood in by scripts: USR1 (SLURM's warning
+    before the end) reaches two real training processes under accelerate/torchrun as SIGTERM;
+    both stop after the same step with one checkpoint, the job requeues itself, and the requeued
+    attempt (SLURM_RESTART_COUNT=1) resumes it to the end."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    out = tmp_path / "run"
+    args = [*TINY, "--per_device_train_batch_size", "4", "--max_steps", "150", "--save_steps", "1000",
+            "--logging_steps", "1", "--lr_scheduler_type", "constant", "--output_dir", str(out)]  # fmt: skip
+    env = {
+        **_env(),
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "PYTHON": sys.executable,
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NNODES": "1",
+        "SLURM_GPUS_ON_NODE": "2",
+        "SLURM_JOB_NODELIST": "localhost",
+        "MASTER_PORT": str(_free_port()),
+        "SCONTROL_LOG": str(tmp_path / "scontrol.log"),
+    }
+    command = ["bash", "recipes/launch.slurm", "recipes/accelerate/cpu_2proc.yaml", *args]
+    log = tmp_path / "attempt1.log"
+    with log.open("w") as stream:
+        job = subprocess.Popen(command, cwd=REPO, env=env, stdout=stream, stderr=subprocess.STDOUT)
+    try:
+        _wait_for(lambda: "'loss'" in log.read_text(), job, "the first training step")
+        job.send_signal(signal.SIGUSR1)
+    finally:
+        code = _finish(job)
+    text = log.read_text()
+    assert code == 0, text[-4000:]
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+    assert text.count("stopped by SIGTERM after step ") == 2, text[-4000:]  # both processes, one line each
+    status = read_status(out)
+    assert status["status"] == "interrupted" and 0 < status["step"] < 150
+    assert check_checkpoint(out / f"checkpoint-{status['step']}") is None
+    assert not (out / "model.safetensors").exists()
+
+    env["SLURM_RESTART_COUNT"] = "1"
+    env["MASTER_PORT"] = str(_free_port())
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert read_status(out)["status"] == "finished" and (out / "model.safetensors").is_file()
+    starts = [e for e in read_history(out) if e["event"] == "start"]
+    assert [e["start_step"] for e in starts] == [0, status["step"]] and starts[1]["world_size"] == 2
