@@ -297,19 +297,41 @@ class BaselineSpec:
             return self.function(xs, ys, queries, **self.kwargs)
 
 
-ESTIMATORS: dict[str, Estimator] = {
-    "least_squares": least_squares,
-    "ridge": ridge,
-    "averaging": averaging,
-    "knn": nearest_neighbours,
-    "lasso": lasso,
-    "mlp_gd": mlp_gd,
-    "decision_tree": decision_tree,
-    "gradient_boosting": gradient_boosting,
-}
-SKLEARN_ESTIMATORS = ("decision_tree", "gradient_boosting")
+ESTIMATORS: dict[str, Estimator] = {}
+SKLEARN_ESTIMATORS: set[str] = set()
 # scikit-learn fits one prompt and prefix at a time: by default the slowest sees fewer prompts.
-DEFAULT_MAX_PROMPTS = {"gradient_boosting": 256}
+DEFAULT_MAX_PROMPTS: dict[str, int] = {}
+
+
+def register_baseline(
+    name: str, needs_sklearn: bool = False, max_prompts: int | None = None
+) -> Callable[[Estimator], Estimator]:
+    """Register an estimator ``f(xs, ys, queries=None, **options) -> predictions (B, n)`` as
+    ``--baselines name[:option=value...]``. A function class lists the ones that fit it in its
+    ``default_baselines``; any registered one can be asked for by name."""
+
+    def register(function: Estimator) -> Estimator:
+        ESTIMATORS[name] = function
+        if needs_sklearn:
+            SKLEARN_ESTIMATORS.add(name)
+        if max_prompts is not None:
+            DEFAULT_MAX_PROMPTS[name] = max_prompts
+        return function
+
+    return register
+
+
+for _name, _function in (
+    ("least_squares", least_squares),
+    ("ridge", ridge),
+    ("averaging", averaging),
+    ("knn", nearest_neighbours),
+    ("lasso", lasso),
+    ("mlp_gd", mlp_gd),
+):
+    register_baseline(_name)(_function)
+register_baseline("decision_tree", needs_sklearn=True)(decision_tree)
+register_baseline("gradient_boosting", needs_sklearn=True, max_prompts=256)(gradient_boosting)
 
 
 def _parse_value(text: str) -> Any:

@@ -135,3 +135,46 @@ def test_built_in_flat_keys_and_task_kwargs_agree():
         parse_recipe(
             ["--task", "sparse_linear_regression", "--sparsity", "3", "--task_kwargs", '{"sparsity": 2}']
         )
+
+
+def test_a_registered_view_distance_and_baseline_train_and_evaluate(tmp_path):
+    """The docs/extending.md examples: a view, a distance and a baseline registered by a user."""
+    import torch
+
+    from icl_conml import conml
+    from icl_conml.baselines import ESTIMATORS, parse_baseline, register_baseline
+    from icl_conml.evaluation import baseline_predictions
+    from icl_conml.train import main
+
+    @conml.register_view("every_other")
+    def every_other(n_tasks, n_points, num_views, generator, subset_min=0.5, subset_max=0.5):
+        index = torch.arange(0, n_points, 2)
+        return index.expand(n_tasks, num_views, -1).contiguous()
+
+    @conml.register_distance("abs")
+    def absolute(a, b):
+        return (a - b).abs().mean(-1)
+
+    @register_baseline("zero")
+    def zero(xs, ys, queries=None):
+        return torch.zeros_like(ys)
+
+    try:
+        out = tmp_path / "run"
+        args = [*TINY, "--conml_lambda", "0.1", "--conml_views", "every_other", "--conml_distance", "abs"]
+        assert main([*args, "--output_dir", str(out)]) == 0
+        state = json.loads((out / "trainer_state.json").read_text())
+        logged = [entry for entry in state["log_history"] if "d_in" in entry]
+        assert logged and all(entry["d_in"] >= 0 for entry in logged)
+        xs, ys = torch.randn(4, 6, 3), torch.randn(4, 6)
+        assert baseline_predictions(parse_baseline("zero"), _prompts(xs, ys)).abs().sum() == 0
+    finally:
+        conml.VIEWS.pop("every_other", None)
+        conml.DISTANCES.pop("abs", None)
+        ESTIMATORS.pop("zero", None)
+
+
+def _prompts(xs, ys):
+    from icl_conml.evaluation import Prompts
+
+    return Prompts(xs, ys)
