@@ -18,7 +18,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from table5 import PLAN, REPO, RUNS, TASKS, VARIANTS, run_dir  # noqa: E402
 
-from icl_conml.evaluation import compare_models, evaluate_model, write_comparison  # noqa: E402
+from icl_conml.evaluation import (  # noqa: E402
+    CompareArguments,
+    EvaluationArguments,
+    compare_models,
+    evaluate_model,
+    write_comparison,
+)
 
 EVAL_SEED = 20261129
 N_PROMPTS = 1280
@@ -94,9 +100,8 @@ def analyze(seeds: list[int]) -> None:
         if not all((p / "model.safetensors").exists() for p in plain):
             print(f"[table5] {task}: plain runs missing, skipped")
             continue
-        least_squares = evaluate_model(str(plain[0]), eval_set=str(data), baselines=["least_squares"])[
-            "curves"
-        ]["least_squares"]
+        only_least_squares = EvaluationArguments(eval_set=str(data), baselines=["least_squares"])
+        least_squares = evaluate_model(str(plain[0]), only_least_squares)["curves"]["least_squares"]
         comparisons = {}
         for variant in PLAN[task]:
             if variant == "plain":
@@ -108,8 +113,7 @@ def analyze(seeds: list[int]) -> None:
             result = compare_models(
                 [str(runs[i]) for i in available],
                 [str(plain[i]) for i in available],
-                labels=(variant, "plain"),
-                eval_set=str(data),
+                CompareArguments(labels=[variant, "plain"], eval_set=str(data)),
             )
             write_comparison(result, RUNS / "compare" / task / variant)
             comparisons[variant] = result

@@ -17,6 +17,8 @@ from .tasks import FunctionClass, Params, index_params
 
 # Distinct streams derived from one seed: the same seed never feeds two purposes.
 _TRAIN_STREAM, _POOL_STREAM, _EVAL_STREAM, _CONML_STREAM = 1, 2, 3, 4
+#: The stream of the evaluation's fresh prompts (``evaluation.sample_prompts``), used by no training purpose.
+EVALUATION_STREAM = 5
 
 
 def distinct_indices(pool_size: int, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -202,23 +204,79 @@ class TrainingPrompts(torch.utils.data.Dataset):
         return self.sampler.micro_batch(step, micro * self.num_processes + self.process_index, parts)
 
 
-class FixedPrompts(torch.utils.data.Dataset):
-    """A fixed set of prompts (one item per prompt), e.g. for ``eval_loss`` during training."""
+class PromptShift:
+    """A change of the prompt distribution, applied by ``Prompts.sample`` (the evaluation's
+    out-of-distribution shifts, ``evaluation.prompts.OODShift``, are its subclasses).
 
-    def __init__(self, xs: torch.Tensor, ys: torch.Tensor) -> None:
-        self.xs, self.ys = xs, ys
+    ``inputs`` runs after the task parameters and inputs are drawn and may change them and give
+    separate queries (N, n, d); ``labels`` runs after the labels are computed. Both draw from
+    the prompt generator, so a shifted set is a pure function of (task, sizes, seed, shift).
+    """
+
+    def inputs(
+        self, task: FunctionClass, params: Params, xs: torch.Tensor, generator: torch.Generator
+    ) -> tuple[Params, torch.Tensor, torch.Tensor | None]:
+        return params, xs, None
+
+    def labels(self, ys: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return ys
+
+    def error_scale(self, task: FunctionClass) -> float:
+        """What errors are divided by on top of the task's normaliser (1: none)."""
+        return 1.0
+
+
+@dataclass(eq=False)
+class Prompts(torch.utils.data.Dataset):
+    """A fixed set of prompts: one item per prompt, ``{"xs", "ys"}`` (the Trainer's eval dataset
+    during training); the evaluation package reads the tensors directly.
+
+    ``queries`` (N, n, d), when given, replace ``xs[:, k]`` as the k-th query (targets
+    ``query_ys``); errors are divided by ``error_scale`` on top of the task's normaliser (scaled
+    prompts are normalised back so that predicting 0 still scores about 1).
+    """
+
+    xs: torch.Tensor
+    ys: torch.Tensor
+    queries: torch.Tensor | None = None
+    query_ys: torch.Tensor | None = None
+    error_scale: float = 1.0
 
     @classmethod
     def sample(
-        cls, task: FunctionClass, n_prompts: int, n_points: int, seed: int, stream: int = _EVAL_STREAM
-    ) -> FixedPrompts:
+        cls,
+        task: FunctionClass,
+        n_prompts: int,
+        n_points: int,
+        seed: int,
+        stream: int = _EVAL_STREAM,
+        shift: PromptShift | None = None,
+    ) -> Prompts:
+        """``n_prompts`` prompts of ``task`` from the generator of (seed, 0, stream): one function
+        per prompt, then its inputs and labels (``shift`` hooks in between, see ``PromptShift``)."""
         generator = step_generator(seed, 0, stream)
         params = task.sample_params(n_prompts, generator)
         xs = task.sample_xs(n_prompts, n_points, generator)
-        return cls(xs, task.evaluate(params, xs, generator))
+        queries = None
+        if shift is not None:
+            params, xs, queries = shift.inputs(task, params, xs, generator)
+        ys = task.evaluate(params, xs, generator)
+        query_ys = None if queries is None else task.evaluate(params, queries, generator)
+        if shift is not None:
+            ys = shift.labels(ys, generator)
+        return cls(xs, ys, queries, query_ys, 1.0 if shift is None else shift.error_scale(task))
+
+    @property
+    def targets(self) -> torch.Tensor:
+        """The label of each query: ``query_ys`` when the queries are separate, else ``ys``."""
+        return self.ys if self.query_ys is None else self.query_ys
 
     def __len__(self) -> int:
         return self.xs.shape[0]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return {"xs": self.xs[index], "ys": self.ys[index]}
+
+
+#: The former name of ``Prompts`` (the same class).
+FixedPrompts = Prompts

@@ -92,7 +92,7 @@ def build_eval_set(
     """
     import datasets
 
-    from .evaluation import sample_prompts
+    from .evaluation.prompts import sample_prompts
 
     task = resolve_task(task_name, n_dims, **task_kwargs)
     prompts = sample_prompts(task, n_prompts, n_points, seed, ood)

@@ -256,8 +256,9 @@ def build_record(run: Run, command: list[str], wall_seconds: float) -> dict[str,
     import transformers
 
     from . import __version__
-    from .evaluation import curve_with_interval, errors_of, model_predictions
-    from .evaluation import load_model as load_icl_model
+    from .evaluation.loading import load_model as load_icl_model
+    from .evaluation.predictions import errors_of, model_predictions
+    from .evaluation.statistics import curve_with_interval
 
     out = run.output_dir
     state = json.loads((out / "trainer_state.json").read_text())
@@ -312,16 +313,15 @@ def build_record(run: Run, command: list[str], wall_seconds: float) -> dict[str,
 
 def _eval_prompts(spec: Spec, config):
     """The prompts every run is evaluated on (the ones training evaluated on, at full length)."""
-    from .data import FixedPrompts
-    from .evaluation import Prompts, load_eval_set
+    from .data import Prompts
+    from .evaluation.loading import load_eval_set
     from .tasks import get_task
 
     task = get_task(config.task, config.n_dims, **config.task_kwargs)
     if spec.eval.eval_set:
         prompts, _ = load_eval_set(spec.eval.eval_set)
         return prompts, task
-    fixed = FixedPrompts.sample(task, spec.eval.n_prompts, config.n_positions, seed=spec.eval.seed)
-    return Prompts(fixed.xs, fixed.ys), task
+    return Prompts.sample(task, spec.eval.n_prompts, config.n_positions, seed=spec.eval.seed), task
 
 
 def run_all(spec: Spec, jobs: int, only_index: int | None = None) -> list[str]:

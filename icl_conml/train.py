@@ -35,7 +35,7 @@ from .checkpoints import (
     remove_checkpoints,
 )
 from .config import Recipe, RecipeError, parse_recipe, validate
-from .data import ConMLSampling, Curriculum, FixedPrompts, PromptSampler, Schedule
+from .data import ConMLSampling, Curriculum, Prompts, PromptSampler, Schedule
 from .errors import run_main
 from .hub import push_errors_explained
 from .modeling import ICLConfig, ICLModel
@@ -152,7 +152,7 @@ def build_sampler(recipe: Recipe) -> PromptSampler:
     )
 
 
-def build_eval_prompts(recipe: Recipe) -> FixedPrompts | None:
+def build_eval_prompts(recipe: Recipe) -> Prompts | None:
     """The fixed prompts evaluated during training: ``eval_set`` if given, else ``eval_n_prompts``
     prompts drawn from ``eval_seed`` (not the training seed: every run of a study sees the same)."""
     task_args = recipe.task
@@ -161,12 +161,13 @@ def build_eval_prompts(recipe: Recipe) -> FixedPrompts | None:
     if task_args.eval_n_prompts == 0:
         return None
     task = task_args.function_class()
-    return FixedPrompts.sample(task, task_args.eval_n_prompts, task_args.n_points, seed=task_args.eval_seed)
+    return Prompts.sample(task, task_args.eval_n_prompts, task_args.n_points, seed=task_args.eval_seed)
 
 
-def load_training_eval_set(recipe: Recipe) -> FixedPrompts:
+def load_training_eval_set(recipe: Recipe) -> Prompts:
     """``eval_set`` as training-time eval prompts, checked against the recipe's task and sizes."""
-    from .evaluation import EvaluationError, load_eval_set
+    from .evaluation.arguments import EvaluationError
+    from .evaluation.loading import load_eval_set
 
     task_args, name = recipe.task, recipe.task.eval_set
     try:
@@ -187,13 +188,13 @@ def load_training_eval_set(recipe: Recipe) -> FixedPrompts:
             f"{' with shifted queries' if prompts.queries is not None else ''}; training-time evaluation "
             f"needs plain prompts of at most {limit} points (use the evaluation CLI for shifted sets)"
         )
-    return FixedPrompts(prompts.xs, prompts.ys)
+    return Prompts(prompts.xs, prompts.ys)  # training-time evaluation: plain errors, no error_scale
 
 
 def build_compute_metrics(recipe: Recipe):
     """The Trainer's ``compute_metrics``: the error at every k (``error_at_k/K``), the error at
     k = d and 2d and the needed context length at error 0.1, logged at every evaluation."""
-    from .evaluation import curve_metrics
+    from .evaluation.statistics import curve_metrics
 
     task_args = recipe.task
     if task_args.eval_n_prompts == 0 and task_args.eval_set is None:

@@ -246,7 +246,9 @@ def test_eval_set_roundtrip_and_mismatch(saved_models, tmp_path, capsys):
         == 0
     )
     from_set = json.loads((tmp_path / "a" / "results.json").read_text())
-    fresh = ev.evaluate_model(saved_models[0], n_prompts=64, seed=4)  # the same prompts, drawn again
+    fresh = ev.evaluate_model(
+        saved_models[0], ev.EvaluationArguments(n_prompts=64, seed=4)
+    )  # the same prompts, drawn again
     assert from_set["curves"] == fresh["curves"] and from_set["metadata"]["eval_set"] == str(folder)
     capsys.readouterr()
     wrong = tmp_path / "sparse_linear_regression_d3_n7_s4"
@@ -326,7 +328,7 @@ def test_training_logs_curve_summary_and_the_trained_model_beats_chance(tmp_path
     evals = [entry for entry in history if "eval_loss" in entry]
     assert [entry["step"] for entry in evals] == [125, 250]
     assert all({"eval_error_at_d", "eval_error_at_2d", "eval_needed_context_length"} <= set(e) for e in evals)
-    results = ev.evaluate_model(str(out), n_prompts=500)
+    results = ev.evaluate_model(str(out), ev.EvaluationArguments(n_prompts=500))
     curves = results["curves"]
     assert results["metadata"]["n_dims"] == 1 and len(curves["model"]) == 5  # defaults from its config
     # After 250 steps it uses the first examples (error at k = 1 far below k = 0, below averaging);

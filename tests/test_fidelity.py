@@ -13,7 +13,7 @@ from icl_conml.config import parse_recipe
 from icl_conml.data import (
     ConMLSampling,
     Curriculum,
-    FixedPrompts,
+    Prompts,
     PromptSampler,
     Schedule,
     distinct_indices,
@@ -130,7 +130,7 @@ def test_data_without_curriculum_or_pool_is_bit_identical_to_before(name):
     plain, with_conml, fixed, curriculum = BEFORE[name]
     assert run(Curriculum.constant(6, 9), None) == plain
     assert run(Curriculum.constant(6, 9), sampling) == with_conml
-    prompts = FixedPrompts.sample(task, 8, 9, seed=3)
+    prompts = Prompts.sample(task, 8, 9, seed=3)
     assert _digest({"xs": prompts.xs, "ys": prompts.ys}) == fixed
     if curriculum is not None:
         assert run(growing, None) == curriculum

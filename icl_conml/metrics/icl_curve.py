@@ -9,9 +9,8 @@ length: the numbers of ``icl_conml.evaluation`` (it calls the same functions).
 
 import datasets
 import evaluate
-import torch
 
-from icl_conml.evaluation import curve_summary
+from icl_conml.evaluation.statistics import prediction_curve
 from icl_conml.tasks import get_task
 
 _DESCRIPTION = """Error at k (the normalised squared error of the prediction for the (k+1)-th query
@@ -51,7 +50,5 @@ class IclCurve(evaluate.Metric):
         if n_dims is None:
             raise ValueError("icl_curve needs n_dims (the input dimension sets the error normaliser)")
         function_class = get_task(task, int(n_dims), **(task_kwargs or {}))
-        errors = function_class.error(torch.tensor(predictions).float(), torch.tensor(references).float())
-        curve = errors.mean(dim=0).tolist()
-        summary = curve_summary(curve, function_class.n_dims, threshold)
+        curve, summary = prediction_curve(function_class, predictions, references, threshold)
         return {"curve": curve, **summary}

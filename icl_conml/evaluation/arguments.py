@@ -1,0 +1,100 @@
+"""What an evaluation is asked to do: argument dataclasses (parsed by ``HfArgumentParser`` in
+``cli.py``, built directly in Python) and the one-line user error every module raises."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ..errors import UserError
+
+OOD_KINDS = ("scale_x", "scale_y", "noisy_y", "skewed", "orthant", "orthogonal_query", "repeated_query")
+
+
+class EvaluationError(UserError, ValueError):
+    """A user error (bad model id, eval set, option): reported as one line by the CLI (exit 2)."""
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class CommonArguments:
+    """Which prompts, and how they are run: shared by the evaluation of one model and ``compare``.
+    Task, dimension and length default to the (first) model's saved config."""
+
+    _argument_group_name = "prompts and run"
+
+    task: str | None = _help("Function class (default: the model's).", default=None)
+    task_kwargs: dict[str, Any] | str | None = _help(
+        "JSON, e.g. '{\"noise_std\": 0.5}' (default: the model's).", default=None
+    )
+    n_dims: int | None = _help("Input dimension (default: the model's).", default=None)
+    n_points: int | None = _help("Pairs per prompt (default: n_positions).", default=None)
+    n_prompts: int = _help("Prompts to evaluate on.", default=1280)
+    seed: int = _help("Seed of the prompts and of the bootstrap.", default=0)
+    ood: str | None = _help(f"Distribution shift: {', '.join(OOD_KINDS)} (NAME or NAME=VALUE).", default=None)
+    eval_set: str | None = _help("A fixed eval set: a folder or a Hub dataset REPO[:CONFIG].", default=None)
+    batch_size: int = _help("Prompts per forward pass.", default=256)
+    bootstrap_samples: int = _help("Bootstrap resamples.", default=1000)
+    device: str = _help(
+        "Device of the model (the CLI's default: cuda when available, else cpu).", default="cpu"
+    )
+    dtype: Literal["float32", "bfloat16"] = _help("Model forward precision (autocast).", default="float32")
+
+
+@dataclass
+class EvaluationArguments(CommonArguments):
+    """The evaluation of one model against the reference estimators (``curves.evaluate_model``)."""
+
+    _argument_group_name = "evaluation"
+
+    threshold: float = _help("Absolute error threshold ε.", default=0.1)
+    relative_tolerance: float = _help("'Within X of the best reference' (0.1 = 10%%).", default=0.1)
+    baselines: list[str] | None = _help(
+        "Reference estimators (name or name:key=value), default per task; none: --baselines with no value.",
+        default=None,
+    )
+
+
+@dataclass
+class CompareArguments(CommonArguments):
+    """The paper's Table 5 for models A_i against B_i (``compare.compare_models``)."""
+
+    _argument_group_name = "comparison"
+
+    labels: list[str] = _help(
+        "Names of the two sets of models in tables and plots.", default_factory=lambda: ["A", "B"]
+    )
+
+
+# ---- the command line only: which models, where the results go ------------------------------------------
+@dataclass
+class EvaluatedModel:
+    """The model of ``python -m icl_conml.evaluation``."""
+
+    _argument_group_name = "model"
+
+    model: str = _help("A training output_dir or a Hub id.")
+
+
+@dataclass
+class ComparedModels:
+    """The two sets of models of ``python -m icl_conml.evaluation compare``, paired by position."""
+
+    _argument_group_name = "models"
+
+    models: list[str] = _help("Models A (e.g. ConML runs, one per seed).")
+    against: list[str] = _help("Models B (e.g. plain ICL runs, same seeds).")
+
+
+@dataclass
+class OutputArguments:
+    """Where and how the command line reports."""
+
+    _argument_group_name = "output"
+
+    output_dir: str = _help("Where results are written.")
+    log_scale: bool = _help("Logarithmic error axis in the plot.", default=False)
+    quiet: bool = _help("No progress bars (they are shown only when stderr is a terminal).", default=False)

@@ -1,0 +1,115 @@
+"""Statistics on error curves: bootstrap over prompts, needed context length, the paper's
+Table 5 metrics, and the curve summary that training logs (the Trainer's ``compute_metrics``)
+and the ``icl_curve`` metric module return."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from ..tasks import FunctionClass
+
+
+def bootstrap_means(errors: torch.Tensor, n_samples: int = 1000, seed: int = 0) -> torch.Tensor:
+    """(R, n) means of ``errors`` (N, n) over R resamples of the prompts (with replacement).
+
+    The resample depends only on (N, R, seed): estimators evaluated on the same prompts are
+    resampled identically, so paired comparisons stay paired.
+    """
+    count = errors.shape[0]
+    generator = torch.Generator().manual_seed(seed)
+    index = torch.randint(0, count, (n_samples, count), generator=generator)
+    weights = torch.zeros(n_samples, count, dtype=torch.float64).scatter_add_(
+        1, index, torch.ones(n_samples, count, dtype=torch.float64)
+    )
+    return (weights @ errors.double() / count).float()
+
+
+def curve_with_interval(errors: torch.Tensor, n_samples: int = 1000, seed: int = 0) -> dict[str, list[float]]:
+    """Mean error at each k and its bootstrap 95% percentile interval."""
+    means = bootstrap_means(errors, n_samples, seed)
+    low, high = torch.quantile(means, torch.tensor([0.025, 0.975]), dim=0)
+    return {"mean": errors.double().mean(0).tolist(), "low": low.tolist(), "high": high.tolist()}
+
+
+def percentile_interval(samples: torch.Tensor) -> dict[str, Any]:
+    """95% percentile interval of bootstrap samples, ignoring undefined (NaN) ones."""
+    defined = samples[~torch.isnan(samples)]
+    undefined = float(torch.isnan(samples).float().mean())
+    if defined.numel() == 0:
+        return {"low": None, "high": None, "undefined_fraction": undefined}
+    low, high = torch.quantile(defined.double(), torch.tensor([0.025, 0.975], dtype=torch.float64))
+    return {"low": float(low), "high": float(high), "undefined_fraction": undefined}
+
+
+def mean_std(values: list[float]) -> dict[str, float | None]:
+    """Mean and sample standard deviation (0 for one value; None for none)."""
+    if not values:
+        return {"mean": None, "std": None}
+    tensor = torch.tensor(values, dtype=torch.float64)
+    std = float(tensor.std(unbiased=True)) if len(values) > 1 else 0.0
+    return {"mean": float(tensor.mean()), "std": std}
+
+
+def needed_context_length(curve: Sequence[float], threshold: float) -> int | None:
+    """The smallest k whose error is ≤ threshold; ``None`` if no k in the curve gets there."""
+    for k, value in enumerate(curve):
+        if value <= threshold:
+            return k
+    return None
+
+
+def table5_metrics(curve_a: torch.Tensor, curve_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paper's Table 5 for curves (..., n) of A against B, batched over leading dims.
+
+    Rel. Min. Error = min_k A / min_k B. Shot Spare = (first k with A ≤ min_k B) − argmin_k B,
+    NaN where A never reaches B's minimum (undefined, never invented). Negative = A needs fewer.
+    """
+    best_b, at_b = curve_b.min(dim=-1)
+    relative = curve_a.min(dim=-1).values / best_b
+    reached = curve_a <= best_b.unsqueeze(-1)
+    first = reached.float().argmax(dim=-1)  # first True (argmax returns the first maximum)
+    spare = (first - at_b).float()
+    return relative, torch.where(reached.any(dim=-1), spare, torch.full_like(spare, math.nan))
+
+
+def curve_summary(curve: Sequence[float], n_dims: int, threshold: float = 0.1) -> dict[str, float]:
+    """What training logs next to eval_loss: error at k = d and 2d, needed context length (−1 = never)."""
+    curve = [float(v) for v in curve]
+    summary: dict[str, float] = {}
+    for name, k in (("error_at_d", n_dims), ("error_at_2d", 2 * n_dims)):
+        if k < len(curve):
+            summary[name] = round(curve[k], 6)
+    needed = needed_context_length(curve, threshold)
+    summary["needed_context_length"] = -1 if needed is None else needed
+    return summary
+
+
+def prediction_curve(
+    task: FunctionClass, predictions: Any, targets: Any, threshold: float = 0.1
+) -> tuple[list[float], dict[str, float]]:
+    """The error at each k of predictions (N, n) against targets (N, n), averaged over prompts,
+    and its ``curve_summary``: the one implementation behind ``curve_metrics`` and ``icl_curve``."""
+    errors = task.error(torch.as_tensor(predictions).float(), torch.as_tensor(targets).float())
+    curve = errors.mean(dim=0).tolist()
+    return curve, curve_summary(curve, task.n_dims, threshold)
+
+
+def curve_metrics(task: FunctionClass, threshold: float = 0.1) -> Callable[[Any], dict[str, float]]:
+    """A ``compute_metrics`` for ``transformers.Trainer``: the model's outputs after the loss are
+    its predictions (N, n) and ``label_names=["ys"]`` makes the labels the targets. Besides the
+    curve summary it returns the whole curve as ``error_at_k/K`` (Garg et al. log it as
+    ``pointwise/loss``), which every ``report_to`` backend records as one scalar per k."""
+
+    def compute(eval_prediction) -> dict[str, float]:
+        predictions = eval_prediction.predictions
+        if isinstance(predictions, tuple):
+            predictions = predictions[0]
+        curve, summary = prediction_curve(task, predictions, eval_prediction.label_ids, threshold)
+        per_k = {f"error_at_k/{k}": round(float(value), 6) for k, value in enumerate(curve)}
+        return {**summary, **per_k}
+
+    return compute
