@@ -37,6 +37,7 @@ from .errors import OneLineParser, UserError, command_name, entry_point
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_LAUNCHER = f"{sys.executable} -m icl_conml.train"
+SEGMENTS = "experiment_segments.jsonl"
 # Keys that identify a run rather than its experiment: never compared when pairing runs.
 RUN_IDENTITY_KEYS = frozenset(
     {"seed", "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "run_name", "logging_dir"}
@@ -230,13 +231,18 @@ def execute(run: Run, threads: int) -> dict[str, Any] | None:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         env.setdefault("HF_HUB_OFFLINE", "1")
         print(f"[experiment] start {run.name}: {shlex.join(command)}", flush=True)
+        segment_start = time.time()
         with open(run.output_dir / "train.log", "a") as log:
             code = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+        # One line per training segment (a resume is a new segment): the code it ran and its time.
+        segment = {"command": shlex.join(command), "exit": code, "seconds": time.time() - segment_start}
+        with open(run.output_dir / SEGMENTS, "a") as segments:
+            segments.write(json.dumps({**git_commit(), **segment}) + "\n")
         if code != 0:
             raise ExperimentError(
                 f"run {run.name} failed (exit {code}); see {run.output_dir / 'train.log'} and re-run to resume"
             )
-    record = build_record(run, command, time.time() - start)
+    record = build_record(run, command)
     run.record_path.parent.mkdir(parents=True, exist_ok=True)
     temporary = run.record_path.with_suffix(".json.tmp")
     temporary.write_text(json.dumps(record, indent=1))
@@ -246,11 +252,11 @@ def execute(run: Run, threads: int) -> dict[str, Any] | None:
 
         for child in run.output_dir.glob("checkpoint-*"):
             shutil.rmtree(child, ignore_errors=True)
-    print(f"[experiment] done {run.name}: {record['wall_seconds']:.0f} s", flush=True)
+    print(f"[experiment] done {run.name}: {time.time() - start:.0f} s", flush=True)
     return record
 
 
-def build_record(run: Run, command: list[str], wall_seconds: float) -> dict[str, Any]:
+def build_record(run: Run, command: list[str]) -> dict[str, Any]:
     """What the analysis needs from a finished run (small: no weights, no per-prompt errors)."""
     import torch
     import transformers
@@ -262,6 +268,10 @@ def build_record(run: Run, command: list[str], wall_seconds: float) -> dict[str,
 
     out = run.output_dir
     state = json.loads((out / "trainer_state.json").read_text())
+    segments = []
+    if (out / SEGMENTS).is_file():
+        lines = (out / SEGMENTS).read_text().splitlines()
+        segments = [{k: v for k, v in json.loads(line).items() if k != "command"} for line in lines if line]
     recipe = yaml.safe_load((out / "recipe.yaml").read_text()) if (out / "recipe.yaml").is_file() else {}
     model = load_icl_model(str(out))
     prompts, task = _eval_prompts(run.spec, model.config)
@@ -296,9 +306,11 @@ def build_record(run: Run, command: list[str], wall_seconds: float) -> dict[str,
         "icl_conml_version": __version__,
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
-        **git_commit(),
+        # The commit of the last training segment (``segments``: every one, with its time).
+        **(segments[-1] if segments else git_commit()),
+        "segments": segments,
         "finished_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "wall_seconds": wall_seconds,
+        "wall_seconds": sum(segment.get("seconds", 0.0) for segment in segments),
         "n_dims": model.config.n_dims,
         "eval": {
             "n_prompts": int(prompts.xs.shape[0]),
@@ -330,6 +342,10 @@ def run_all(spec: Spec, jobs: int, only_index: int | None = None) -> list[str]:
     todo = [run for run in runs if not run.record_path.is_file()]
     print(f"[experiment] {spec.name}: {len(runs) - len(todo)} of {len(runs)} runs have records", flush=True)
     threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
+    # Import what records need now: a study runs for hours, and a module first imported after the
+    # working tree moved to another commit would mix two versions of the package in this process.
+    from . import evaluation  # noqa: F401
+
     failures: list[str] = []
 
     def one(run: Run) -> None:

@@ -101,7 +101,8 @@ def test_a_two_seed_two_arm_study_runs_resumes_and_analyses(tmp_path):
     assert record["attn_implementation"] == "eager"
     assert record["global_step"] == 50 and len(record["final_curve"]["mean"]) == 11
     assert [e["step"] for e in record["eval_history"]] == [25, 50]
-    assert "commit" in record and record["icl_conml_version"]
+    assert record["icl_conml_version"] and record["segments"]
+    assert record["commit"] == record["segments"][-1]["commit"] and record["wall_seconds"] > 0
 
     # Pairing: the two arms of a seed started from the same weights and prompts, so their first
     # logged ICL losses differ only by what ConML changed in 10 steps (plain seeds 0 and 1 differ more).
