@@ -33,6 +33,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import socket
 import threading
@@ -72,6 +73,70 @@ class RunInterrupted(CommandError):
         self.traceback_on_request = code == EXIT_CTRL_C
 
 
+#: Exit status when writing to output_dir failed (the disk is full, a quota, an I/O error: EX_IOERR).
+EXIT_STORAGE = 74
+_TORCH_WRITE_FAILURES = (
+    "unexpected pos",
+    "PytorchStreamWriter failed",
+    "file write failed",
+    "iostream error",
+)
+
+
+class StorageError(CommandError):
+    """Writing the run's files failed (disk full, quota, I/O error); one line, exit ``EXIT_STORAGE``."""
+
+    exit_code = EXIT_STORAGE
+
+
+def storage_error(error: BaseException, output_dir: str | Path, step: int | None) -> StorageError | None:
+    """A ``StorageError`` explaining ``error`` if it is a failed write (else ``None``).
+
+    The disk filling up surfaces as ``OSError(ENOSPC)`` from Python writes, or as torch's
+    ``[enforce fail at inline_container.cc] unexpected pos`` from ``torch.save``, which never
+    says "no space"; both are reported with the free space and what to do.
+    """
+    chain = _chain(error)
+    texts = [str(e) for e in chain]
+    errnos = {getattr(e, "errno", None) for e in chain}
+    torch_write = isinstance(error, RuntimeError) and any(
+        m in t for t in texts for m in _TORCH_WRITE_FAILURES
+    )
+    if not (errnos & {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS} or torch_write):
+        return None
+    try:
+        usage = shutil.disk_usage(output_dir)
+        free = f"{usage.free / 1e6:,.1f} MB free of {usage.total / 1e6:,.1f} MB"
+        full = usage.free < max(64e6, 0.001 * usage.total)
+    except OSError:
+        free, full = "free space unknown", False
+    if errno.EDQUOT in errnos:
+        what = "the disk quota is exceeded"
+    elif errno.ENOSPC in errnos or (torch_write and full):
+        what = "no space left on device"
+    elif errno.EROFS in errnos:
+        what = "the filesystem is read-only"
+    else:
+        what = f"a write failed ({texts[0].splitlines()[0][:120] if texts[0] else type(error).__name__})"
+    from .checkpoints import latest_checkpoint
+
+    last = latest_checkpoint(output_dir, verify=False)
+    kept = f"the newest complete checkpoint is {last}" if last else "no checkpoint was saved"
+    at = f" at step {step}" if step is not None else ""
+    return StorageError(
+        f"{what} in output_dir={str(output_dir)!r} ({free}) while writing the run's files{at}; {kept}. "
+        f"Free some space (or move output_dir), then resume with --resume_from_checkpoint latest"
+    )
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    found, cause = [], error
+    while cause is not None and len(found) < 5:
+        found.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    return found
+
+
 def _now() -> str:
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
@@ -79,8 +144,11 @@ def _now() -> str:
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     """Write atomically (a temporary file renamed over the old one): never a half-written file."""
     temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(data, indent=1, default=str) + "\n")
-    os.replace(temporary, path)
+    try:
+        temporary.write_text(json.dumps(data, indent=1, default=str) + "\n")
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -39,7 +39,14 @@ from .data import ConMLSampling, Curriculum, Prompts, PromptSampler, Schedule
 from .errors import run_main
 from .hub import push_errors_explained
 from .modeling import ICLConfig, ICLModel
-from .run_guard import EXIT_CTRL_C, EXIT_INTERRUPTED, RunGuard, RunInterrupted, check_resume
+from .run_guard import (
+    EXIT_CTRL_C,
+    EXIT_INTERRUPTED,
+    RunGuard,
+    RunInterrupted,
+    check_resume,
+    storage_error,
+)
 from .tasks import task_reference
 
 if TYPE_CHECKING:
@@ -379,6 +386,12 @@ def run(recipe: Recipe) -> dict[str, float]:
         except KeyboardInterrupt:
             guard.end("interrupted", signal="SIGINT")
             raise RunInterrupted(_ctrl_c_message(recipe, guard), EXIT_CTRL_C) from None
+        except (OSError, RuntimeError) as error:
+            storage = storage_error(error, training.output_dir, guard.step)
+            if storage is None:
+                raise
+            guard.end("failed", error=str(storage))
+            raise storage from None
 
 
 def _ctrl_c_message(recipe: Recipe, guard: RunGuard) -> str:

@@ -716,3 +716,45 @@ def test_launch_slurm_stops_on_usr1_requeues_and_the_next_attempt_resumes(tmp_pa
     assert read_status(out)["status"] == "finished" and (out / "model.safetensors").is_file()
     starts = [e for e in read_history(out) if e["event"] == "start"]
     assert [e["start_step"] for e in starts] == [0, status["step"]] and starts[1]["world_size"] == 2
+
+
+# ---- 8. a full disk --------------------------------------------------------------------------------------
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 200 kB filesystem (tmpfs): the run fills it while saving checkpoints."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mounted = (
+        os.geteuid() == 0
+        and subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(folder)], capture_output=True
+        ).returncode
+        == 0
+    )
+    if not mounted:
+        pytest.skip("needs to mount a small tmpfs (root)")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], capture_output=True)
+
+
+def test_a_full_disk_is_one_line_and_the_run_resumes_once_space_is_freed(small_disk, capsys):
+    out = small_disk / "run"
+    args = [*TINY, "--max_steps", "6", "--output_dir", str(out)]
+    done = subprocess.run(
+        [sys.executable, "-m", "icl_conml.train", *args], cwd=REPO, env=_env(), capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert done.returncode == run_guard.EXIT_STORAGE, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    [line] = _error_lines(done.stderr)
+    assert line.startswith(
+        f"icl_conml: error: no space left on device in output_dir={str(out)!r} (0.0 MB free"
+    ), line
+    assert "then resume with --resume_from_checkpoint latest" in line
+    assert read_status(out)["status"] in ("running", "failed")  # (its own record may not fit either)
+
+    subprocess.run(["mount", "-o", "remount,size=20m", str(small_disk)], check=True)  # space freed
+    assert main([*args, "--resume_from_checkpoint", "latest"]) == 0
+    assert read_status(out)["status"] == "finished" and (out / "model.safetensors").is_file()
