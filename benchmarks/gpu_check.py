@@ -1,22 +1,37 @@
-"""Measure one training configuration (``run``) and write the GPU check's table (``report``).
+"""The GPU check's parts: throughput rows, the SDPA kernel behind ConML's mask, a learning check, the report.
 
-``benchmarks/gpu_check.sh`` calls ``run`` once per row (single process, or under
-``accelerate launch`` for ZeRO-2), then ``report``. A row is: mean step time after warm-up,
-samples/s, peak memory, model FLOP/s and its fraction of the device's bf16 peak.
+``benchmarks/gpu_check.sh`` runs them in turn, each writing JSON into one folder, then ``report``
+writes ``docs/gpu.md``:
+
+- ``run --row NAME=LAMBDA@PRECISION ...``: train each configuration for ``--steps`` steps (a fresh
+  model and Trainer each; under ``torchrun`` / ``accelerate launch`` when the script launches
+  it so): mean step time after warm-up, steps/s, tokens/s, samples/s, peak memory, model
+  FLOP/s and its fraction of the device's peak for that precision.
+- ``kernels``: one ConML training step (``ConMLTrainer.compute_loss`` + backward, exactly the
+  training path) with and without ConML, fp32 and bf16 autocast: which SDPA kernel PyTorch picked
+  (from the profiler's op names), then the step under ``torch.nn.attention.sdpa_kernel``
+  restricted to each backend in turn: its time, or the error when that kernel cannot take the
+  inputs (flash takes no arbitrary mask; math is the slow fallback to avoid).
+- ``learn --seconds S``: the recipe's first curriculum stage held fixed, with ConML in bf16, for S
+  seconds: the training loss must fall.
+- ``report``: the markdown record.
 
 Model FLOPs per step (forward + backward, the usual 6N rule plus attention):
 ``global batch × (6 · N · L + 12 · n_layer · n_embd · L²)`` with N the non-embedding
 parameters (read-in, transformer blocks, read-out) and L the tokens per sequence: 2 per
-(x, y) pair plus the ConML probe tokens appended to the main sequence.
+(x, y) pair plus the ConML tokens appended to the main sequence.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import platform
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -35,8 +50,19 @@ from icl_conml.config import parse_recipe  # noqa: E402
 from icl_conml.train import build_model, build_sampler  # noqa: E402
 from icl_conml.trainer import ConMLTrainer  # noqa: E402
 
-ROWS = ("plain", "conml", "zero2 plain", "zero2 conml")
-H200_BF16_DENSE_TFLOPS = 989.0  # NVIDIA's H200 SXM spec sheet, dense (no sparsity)
+ROWS = (
+    "fp32 plain", "fp32 conml", "bf16 plain", "bf16 conml",
+    "ddp plain", "ddp conml", "zero2 plain", "zero2 conml",
+)  # fmt: skip
+# NVIDIA's H200 SXM spec sheet: dense bf16 tensor cores, and fp32 without TF32 (PyTorch's
+# default for matmuls).
+H200_PEAK_TFLOPS = {"bf16": 989.0, "fp32": 67.0}
+BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 class StepTimer(TrainerCallback):
@@ -46,22 +72,42 @@ class StepTimer(TrainerCallback):
         self.times: list[float] = []
         self._start = 0.0
 
-    @staticmethod
-    def _sync() -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-
     def on_step_begin(self, args, state, control, **kwargs):
-        self._sync()
+        _sync()
         self._start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
-        self._sync()
+        _sync()
         self.times.append(time.perf_counter() - self._start)
 
 
+class TimeLimit(TrainerCallback):
+    """Stop training after ``seconds`` of wall time."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.start = time.perf_counter()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if time.perf_counter() - self.start >= self.seconds:
+            control.should_training_stop = True
+            control.should_log = True
+
+
+def _recipe(args: argparse.Namespace, overrides: list[str], scratch: str, *extra: str):
+    return parse_recipe(
+        [
+            args.recipe, *overrides, *extra, "--output_dir", scratch, "--save_strategy", "no",
+            "--eval_strategy", "no", "--eval_n_prompts", "0", "--report_to", "none", "--disable_tqdm", "true",
+        ]
+    )  # fmt: skip
+
+
 def tokens_per_sequence(recipe, sampler) -> int:
-    """Main-sequence length at step 0, ConML probe tokens included (2n + appended tokens)."""
+    """Main-sequence length at step 0, ConML's appended tokens included (2n + appended tokens)."""
     batch = sampler.global_batch(0)
     n_points = batch["xs"].shape[1]
     if "probes" not in batch:
@@ -86,40 +132,33 @@ def model_flops_per_sequence(model, n_layer: int, n_embd: int, length: int) -> f
     return 6.0 * non_embedding * length + 12.0 * n_layer * n_embd * length**2
 
 
+def _launcher(trainer: ConMLTrainer) -> str:
+    if trainer.is_deepspeed_enabled:
+        stage = trainer.accelerator.state.deepspeed_plugin.zero_stage
+        return f"DeepSpeed ZeRO-{stage}"
+    kind = str(getattr(trainer.accelerator.distributed_type, "value", trainer.accelerator.distributed_type))
+    return {"NO": "single process", "MULTI_GPU": "DDP (NCCL)", "MULTI_CPU": "DDP (gloo)"}.get(kind, kind)
+
+
+# ---- run ---------------------------------------------------------------------------------------------
 def run(args: argparse.Namespace, overrides: list[str]) -> None:
-    """Every ``--row NAME=LAMBDA`` in turn, each a fresh model and Trainer, one JSON file each."""
+    """Every ``--row NAME=LAMBDA@PRECISION`` in turn, each a fresh model and Trainer, one JSON file each."""
     for spec in args.row:
-        name, _, value = spec.partition("=")
-        row = measure(args, name, [*overrides, "--conml_lambda", value or "0"])
+        name, _, rest = spec.partition("=")
+        value, _, precision = rest.partition("@")
+        precision = precision or "bf16"
+        extra = ["--conml_lambda", value or "0", "--bf16", "true" if precision == "bf16" else "false"]
+        row = measure(args, name, precision, [*overrides, *extra])
         if row is not None:
-            Path(args.out_dir, name.replace(" ", "_") + ".json").write_text(json.dumps(row, indent=1))
+            Path(args.out_dir, name.replace(" ", "_") + ".row.json").write_text(json.dumps(row, indent=1))
             print(json.dumps(row))
 
 
-def measure(args: argparse.Namespace, name: str, overrides: list[str]) -> dict | None:
+def measure(args: argparse.Namespace, name: str, precision: str, overrides: list[str]) -> dict | None:
     """Train one configuration; its row on the main process, None on the others."""
     with tempfile.TemporaryDirectory() as scratch:
-        recipe = parse_recipe(
-            [
-                args.recipe,
-                *overrides,
-                "--max_steps",
-                str(args.steps),
-                "--output_dir",
-                scratch,
-                "--save_strategy",
-                "no",
-                "--eval_strategy",
-                "no",
-                "--eval_n_prompts",
-                "0",
-                "--logging_steps",
-                str(args.steps),
-                "--report_to",
-                "none",
-                "--disable_tqdm",
-                "true",
-            ]  # fmt: skip
+        recipe = _recipe(
+            args, overrides, scratch, "--max_steps", str(args.steps), "--logging_steps", str(args.steps)
         )
         model = build_model(recipe)
         sampler = build_sampler(recipe)
@@ -147,37 +186,170 @@ def measure(args: argparse.Namespace, name: str, overrides: list[str]) -> dict |
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         if not trainer.is_world_process_zero():
             return None
+        launcher = _launcher(trainer)
     timed = timer.times[args.warmup :] or timer.times
     step_time = sum(timed) / len(timed)
     achieved = flops_per_step / step_time / 1e12
+    peak = args.peak_tflops_bf16 if precision == "bf16" else args.peak_tflops_fp32
     return {
         "name": name,
+        "launcher": launcher,
         "processes": recipe.training.world_size,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",
-        "precision": "bf16" if recipe.training.bf16 else "fp32",
+        "precision": precision,
         "global_batch": sampler.global_batch_size,
         "tokens_per_sequence": length,
         "conml_lambda": recipe.conml.conml_lambda,
         "steps": args.steps,
         "timed_steps": len(timed),
         "step_time_s": step_time,
+        "steps_per_s": 1.0 / step_time,
+        "tokens_per_s": sampler.global_batch_size * length / step_time,
         "samples_per_s": sampler.global_batch_size / step_time,
         "peak_memory_gib": peak_bytes / 2**30,
         "memory_kind": memory_kind,
         "model_tflop_per_step": flops_per_step / 1e12,
         "achieved_tflops": achieved,
-        "fraction_of_peak": achieved / args.peak_tflops,
-        "peak_tflops": args.peak_tflops,
+        "peak_tflops": peak,
+        "fraction_of_peak": achieved / peak,
         "final_loss": losses[-1] if losses else None,
     }
 
 
+# ---- kernels -----------------------------------------------------------------------------------------
+def _sdpa_ops(step) -> list[str]:
+    """The ``aten::_scaled_dot_product_*`` ops one call of ``step`` ran (the kernel SDPA picked)."""
+    with torch.profiler.profile() as profile:
+        step()
+        _sync()
+    names = {event.key for event in profile.key_averages()}
+    return sorted(
+        n
+        for n in names
+        if n.startswith("aten::_scaled_dot_product") or n == "aten::_efficient_attention_forward"
+    )
+
+
+def _training_step(trainer: ConMLTrainer, model, batch: dict, precision: str, device_type: str) -> None:
+    """``compute_loss`` + backward, as the Trainer runs it (bf16: autocast)."""
+    autocast = (
+        torch.autocast(device_type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    )
+    with autocast:
+        loss = trainer.compute_loss(model, batch)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def kernels(args: argparse.Namespace, overrides: list[str]) -> None:
+    """Which SDPA kernel a training step runs, plain and with ConML's mask, fp32 and bf16."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    results = []
+    for conml_lambda in ("0", "0.02"):
+        with tempfile.TemporaryDirectory() as scratch:
+            recipe = _recipe(args, overrides, scratch, "--conml_lambda", conml_lambda, "--max_steps", "1")
+            trainer = ConMLTrainer(
+                model=build_model(recipe),
+                args=recipe.training,
+                train_dataset=build_sampler(recipe),
+                conml_args=recipe.conml,
+            )
+            model = trainer.model.train()
+            batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+            for precision in ("fp32", "bf16"):
+                step = functools.partial(_training_step, trainer, model, batch, precision, device_type)
+                step()  # warm-up (kernel selection, allocator)
+                row = {
+                    "inputs": "ConML (4D additive mask)"
+                    if conml_lambda != "0"
+                    else "plain (causal, no mask)",
+                    "precision": precision,
+                    "default": _sdpa_ops(step),
+                    "backends": {},
+                }
+                for backend in BACKENDS:
+                    try:
+                        with sdpa_kernel([getattr(SDPBackend, backend)]):
+                            step()
+                            times = []
+                            for _ in range(args.repeats):
+                                _sync()
+                                start = time.perf_counter()
+                                step()
+                                _sync()
+                                times.append(time.perf_counter() - start)
+                        row["backends"][backend] = {"ms": 1e3 * statistics.median(times)}
+                    except RuntimeError as error:
+                        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                        row["backends"][backend] = {"error": first.split(". ")[0][:100]}
+                results.append(row)
+                print(json.dumps(row))
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    Path(args.out_dir, "kernels.json").write_text(json.dumps({"device": device, "rows": results}, indent=1))
+
+
+# ---- learn -------------------------------------------------------------------------------------------
+def learn(args: argparse.Namespace, overrides: list[str]) -> None:
+    """Train for ``--seconds`` at the recipe's first curriculum stage (held fixed): does the loss fall?"""
+    with tempfile.TemporaryDirectory() as scratch:
+        recipe = _recipe(
+            args, overrides, scratch, "--max_steps", "1000000", "--logging_steps", str(args.logging_steps),
+            "--curriculum_dims_interval", "1000000000", "--curriculum_points_interval", "1000000000",
+        )  # fmt: skip
+        limit = TimeLimit(args.seconds)
+        trainer = ConMLTrainer(
+            model=build_model(recipe),
+            args=recipe.training,
+            train_dataset=build_sampler(recipe),
+            conml_args=recipe.conml,
+            callbacks=[limit],
+        )
+        trainer.train()
+        seconds = time.perf_counter() - limit.start
+        curve = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
+    first = [loss for _, loss in curve[:2]]
+    last = [loss for _, loss in curve[-2:]]
+    result = {
+        "seconds": seconds,
+        "steps": trainer.state.global_step,
+        "n_dims": recipe.task.curriculum_dims_start or recipe.task.n_dims,
+        "n_points": recipe.task.curriculum_points_start or recipe.task.n_points,
+        "precision": "bf16" if recipe.training.bf16 else "fp32",
+        "conml_lambda": recipe.conml.conml_lambda,
+        "curve": curve,
+        "first_loss": sum(first) / len(first) if first else None,
+        "last_loss": sum(last) / len(last) if last else None,
+    }
+    result["falls"] = bool(first and last and result["last_loss"] < 0.5 * result["first_loss"])
+    Path(args.out_dir, "learn.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps({key: value for key, value in result.items() if key != "curve"}))
+
+
+# ---- report ------------------------------------------------------------------------------------------
+def _row_line(row: dict, rows: dict[str, dict]) -> str:
+    group, _, kind = row["name"].rpartition(" ")
+    base = rows.get(f"{group} plain") if kind == "conml" else None
+    single = rows.get(f"bf16 {kind}") if group in ("ddp", "zero2") else None
+    conml_ratio = f"{row['step_time_s'] / base['step_time_s']:.2f}x" if base else "-"
+    vs_single = f"{row['step_time_s'] / single['step_time_s']:.2f}x" if single else "-"
+    return (
+        f"| {row['name']} | {row['launcher']} | {row['precision']} | {row['global_batch']} "
+        f"| {row['tokens_per_sequence']} | {row['step_time_s'] * 1e3:.2f} | {row['steps_per_s']:.1f} "
+        f"| {row['tokens_per_s']:,.0f} | {row['peak_memory_gib']:.3f} | {row['achieved_tflops']:.3g} "
+        f"| {row['fraction_of_peak']:.2%} | {conml_ratio} | {vs_single} |"
+    )
+
+
 def report(args: argparse.Namespace) -> None:
-    rows = [json.loads(Path(path).read_text()) for path in args.rows if Path(path).is_file()]
-    order = {name: i for i, name in enumerate(ROWS)}
-    rows.sort(key=lambda row: order.get(row["name"], len(order)))
-    missing = [name for name in ROWS if name not in {row["name"] for row in rows}]
-    plain = {row["name"]: row for row in rows}
+    folder = Path(args.folder)
+    rows = {
+        row["name"]: row for row in (json.loads(p.read_text()) for p in sorted(folder.glob("*.row.json")))
+    }
+    ordered = [rows[name] for name in ROWS if name in rows] + [r for n, r in rows.items() if n not in ROWS]
+    kernels_file, learn_file = folder / "kernels.json", folder / "learn.json"
+    device = ordered[0]["device"] if ordered else "?"
     lines = []
     if args.dry_run:
         lines += [
@@ -188,34 +360,73 @@ def report(args: argparse.Namespace) -> None:
     lines += [
         "# GPU check",
         "",
-        f"Written by `benchmarks/gpu_check.sh` on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; "
-        f"torch {torch.__version__}, Python {platform.python_version()}.",
-        f"Device: {rows[0]['device'] if rows else '?'}. Peak used for the fraction: "
-        f"{rows[0]['peak_tflops'] if rows else '?'} TFLOP/s (bf16 dense).",
+        f"Written by `benchmarks/gpu_check.sh` on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC in "
+        f"{args.elapsed} s; torch {torch.__version__}, Python {platform.python_version()}. Device: {device}.",
         "",
-        "| run | processes | precision | global batch | tokens/seq | step time (ms) | samples/s "
-        "| peak memory (GiB) | model TFLOP/s | fraction of peak | vs plain step |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "## Throughput",
+        "",
+        f"The standard model of `{args.recipe}` at its final prompt size. Step time: mean over "
+        f"{ordered[0]['timed_steps'] if ordered else '?'} of {ordered[0]['steps'] if ordered else '?'} steps "
+        "(the first ones are warm-up), device synchronised around each step. bf16 is the Trainer's "
+        "autocast (`--bf16 true`; DeepSpeed keeps bf16 weights). `ddp`: `torchrun` with one process "
+        "(the model wrapped in DDP); `zero2`: `accelerate launch` with `recipes/accelerate/zero2.yaml`, "
+        "one process.",
+        "",
+        "| run | launcher | precision | global batch | tokens/seq | step (ms) | steps/s | tokens/s "
+        "| peak memory (GiB) | model TFLOP/s | of peak | ConML / plain | vs single process |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in rows:
-        base = plain.get("zero2 plain" if row["name"].startswith("zero2") else "plain")
-        ratio = f"{row['step_time_s'] / base['step_time_s']:.2f}x" if base else "-"
-        lines.append(
-            f"| {row['name']} | {row['processes']} | {row['precision']} | {row['global_batch']} "
-            f"| {row['tokens_per_sequence']} | {row['step_time_s'] * 1e3:.2f} | {row['samples_per_s']:.0f} "
-            f"| {row['peak_memory_gib']:.3f} | {row['achieved_tflops']:.3g} | {row['fraction_of_peak']:.2%} "
-            f"| {ratio} |"
-        )
-    for name in missing:
-        lines.append(f"| {name} | not run: {args.missing} |" + " |" * 9)
-    if rows:
+    lines += [_row_line(row, rows) for row in ordered]
+    lines += [f"| {name} | not run |" + " |" * 11 for name in ROWS if name not in rows]
+    if ordered:
+        peaks = sorted({(row["precision"], row["peak_tflops"]) for row in ordered})
         lines += [
             "",
-            f"Step time: mean over {rows[0]['timed_steps']} of {rows[0]['steps']} steps (the first ones are "
-            "warm-up), device synchronised around each step. Memory: "
-            f"{rows[0]['memory_kind']}. Model FLOPs: global batch × (6·N·L + 12·n_layer·n_embd·L²), "
-            "N = non-embedding parameters, L = tokens per sequence (ConML probe tokens included).",
+            f"Memory: {ordered[0]['memory_kind']}. Model FLOPs: global batch × (6·N·L + 12·n_layer·n_embd·L²), "
+            "N = non-embedding parameters, L = tokens per sequence (ConML's appended tokens included); "
+            "peaks used for the fraction: " + ", ".join(f"{p} {v:g} TFLOP/s" for p, v in peaks) + ".",
         ]
+    lines += ["", "## Attention kernel with ConML's mask", ""]
+    if kernels_file.is_file():
+        found = json.loads(kernels_file.read_text())
+        lines += [
+            "One training step (`compute_loss` + backward) of the same model: the `aten` SDPA op PyTorch "
+            "ran by default (profiler), then the step with `torch.nn.attention.sdpa_kernel` restricted to "
+            "one backend (median ms, or why that backend refused the inputs).",
+            "",
+            "| inputs | precision | ran by default | " + " | ".join(BACKENDS) + " |",
+            "|---|---|---|" + "---|" * len(BACKENDS),
+        ]
+        for row in found["rows"]:
+            cells = []
+            for backend in BACKENDS:
+                result = row["backends"][backend]
+                cells.append(f"{result['ms']:.2f} ms" if "ms" in result else f"no: {result['error']}")
+            ran = ", ".join(f"`{op.removeprefix('aten::')}`" for op in row["default"]) or "?"
+            lines.append(f"| {row['inputs']} | {row['precision']} | {ran} | " + " | ".join(cells) + " |")
+    else:
+        lines.append("Not run (see the script's output).")
+    lines += ["", "## Learning check", ""]
+    found = json.loads(learn_file.read_text()) if learn_file.is_file() else None
+    if found is not None and not found["curve"]:
+        lines.append(f"Trained {found['steps']} steps in {found['seconds']:.0f} s but logged no loss.")
+    elif found is not None:
+        verdict = "falls" if found["falls"] else "does NOT fall below half its start"
+        curve = ", ".join(
+            f"{step}: {loss:.3g}" for step, loss in found["curve"][:: max(1, len(found["curve"]) // 8)]
+        )
+        lines += [
+            f"{found['seconds']:.0f} s of training ({found['steps']} steps) at the recipe's first curriculum "
+            f"stage held fixed (d = {found['n_dims']}, {found['n_points']} points), {found['precision']}, "
+            f"ConML λ = {found['conml_lambda']}: training loss {found['first_loss']:.3g} → "
+            f"{found['last_loss']:.3g} (mean of the first and last two logs): the loss **{verdict}**.",
+            "",
+            f"Loss by step: {curve}.",
+        ]
+    else:
+        lines.append("Not run (see the script's output).")
+    if args.note:
+        lines += ["", "## Not measured", ""] + [f"- {note}" for note in args.note]
     Path(args.report).parent.mkdir(parents=True, exist_ok=True)
     Path(args.report).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -224,27 +435,41 @@ def report(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    run_parser = commands.add_parser("run", help="Train one configuration and write its row (JSON).")
-    run_parser.add_argument("--row", action="append", required=True, help="NAME=CONML_LAMBDA, repeatable.")
-    run_parser.add_argument("--recipe", default="recipes/linear_regression.yaml")
-    run_parser.add_argument("--steps", type=int, default=300)
-    run_parser.add_argument("--warmup", type=int, default=50, help="Steps left out of the mean.")
-    run_parser.add_argument("--peak_tflops", type=float, default=H200_BF16_DENSE_TFLOPS)
-    run_parser.add_argument("--out_dir", required=True, help="Folder for the rows' JSON files.")
-    report_parser = commands.add_parser("report", help="Write the markdown table of the rows.")
+    for name, help_text in (
+        ("run", "Train configurations and write their rows (JSON)."),
+        ("kernels", "Which SDPA kernel runs with and without ConML's mask (JSON)."),
+        ("learn", "Train for --seconds: does the loss fall? (JSON)"),
+    ):
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("--recipe", default="recipes/linear_regression.yaml")
+        sub.add_argument("--out_dir", required=True, help="Folder for the JSON files.")
+        if name == "run":
+            sub.add_argument(
+                "--row", action="append", required=True, help="NAME=LAMBDA@PRECISION, repeatable."
+            )
+            sub.add_argument("--steps", type=int, default=300)
+            sub.add_argument("--warmup", type=int, default=50, help="Steps left out of the mean.")
+            sub.add_argument("--peak_tflops_bf16", type=float, default=H200_PEAK_TFLOPS["bf16"])
+            sub.add_argument("--peak_tflops_fp32", type=float, default=H200_PEAK_TFLOPS["fp32"])
+        if name == "kernels":
+            sub.add_argument("--repeats", type=int, default=5, help="Timed steps per backend.")
+        if name == "learn":
+            sub.add_argument("--seconds", type=float, default=120.0)
+            sub.add_argument("--logging_steps", type=int, default=100)
+    report_parser = commands.add_parser("report", help="Write the markdown record of a folder of results.")
+    report_parser.add_argument("folder")
     report_parser.add_argument("--report", default="docs/gpu.md")
+    report_parser.add_argument("--recipe", default="recipes/linear_regression.yaml")
+    report_parser.add_argument("--elapsed", default="?", help="Seconds the whole check took.")
     report_parser.add_argument("--dry_run", action="store_true")
-    report_parser.add_argument(
-        "--missing", default="failed (see the script's output)", help="Why a row has no measurement."
-    )
-    report_parser.add_argument("rows", nargs="*", help="The rows' JSON files.")
+    report_parser.add_argument("--note", action="append", default=[], help="A stage not measured, and why.")
     args, overrides = parser.parse_known_args(argv)
-    if args.command == "run":
-        run(args, overrides)
-    else:
+    if args.command == "report":
         if overrides:
             parser.error(f"unknown arguments: {' '.join(overrides)}")
         report(args)
+    else:
+        {"run": run, "kernels": kernels, "learn": learn}[args.command](args, overrides)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

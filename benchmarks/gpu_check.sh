@@ -1,37 +1,40 @@
 #!/usr/bin/env bash
-# GPU check, one GPU, under 8 minutes on an H200: the standard linear-regression recipe
-# (recipes/linear_regression.yaml, 9.5M parameters, d = 20, 41 points: the curriculum's final
-# size from step 0) in bf16, for STEPS steps, four ways:
-#   plain        single process, conml_lambda 0
-#   conml        single process, the paper's ConML (lambda 0.02)
-#   zero2 plain  DeepSpeed ZeRO-2 (recipes/accelerate/zero2.yaml), 1 process, conml_lambda 0
-#   zero2 conml  DeepSpeed ZeRO-2, 1 process, ConML
-# and writes step time, samples/s, peak memory, model TFLOP/s and the fraction of the GPU's
-# bf16 peak (989 TFLOP/s dense for an H200; --peak_tflops to change) to docs/gpu.md.
+# GPU check, one GPU, at most 8 minutes: the standard linear-regression model
+# (recipes/linear_regression.yaml: 9.5M parameters, d = 20, 41 points, batch 64, at the
+# curriculum's final size from step 0) measured five ways, written to docs/gpu.md:
+#   kernels  which SDPA kernel a training step runs, plain and with ConML's additive mask, fp32
+#            and bf16, and which backends (flash, efficient, cuDNN, math) accept the mask
+#   single   steps/s, tokens/s, peak memory, model TFLOP/s: plain and ConML (lambda 0.02), in
+#            fp32 and bf16, one process
+#   zero2    the same in bf16 under DeepSpeed ZeRO-2 (accelerate launch, 1 process)
+#   ddp      the same in bf16 under DDP (torchrun, 1 process)
+#   learn    2 minutes of training with ConML in bf16 at the recipe's first curriculum stage:
+#            the loss must fall
+# Each stage has a time limit and the whole stays within BUDGET seconds (440); a stage that
+# fails or runs out of time is reported as such, the others still count.
 #
-#   bash benchmarks/gpu_check.sh                  # on a GPU machine: measures, writes docs/gpu.md
-#   bash benchmarks/gpu_check.sh --dry-run        # on CPU in seconds: the single-process rows
-#                      with a tiny model for 3 steps, the ZeRO-2 commands printed, the report
-#                      to a temporary file (or --report FILE)
-# Options: --steps N (300), --warmup N (50), --report FILE, --peak_tflops X. PYTHON=... picks
-# the interpreter.
+#   bash benchmarks/gpu_check.sh             # on a GPU machine: measures, writes docs/gpu.md
+#   bash benchmarks/gpu_check.sh --dry-run   # on CPU: every stage on a tiny model for a few
+#                                            # steps, the report to a temporary file (or --report)
+# Options: --steps N (300), --warmup N (50), --learn_seconds S (120), --report FILE.
+# PYTHON=... picks the interpreter; BUDGET=... the seconds for all stages (BUDGET_DRY_RUN: 900).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
 
 DRY_RUN=0
 STEPS=300
 WARMUP=50
+LEARN_SECONDS=120
 REPORT=""
-PEAK=989
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --dry-run) DRY_RUN=1 ;;
         --steps) STEPS=$2; shift ;;
         --warmup) WARMUP=$2; shift ;;
+        --learn_seconds) LEARN_SECONDS=$2; shift ;;
         --report) REPORT=$2; shift ;;
-        --peak_tflops) PEAK=$2; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "gpu_check.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -39,6 +42,9 @@ while [[ $# -gt 0 ]]; do
 done
 
 PYTHON=${PYTHON:-python}
+BUDGET=${BUDGET:-440}
+LEARN_MARGIN=40  # start-up and model building around the learning check's training time
+LEARN_LOGGING=100
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
@@ -46,14 +52,22 @@ export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 RECIPE=recipes/linear_regression.yaml
 # The recipe's final prompt size from the first step (its curriculum starts at d=5, 11 points).
 SIZE=(--curriculum_dims_start 20 --curriculum_points_start 41)
-PRECISION=(--bf16 true)
+LEARN_SIZE=()   # the recipe as it is: its first curriculum stage
+DS_FLAGS=()
 REPORT_FLAGS=()
 if [[ "$DRY_RUN" == 1 ]]; then
     STEPS=3
     WARMUP=1
+    LEARN_SECONDS=3
     REPORT=${REPORT:-$WORK/gpu.md}
-    SIZE=(--n_dims 5 --n_points 11 --n_positions 11 --curriculum_dims_start 5 --curriculum_points_start 11
-          --n_embd 32 --n_layer 2 --n_head 2 --per_device_train_batch_size 8)
+    TINY=(--n_embd 32 --n_layer 2 --n_head 2 --per_device_train_batch_size 8)
+    SIZE=(--n_dims 5 --n_points 11 --n_positions 11 --curriculum_dims_start 5 --curriculum_points_start 11 "${TINY[@]}")
+    LEARN_SIZE=(--n_dims 5 --n_points 11 --n_positions 11 --curriculum_dims_start 3 --curriculum_points_start 7
+                "${TINY[@]}")
+    DS_FLAGS=(--use_cpu true)   # transformers allows bf16 on CPU only with use_cpu
+    BUDGET=${BUDGET_DRY_RUN:-900}  # a busy CPU machine starts Python processes slowly
+    LEARN_MARGIN=120
+    LEARN_LOGGING=1
     REPORT_FLAGS=(--dry_run)
     export DS_ACCELERATOR=cpu
 else
@@ -64,32 +78,45 @@ else
     fi
 fi
 
-PORT=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-COMMON=(--recipe "$RECIPE" --steps "$STEPS" --warmup "$WARMUP" --peak_tflops "$PEAK" --out_dir "$WORK")
-ZERO2=("$PYTHON" -m accelerate.commands.launch --config_file recipes/accelerate/zero2.yaml
-       --num_processes 1 --main_process_port "$PORT" benchmarks/gpu_check.py run "${COMMON[@]}" "${SIZE[@]}"
-       "${PRECISION[@]}")
-MISSING=()
+port() { "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+CHECK=(benchmarks/gpu_check.py)
+RUN=(run --recipe "$RECIPE" --out_dir "$WORK" --steps "$STEPS" --warmup "$WARMUP")
+NOTES=()
 
-# Single process: both rows in one Python process (a fresh model and Trainer each).
-echo "== plain, conml (single process)" >&2
-"$PYTHON" benchmarks/gpu_check.py run "${COMMON[@]}" "${SIZE[@]}" "${PRECISION[@]}" --row plain=0 --row conml=0.02
+# stage NAME SECONDS COMMAND...: run COMMAND with at most SECONDS (less if the budget is nearly spent).
+stage() {
+    local name=$1 limit=$2
+    shift 2
+    local left=$((BUDGET - SECONDS))
+    if ((left < 20)); then
+        NOTES+=(--note "$name: not run, the time budget (${BUDGET} s) was spent")
+        return 0
+    fi
+    ((limit > left)) && limit=$left
+    echo "== $name (at most ${limit} s; ${SECONDS} s elapsed)" >&2
+    local status=0
+    timeout --kill-after=10 "$limit" "$@" || status=$?
+    if ((status == 124 || status == 137)); then
+        NOTES+=(--note "$name: stopped at its time limit (${limit} s)")
+    elif ((status != 0)); then
+        NOTES+=(--note "$name: failed (exit $status, see the script's output)")
+    fi
+}
 
-# ZeRO-2: one launch per row. A failed row is reported as such; the others still count.
-if [[ "$DRY_RUN" == 1 ]]; then
-    echo "== dry run: the ZeRO-2 rows would run (tested on CPU by tests/test_distributed.py):" >&2
-    for row in "zero2 plain=0" "zero2 conml=0.02"; do
-        printf ' %q' "${ZERO2[@]}" --row "$row" >&2
-        echo >&2
-    done
-    MISSING=(--missing "dry run (command printed, not run)")
-else
-    for row in "zero2 plain=0" "zero2 conml=0.02"; do
-        echo "== ${row%%=*}" >&2
-        "${ZERO2[@]}" --row "$row" || echo "gpu_check.sh: ${row%%=*} failed" >&2
-    done
-fi
+stage kernels 90 "$PYTHON" "${CHECK[@]}" kernels --recipe "$RECIPE" --out_dir "$WORK" "${SIZE[@]}"
+stage single 150 "$PYTHON" "${CHECK[@]}" "${RUN[@]}" "${SIZE[@]}" \
+    --row "fp32 plain=0@fp32" --row "fp32 conml=0.02@fp32" --row "bf16 plain=0@bf16" --row "bf16 conml=0.02@bf16"
+stage zero2 110 "$PYTHON" -m accelerate.commands.launch --config_file recipes/accelerate/zero2.yaml \
+    --num_processes 1 --main_process_port "$(port)" "${CHECK[@]}" "${RUN[@]}" "${SIZE[@]}" "${DS_FLAGS[@]}" \
+    --row "zero2 plain=0@bf16" --row "zero2 conml=0.02@bf16"
+stage ddp 90 "$PYTHON" -m torch.distributed.run --nnodes 1 --nproc_per_node 1 --master_addr 127.0.0.1 \
+    --master_port "$(port)" "${CHECK[@]}" "${RUN[@]}" "${SIZE[@]}" --row "ddp plain=0@bf16" --row "ddp conml=0.02@bf16"
+# The learning check gets what is left of the budget, up to LEARN_SECONDS of training.
+LEFT=$((BUDGET - SECONDS - LEARN_MARGIN))
+((LEARN_SECONDS > LEFT)) && LEARN_SECONDS=$((LEFT > 10 ? LEFT : 10))
+stage learn $((LEARN_SECONDS + LEARN_MARGIN)) "$PYTHON" "${CHECK[@]}" learn --recipe "$RECIPE" --out_dir "$WORK" \
+    --seconds "$LEARN_SECONDS" --logging_steps "$LEARN_LOGGING" "${LEARN_SIZE[@]}" --bf16 true --conml_lambda 0.02
 
-shopt -s nullglob
-"$PYTHON" benchmarks/gpu_check.py report --report "$REPORT" "${REPORT_FLAGS[@]}" "${MISSING[@]}" "$WORK"/*.json
-echo "gpu_check.sh: wrote $REPORT" >&2
+"$PYTHON" "${CHECK[@]}" report "$WORK" --report "$REPORT" --recipe "$RECIPE" --elapsed "$SECONDS" \
+    "${REPORT_FLAGS[@]}" "${NOTES[@]}"
+echo "gpu_check.sh: wrote $REPORT in ${SECONDS} s" >&2

@@ -321,23 +321,41 @@ def test_slurm_commands_for_two_fake_nodes_train_like_one_process(recipe_file, o
 
 # ---- GPU check -----------------------------------------------------------------------------------
 def test_gpu_check_parses_and_dry_runs_on_cpu(tmp_path):
+    """Every stage of the GPU check runs on CPU (tiny model, few steps): the launches (DDP through
+    torchrun, ZeRO-2 through accelerate), the kernel probe, the learning check and the report."""
     script = REPO / "benchmarks" / "gpu_check.sh"
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
     committed = (REPO / "docs" / "gpu.md").read_text()
     report = tmp_path / "gpu.md"
     done = subprocess.run(
         ["bash", str(script), "--dry-run", "--report", str(report)],
-        cwd=REPO, env={**_env(), "PYTHON": sys.executable}, capture_output=True, text=True, timeout=300,
+        cwd=REPO, env={**_env(), "PYTHON": sys.executable}, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     _check(done, done.stdout + done.stderr)
     text = report.read_text()
     assert text.startswith("DRY RUN on CPU")  # never mistaken for a GPU measurement
+    assert "## Not measured" not in text, text  # no stage failed or ran out of time
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
-    for name in ("plain", "conml"):  # measured: step time, samples/s, memory, FLOP/s all numbers
-        cells = [cell.strip() for cell in rows[name].split("|")[2:-1]]
-        assert cells[0] == "1" and cells[2] == "8" and float(cells[4]) > 0 and float(cells[5]) > 0, cells
-    assert int(rows["conml"].split("|")[5]) > int(rows["plain"].split("|")[5])  # probe tokens counted
-    for name in ("zero2 plain", "zero2 conml"):
-        assert "not run: dry run" in rows[name]
-    assert "accelerate.commands.launch --config_file recipes/accelerate/zero2.yaml" in done.stderr
+    launchers = {
+        "fp32": "single process",
+        "bf16": "single process",
+        "ddp": "DDP (gloo)",
+        "zero2": "DeepSpeed ZeRO-2",
+    }
+    for group, launcher in launchers.items():
+        for kind in ("plain", "conml"):  # measured: step time, steps/s, tokens/s, memory, FLOP/s
+            cells = [cell.strip() for cell in rows[f"{group} {kind}"].split("|")[2:-1]]
+            assert cells[0] == launcher and cells[2] == "8", cells
+            assert all(float(cells[i].replace(",", "")) > 0 for i in (4, 5, 6, 7, 8)), cells
+            if kind == "conml":  # ConML's appended tokens are counted; the ratio to plain is given
+                assert int(cells[3]) > int(rows[f"{group} plain"].split("|")[5]) and cells[10].endswith("x")
+    assert (
+        rows["zero2 conml"].split("|")[3].strip() == "bf16"
+        and rows["fp32 plain"].split("|")[3].strip() == "fp32"
+    )
+    for inputs in ("plain (causal, no mask)", "ConML (4D additive mask)"):  # the kernel probe
+        for precision in ("fp32", "bf16"):
+            line = next(line for line in text.splitlines() if line.startswith(f"| {inputs} | {precision} |"))
+            assert "_scaled_dot_product" in line and " ms |" in line, line  # a kernel named, one timed
+    assert "## Learning check" in text and "training loss" in text  # it trained and logged losses
     assert (REPO / "docs" / "gpu.md").read_text() == committed  # a dry run never overwrites the record
