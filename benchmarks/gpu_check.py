@@ -281,7 +281,7 @@ def kernels(args: argparse.Namespace, overrides: list[str]) -> None:
                                 _sync()
                                 times.append(time.perf_counter() - start)
                         row["backends"][backend] = {"ms": 1e3 * statistics.median(times)}
-                    except RuntimeError as error:
+                    except Exception as error:  # noqa: BLE001 (a refusing backend: RuntimeError, or cuDNN's own)
                         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
                         row["backends"][backend] = {"error": first.split(". ")[0][:100]}
                 results.append(row)
