@@ -9,6 +9,7 @@ allowed, before any model is built.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import enum
@@ -21,7 +22,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
@@ -52,12 +53,15 @@ def _choice(key: str, value: str, allowed: tuple[str, ...] | list[str]) -> None:
 
 
 #: Attention kernels a recipe may name; the flash kernels take no attention mask (plain ICL only).
-ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
+AttnImplementation = Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3"]
+ATTN_IMPLEMENTATIONS: tuple[str, ...] = typing.get_args(AttnImplementation)
 
 
 @dataclass
 class ModelArguments:
     """The in-context learner: read-in → backbone → read-out."""
+
+    _argument_group_name = "model"  # a section of --help (HfArgumentParser)
 
     n_embd: int = _help("Hidden width of the default GPT-2 backbone.", default=64)
     n_layer: int = _help("Number of layers of the default GPT-2 backbone.", default=4)
@@ -66,7 +70,7 @@ class ModelArguments:
         "Most (x, y) pairs a prompt may hold (default: n_points, or the curriculum's end).", default=None
     )
     dropout: float = _help("Dropout of the backbone (0 by default, as in Garg et al.).", default=0.0)
-    attn_implementation: str = _help(
+    attn_implementation: AttnImplementation = _help(
         "Attention kernel of the backbone: eager (default: the faster one for small models on CPU, where the "
         "ConML probe mask costs sdpa its causal fast path) or sdpa (faster for larger models; Garg recipes use it); "
         "flash_attention_2/3 on a GPU in bf16 for plain ICL only (they take no mask, ConML needs one).",
@@ -111,6 +115,8 @@ class ModelArguments:
 @dataclass
 class TaskArguments:
     """The function class that prompts are drawn from, and the curriculum."""
+
+    _argument_group_name = "task"
 
     task: str = _help(
         f"Function class: one of {', '.join(TASK_REGISTRY)}, or your own as 'package.module:ClassName' "
@@ -240,24 +246,43 @@ FLAT_TASK_KEYS = ("sparsity", "noise_std", "hidden_size", "depth")
 
 @dataclass
 class ConMLArguments:
-    """The ConML contrastive meta-objective (see icl_conml/conml.py)."""
+    """The ConML contrastive meta-objective (see icl_conml/conml.py).
+
+    The fixed choices are ``Literal`` types (``--help`` lists them, the parser checks them); views
+    and distances are registries that a user extends (``conml.register_view``/``register_distance``),
+    so they are names checked against the registry when the recipe is built.
+    """
+
+    _argument_group_name = "ConML"
 
     conml_lambda: float = _help("Weight λ of the ConML term; 0 = plain ICL training.", default=0.02)
-    conml_representation: str = _help(
-        f"What a probe reads: {' | '.join(conml.REPRESENTATIONS)}.", default="probe_output"
+    conml_representation: conml.Representation = _help(
+        "What a probe reads: the model's prediction at the probe (paper) or its last hidden state.",
+        default="probe_output",
     )
     conml_num_probes: int = _help("Probes M per step (M > 1 gives a vector representation).", default=1)
-    conml_views: str = _help(f"View sampler: {' | '.join(conml.VIEWS)}.", default="prefix_half")
+    conml_views: str = _help(
+        f"View sampler, a registered name: {' | '.join(conml.VIEWS)} (conml.register_view adds one).",
+        default="prefix_half",
+    )
     conml_num_views: int = _help("Views K per task.", default=1)
     conml_subset_min: float = _help(
         "Smallest view, as a fraction of the context (subset views).", default=0.5
     )
     conml_subset_max: float = _help("Largest view, as a fraction of the context (subset views).", default=0.5)
-    conml_distance: str = _help(f"Distance φ: {' | '.join(conml.DISTANCES)}.", default="sigmoid_sq")
-    conml_loss: str = _help(f"Loss form: {' | '.join(conml.LOSSES)}.", default="difference")
+    conml_distance: str = _help(
+        f"Distance φ, a registered name: {' | '.join(conml.DISTANCES)} (conml.register_distance adds one).",
+        default="sigmoid_sq",
+    )
+    conml_loss: conml.Loss = _help(
+        "Loss form: difference (paper: λ·(d_in − d_out)) or infonce.", default="difference"
+    )
     conml_temperature: float = _help("Temperature of the infonce form.", default=0.1)
-    conml_terms: str = _help(f"Which terms (ablation): {' | '.join(conml.TERMS)}.", default="both")
-    conml_prefix_mode: str = _help(
+    conml_terms: conml.Terms = _help(
+        "Which terms of the difference form (ablation): both, in (d_in only) or out (−d_out only).",
+        default="both",
+    )
+    conml_prefix_mode: conml.PrefixMode = _help(
         "How prefix views are computed: probe_mask (probe tokens in the main sequence) or extra_sequence.",
         default="probe_mask",
     )
@@ -291,6 +316,8 @@ class ConMLArguments:
 @dataclass
 class ICLTrainingArguments(TrainingArguments):
     """``TrainingArguments`` with defaults for in-context meta-training (the quickstart)."""
+
+    _argument_group_name = "training (transformers.TrainingArguments; defaults: the quickstart)"
 
     output_dir: str | None = _help("Where checkpoints and the final model go.", default="outputs/quickstart")
     max_steps: int = _help("Optimisation steps (prompts are generated on the fly).", default=8000)
@@ -606,7 +633,9 @@ def _options(hint: Any) -> tuple[Any, ...]:
 
 
 def _enum_choices() -> dict[str, list[str]]:
-    """Keys whose value must be one of an Enum's values (e.g. lr_scheduler_type), with the values."""
+    """Keys whose value must be one of fixed values, with the values: an Enum's (e.g.
+    lr_scheduler_type) or a ``Literal``'s (e.g. conml_loss). Checked on the YAML and command-line
+    values before parsing, so the error names the key and suggests the closest value."""
     from transformers.trainer_utils import SchedulerType  # ICLTrainingArguments types it as str
 
     choices = {"lr_scheduler_type": [str(member.value) for member in SchedulerType]}
@@ -614,6 +643,8 @@ def _enum_choices() -> dict[str, list[str]]:
         for option in _options(hint):
             if isinstance(option, type) and issubclass(option, enum.Enum):
                 choices[key] = [str(member.value) for member in option]
+            elif typing.get_origin(option) is Literal:
+                choices[key] = [str(value) for value in typing.get_args(option)]
     return choices
 
 
@@ -656,7 +687,27 @@ def _argparse_message(message: str) -> str:
 
 
 def build_parser() -> HfArgumentParser:
-    return RecipeParser(SECTIONS)
+    """The training parser: one ``--help`` section per recipe section, the recipe in the usage line."""
+    from .errors import TRACEBACK_FLAG, TRACEBACK_HELP, command_name
+
+    prog = command_name("python -m icl_conml.train", "icl_conml train")
+    parser = RecipeParser(
+        SECTIONS,
+        prog=prog,
+        usage=f"{prog} [RECIPE] [--key value ...] [{TRACEBACK_FLAG}]",
+        description="Meta-train an in-context learner (with ConML unless conml_lambda=0); the same command "
+        "runs under `accelerate launch -m icl_conml.train` on any number of processes. RECIPE: a YAML file "
+        "of key: value lines, or the name of a packaged recipe (python -m icl_conml.resources list); its "
+        "keys are the options below, and --key value overrides one. Without a RECIPE: the quickstart "
+        "(the defaults below).",
+    )
+    parser.add_argument(
+        TRACEBACK_FLAG,
+        action="store_true",
+        default=argparse.SUPPRESS,  # removed before parsing (icl_conml.errors.run_main)
+        help=f"{TRACEBACK_HELP} A bare --debug does the same (--debug VALUE is TrainingArguments.debug).",
+    )
+    return parser
 
 
 def parse_recipe(argv: list[str] | None = None) -> Recipe:

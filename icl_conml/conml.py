@@ -38,15 +38,20 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 
-REPRESENTATIONS = ("probe_output", "probe_hidden")
-LOSSES = ("difference", "infonce")
-TERMS = ("both", "in", "out")
-PREFIX_MODES = ("probe_mask", "extra_sequence")
+# The fixed choices, as types (recipes check them and --help lists them: config.ConMLArguments).
+Representation = Literal["probe_output", "probe_hidden"]
+Loss = Literal["difference", "infonce"]
+Terms = Literal["both", "in", "out"]
+PrefixMode = Literal["probe_mask", "extra_sequence"]
+REPRESENTATIONS: tuple[str, ...] = get_args(Representation)
+LOSSES: tuple[str, ...] = get_args(Loss)
+TERMS: tuple[str, ...] = get_args(Terms)
+PREFIX_MODES: tuple[str, ...] = get_args(PrefixMode)
 
 # A view sampler: (n_tasks, n_points, num_views, generator, subset_min, subset_max) -> pair
 # indices (B, K, s) in the order the view presents them, s the same for every task and view.

@@ -10,6 +10,7 @@ dry-runs.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shlex
@@ -25,8 +26,6 @@ import yaml
 
 from icl_conml import ICLModel
 from icl_conml.config import ICLTrainingArguments, parse_recipe
-from icl_conml.launch import expand_hostlist, read_allocation
-from icl_conml.launch import main as launch_main
 from icl_conml.train import build_eval_prompts, build_model
 from icl_conml.train import main as train_main
 
@@ -233,38 +232,35 @@ def test_zero3_trains_like_one_process_and_saves_full_weights(recipe_file, one_p
     assert (predictions - untrained).abs().max() > 1e-2  # the trained weights, not the initial ones
 
 
-# ---- many nodes ----------------------------------------------------------------------------------
+# ---- many nodes (recipes/launch.slurm, plain bash) --------------------------------------------------
 FAKE_JOB = {"SLURM_JOB_ID": "4242", "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "1"}
+# scontrol, as the script uses it in an allocation: `scontrol show hostnames LIST` (this stand-in
+# splits a comma-separated list; SLURM's own expands the bracket forms, e.g. gpu[07-08]).
+FAKE_SCONTROL = """#!/bin/bash
+[[ $1 == show && $2 == hostnames ]] && tr ',' '\\n' <<<"$3"
+"""
 
 
-def test_hostlists_expand_like_slurm():
-    assert expand_hostlist("gpu[01-03,07],cpu9") == ["gpu01", "gpu02", "gpu03", "gpu07", "cpu9"]
-    assert expand_hostlist("node7") == ["node7"]
-    assert expand_hostlist("r[1-2]n[8-9]") == ["r1n8", "r1n9", "r2n8", "r2n9"]
+@pytest.fixture
+def fake_slurm(tmp_path) -> Path:
+    """A folder whose ``bin`` holds the scontrol stand-in."""
+    folder = tmp_path / "slurm"
+    (folder / "bin").mkdir(parents=True)
+    (folder / "bin" / "scontrol").write_text(FAKE_SCONTROL)
+    (folder / "bin" / "scontrol").chmod(0o755)
+    return folder
 
 
-def test_allocation_is_read_from_slurm_variables():
-    env = {
-        "SLURM_JOB_NODELIST": "gpu[11-12]",
-        "SLURM_NODEID": "1",
-        "SLURM_GPUS_PER_NODE": "h100:8",
-        **FAKE_JOB,
-    }
-    allocation = read_allocation({**env, "SLURM_GPUS_ON_NODE": ""})
-    assert allocation.hosts == ["gpu11", "gpu12"] and allocation.node_rank == 1
-    assert allocation.gpus_per_node == 8 and allocation.main_process_ip == "gpu11"
-    assert allocation.port == 20000 + 4242  # from the job id: the same on every node
-    assert read_allocation({**env, "MASTER_PORT": "31000"}).port == 31000
+def _slurm_env(fake_slurm: Path, nodelist: str, **variables: str) -> dict[str, str]:
+    env = {**_env(), **FAKE_JOB, "SLURM_JOB_NODELIST": nodelist, "PYTHON": sys.executable, **variables}
+    env["PATH"] = f"{fake_slurm / 'bin'}{os.pathsep}{env['PATH']}"
+    env.setdefault("MASTER_PORT", str(_free_port()))
+    return env
 
 
-def test_launcher_outside_slurm_says_so(capsys):
-    assert launch_main(["--print", "recipes/quickstart.yaml"], env={}) == 2
-    assert "SLURM_JOB_NODELIST is not set" in capsys.readouterr().err
-
-
-def _slurm_dry_run(config: str, *train_args: str, nodelist: str = "localhost,localhost") -> list[list[str]]:
-    env = {**_env(), **FAKE_JOB, "SLURM_JOB_NODELIST": nodelist, "DRY_RUN": "1", "PYTHON": sys.executable}
-    env["MASTER_PORT"] = str(_free_port())
+def _slurm_dry_run(fake_slurm: Path, config: str, *train_args: str, nodelist: str = "localhost,localhost",
+                   **variables: str) -> list[list[str]]:  # fmt: skip
+    env = _slurm_env(fake_slurm, nodelist, DRY_RUN="1", **variables)
     done = subprocess.run(
         ["bash", "recipes/launch.slurm", config, *train_args],
         cwd=REPO,
@@ -280,27 +276,51 @@ def _option(command: list[str], name: str) -> str:
     return command[command.index(name) + 1]
 
 
-def test_slurm_commands_for_two_nodes_name_ranks_address_and_port():
-    commands = _slurm_dry_run("recipes/accelerate/zero2.yaml", "recipes/linear_regression.yaml", "--bf16", "true",
-                              nodelist="gpu[07-08]")  # fmt: skip
+def test_slurm_script_is_plain_bash_and_the_python_launcher_is_gone():
+    assert subprocess.run(["bash", "-n", "recipes/launch.slurm"], cwd=REPO).returncode == 0
+    assert importlib.util.find_spec("icl_conml.launch") is None
+
+
+def test_slurm_commands_for_two_nodes_name_ranks_address_and_port(fake_slurm):
+    commands = _slurm_dry_run(fake_slurm, "recipes/accelerate/zero2.yaml", "recipes/linear_regression.yaml",
+                              "--bf16", "true", nodelist="gpu07,gpu08", MASTER_PORT="")  # fmt: skip
     assert len(commands) == 2
     for rank, command in enumerate(commands):
+        assert command[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
         assert _option(command, "--machine_rank") == str(rank)
         assert _option(command, "--num_machines") == "2"
         assert _option(command, "--num_processes") == "2"  # 2 nodes x 1 GPU
         assert _option(command, "--main_process_ip") == "gpu07"
+        assert _option(command, "--main_process_port") == str(20000 + 4242)  # from the job id
         assert _option(command, "--deepspeed_multinode_launcher") == "standard"  # not pdsh/ssh
         assert command[-5:] == ["-m", "icl_conml.train", "recipes/linear_regression.yaml", "--bf16", "true"]
-    assert _option(commands[0], "--main_process_port") == _option(commands[1], "--main_process_port")
+
+
+def test_slurm_gpu_count_and_a_requeued_job_resuming_its_run(fake_slurm):
+    variables = {"SLURM_GPUS_ON_NODE": "", "SLURM_GPUS_PER_NODE": "h100:8", "SLURM_RESTART_COUNT": "1"}
+    [command] = _slurm_dry_run(fake_slurm, "recipes/accelerate/ddp.yaml", "my recipe.yaml", nodelist="gpu1",
+                               **variables)  # fmt: skip
+    assert _option(command, "--num_processes") == "8" and "--deepspeed_multinode_launcher" not in command
+    assert command[-3:] == ["my recipe.yaml", "--resume_from_checkpoint", "auto"]
+
+
+def test_slurm_script_outside_an_allocation_says_so(fake_slurm):
+    env = {key: value for key, value in _slurm_env(fake_slurm, "").items() if key != "SLURM_JOB_NODELIST"}
+    done = subprocess.run(["bash", "recipes/launch.slurm", "recipes/accelerate/ddp.yaml", "quickstart"],
+                          cwd=REPO, env=env, capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith("launch.slurm: error: SLURM_JOB_NODELIST is not set")
 
 
 @pytest.mark.slow
-def test_slurm_commands_for_two_fake_nodes_train_like_one_process(recipe_file, one_process, tmp_path):
+def test_slurm_commands_for_two_fake_nodes_train_like_one_process(
+    fake_slurm, recipe_file, one_process, tmp_path
+):
     """Both 'nodes' on this machine: the generated commands rendezvous and train as one run
     (under ZeRO-2, the multi-node DeepSpeed path: every node starts its own processes)."""
     output_dir = tmp_path / "two_nodes"
     commands = _slurm_dry_run(
-        "recipes/accelerate/zero2.yaml", str(recipe_file), "--output_dir", str(output_dir),
+        fake_slurm, "recipes/accelerate/zero2.yaml", str(recipe_file), "--output_dir", str(output_dir),
         "--per_device_train_batch_size", str(GLOBAL_BATCH // 2),
     )  # fmt: skip
     logs = [tmp_path / f"node{rank}.log" for rank in range(2)]

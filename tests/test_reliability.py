@@ -656,6 +656,8 @@ while [[ $1 == -* ]]; do shift; done
 exec "$@"
 """
 FAKE_SCONTROL = """#!/bin/bash
+# show hostnames: one host per line (this stand-in splits a comma-separated list); else log the call
+[[ $1 == show && $2 == hostnames ]] && { tr ',' '\\n' <<<"$3"; exit 0; }
 echo "$@" >> "$SCONTROL_LOG"
 """
 
