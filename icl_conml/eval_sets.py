@@ -122,7 +122,43 @@ def build_eval_set(
         columns["query_ys"] = prompts.query_ys.numpy()
         features["query_xs"] = datasets.Array2D((length, n_dims), "float32")
         features["query_ys"] = datasets.Sequence(datasets.Value("float32"), length=length)
+    metadata = {"task": task_name, "task_kwargs": task_hyperparameters(task), "n_dims": n_dims,
+                "n_points": length, "seed": seed, "ood": ood, "n_prompts": count}  # fmt: skip
+    tensors = {name: columns[name] for name in PROMPT_COLUMNS if name in columns}
+    columns["fingerprint"] = [fingerprint(tensors, metadata)] * count
+    features["fingerprint"] = datasets.Value("string")
     return datasets.Dataset.from_dict(columns, features=datasets.Features(features))
+
+
+PROMPT_COLUMNS = ("xs", "ys", "query_xs", "query_ys")
+METADATA_COLUMNS = ("task", "task_kwargs", "n_dims", "n_points", "seed", "ood")
+
+
+def fingerprint(tensors: dict[str, Any], metadata: dict[str, Any]) -> str:
+    """sha256 of a set's prompts (float32 bytes) and metadata: stored in its ``fingerprint`` column
+    when it is made, recomputed when it is loaded, so an edited prompt or metadata value (another
+    task, dimension, noise level, seed...) is detected instead of evaluated under a wrong label."""
+    import hashlib
+
+    import numpy as np
+
+    described = {
+        "task": metadata["task"],
+        "task_kwargs": metadata["task_kwargs"],
+        "n_dims": int(metadata["n_dims"]),
+        "n_points": int(metadata["n_points"]),
+        "seed": None if metadata.get("seed") is None else int(metadata["seed"]),
+        "ood": metadata.get("ood") or None,
+        "n_prompts": int(metadata["n_prompts"]),
+    }
+    digest = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode())
+    for name in PROMPT_COLUMNS:
+        if name in tensors:
+            values = tensors[name]
+            values = values.numpy() if hasattr(values, "numpy") else values
+            digest.update(name.encode())
+            digest.update(np.ascontiguousarray(values, dtype="<f4").tobytes())
+    return digest.hexdigest()
 
 
 # ---- the dataset card ------------------------------------------------------------------------------------

@@ -760,3 +760,99 @@ def test_a_full_disk_is_one_line_and_the_run_resumes_once_space_is_freed(small_d
     subprocess.run(["mount", "-o", "remount,size=20m", str(small_disk)], check=True)  # space freed
     assert main([*args, "--resume_from_checkpoint", "latest"]) == 0
     assert read_status(out)["status"] == "finished" and (out / "model.safetensors").is_file()
+
+
+# ---- 6. the evaluation refuses what it cannot evaluate truthfully --------------------------------------
+@pytest.fixture(scope="module")
+def eval_folders(tmp_path_factory) -> Path:
+    """Saved models: a real tiny ICLModel, a plain GPT-2, a mismatched ICLModel, a NaN one; eval sets."""
+    from transformers import GPT2Config, GPT2Model
+
+    from icl_conml import ICLConfig, ICLModel
+    from icl_conml.eval_sets import build_eval_set
+
+    root = tmp_path_factory.mktemp("eval_folders")
+    config = ICLConfig(n_dims=5, n_positions=11, n_embd=16, n_layer=1, n_head=2, task="linear_regression")
+    torch.manual_seed(0)
+    ICLModel(config).save_pretrained(root / "model")
+    GPT2Model(GPT2Config(n_embd=16, n_layer=1, n_head=2)).save_pretrained(root / "gpt2")
+    ICLModel(config).save_pretrained(root / "mismatched")
+    saved = json.loads((root / "mismatched" / "config.json").read_text())
+    backbone = {**saved["backbone_config"], "n_layer": 2}  # the weights hold one layer
+    (root / "mismatched" / "config.json").write_text(
+        json.dumps({**saved, "n_layer": 2, "backbone_config": backbone})
+    )
+    poisoned = ICLModel(config)
+    with torch.no_grad():
+        poisoned.read_out.weight.fill_(float("nan"))
+    poisoned.save_pretrained(root / "nan")
+    (root / "no_weights").mkdir()
+    (root / "no_weights" / "config.json").write_text((root / "model" / "config.json").read_text())
+    eval_set = build_eval_set("noisy_linear_regression", 5, 11, 8, seed=0, noise_std=0.5)
+    eval_set.save_to_disk(str(root / "sets" / "intact"))
+    # The same prompts relabelled as noiseless (metadata edited), and with one label changed.
+    relabelled = eval_set.map(lambda row: {"task_kwargs": json.dumps({"noise_std": 0.0})})
+    relabelled.save_to_disk(str(root / "sets" / "relabelled"))
+    edited = eval_set.map(lambda row, i: {"ys": [y + (i == 3) for y in row["ys"]]}, with_indices=True)
+    edited.save_to_disk(str(root / "sets" / "edited"))
+    return root
+
+
+EVALUATION_REFUSALS = {
+    "plain-gpt2": (
+        ["--model", "{root}/gpt2"],
+        "holds a 'gpt2' model (config.json model_type), not an icl_conml",
+    ),
+    "missing-keys": (["--model", "{root}/mismatched"], "is not a trained ICLModel: its weights lack "),
+    "no-weights": (
+        ["--model", "{root}/no_weights"],
+        "cannot load model '{root}/no_weights' (local directory)",
+    ),
+    "nan-weights": (["--model", "{root}/nan"], "holds NaN/inf in 1 of its "),
+    "n_points-0": (["--n_points", "0"], "--n_points 0 must be >= 1"),
+    "n_dims-0": (["--n_dims", "0"], "--n_dims 0 must be >= 1"),
+    "threshold-nan": (["--threshold", "nan"], "--threshold nan must be a finite number >= 0"),
+    "tolerance-inf": (["--relative_tolerance", "inf"], "--relative_tolerance inf must be a finite number"),
+    "bootstrap-0": (["--bootstrap_samples", "0"], "--bootstrap_samples 0 must be >= 1"),
+    "batch-0": (["--batch_size", "0"], "--batch_size 0 must be >= 1"),
+    "negative-prompts": (["--n_prompts", "-5"], "--n_prompts -5 must be >= 1"),
+    "huge-scale": (["--ood", "scale_x=1e308"], "the value must be between 1e-06 and 1e+06"),
+    "infinite-noise": (["--ood", "noisy_y=inf"], "the value must be between 0 and 1e+06"),
+    "too-many-prompts": (["--n_prompts", "1000000000"], "this evaluation needs at least "),
+    "output-is-a-file": (["--output_dir", "{root}/model/config.json"], "is a file, not a folder"),
+    "eval-set-relabelled": (["--eval_set", "{root}/sets/relabelled"], "does not match its fingerprint"),
+    "eval-set-edited": (["--eval_set", "{root}/sets/edited"], "does not match its fingerprint"),
+}
+
+
+@pytest.mark.parametrize("case", list(EVALUATION_REFUSALS))
+def test_the_evaluation_refuses_in_one_line(case, eval_folders, tmp_path, capsys):
+    from icl_conml.evaluation import main as evaluation_main
+
+    args, fragment = EVALUATION_REFUSALS[case]
+    root = str(eval_folders)
+    argv = [arg.replace("{root}", root) for arg in args]
+    if "--model" not in argv:
+        argv = ["--model", f"{root}/model", *argv]
+    if "--task" not in argv and "--eval_set" in argv:
+        argv += ["--task", "noisy_linear_regression"]
+    if "--output_dir" not in argv:
+        argv += ["--output_dir", str(tmp_path / "out")]
+    started = time.monotonic()
+    assert evaluation_main([*argv, "--baselines"]) == 2
+    assert time.monotonic() - started < 60
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    [line] = _error_lines(captured.err)
+    assert fragment.replace("{root}", root) in line, line
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_an_intact_eval_set_is_evaluated(eval_folders, tmp_path, capsys):
+    from icl_conml.evaluation import main as evaluation_main
+
+    root = eval_folders
+    argv = ["--model", str(root / "model"), "--eval_set", str(root / "sets" / "intact"), "--task",
+            "noisy_linear_regression", "--baselines", "--output_dir", str(tmp_path)]  # fmt: skip
+    assert evaluation_main(argv) == 0, capsys.readouterr().err[-2000:]
+    assert (tmp_path / "results.json").is_file()

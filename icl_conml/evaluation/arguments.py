@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -67,6 +68,24 @@ class CompareArguments(CommonArguments):
     labels: list[str] = _help(
         "Names of the two sets of models in tables and plots.", default_factory=lambda: ["A", "B"]
     )
+
+
+def check_arguments(args: CommonArguments) -> None:
+    """Every number is one the evaluation can use (``EvaluationError``, one line, before any model
+    is loaded or prompt drawn): sizes >= 1, a seed >= 0, thresholds finite and >= 0."""
+    for key in ("n_dims", "n_points"):
+        value = getattr(args, key)
+        if value is not None and value < 1:
+            raise EvaluationError(f"--{key} {value} must be >= 1 (or left out: the model's)")
+    for key in ("n_prompts", "batch_size", "bootstrap_samples"):
+        if getattr(args, key) < 1:
+            raise EvaluationError(f"--{key} {getattr(args, key)} must be >= 1")
+    if args.seed < 0:
+        raise EvaluationError(f"--seed {args.seed} must be >= 0")
+    for key in ("threshold", "relative_tolerance"):
+        value = getattr(args, key, None)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise EvaluationError(f"--{key} {value} must be a finite number >= 0")
 
 
 # ---- the command line only: which models, where the results go ------------------------------------------

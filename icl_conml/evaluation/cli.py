@@ -8,6 +8,7 @@ bare ``--debug``) shows the stack."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,7 +21,9 @@ from .arguments import (
     ComparedModels,
     EvaluatedModel,
     EvaluationArguments,
+    EvaluationError,
     OutputArguments,
+    check_arguments,
 )
 from .compare import compare_models
 from .curves import evaluate_model
@@ -76,6 +79,25 @@ def parse_args(parser: EvaluationParser, argv: list[str]) -> tuple[Any, ...]:
     return tuple(outputs[: len(parser.dataclass_types)])  # (not the namespace of non-field options)
 
 
+def check_output_dir(output_dir: str) -> None:
+    """The results folder exists (or is created) and takes a file: else one line, before any work."""
+    import tempfile
+
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise EvaluationError(
+            f"--output_dir {output_dir!r} is a file, not a folder; pick a folder for the results"
+        )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".icl_conml-write-test-"):
+            pass
+    except OSError as error:
+        raise EvaluationError(
+            f"--output_dir {output_dir!r} is not writable ({error.strerror}); pick a writable folder"
+        ) from None
+
+
 def _quiet_progress_bars() -> None:
     """The CLI shows its own bars (model forwards, estimators); weight-loading and dataset bars
     would clutter stderr."""
@@ -114,5 +136,7 @@ def main(argv: list[str]) -> int:
     else:
         selection, args, output = parse_args(build_parser(), argv)
     args.task_kwargs = parse_task_kwargs(args.task_kwargs)  # before any model is loaded
+    check_arguments(args)
+    check_output_dir(output.output_dir)  # before the computation, not after it
     (_compare if comparing else _evaluate)(selection, args, output)
     return 0

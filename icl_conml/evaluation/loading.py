@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -13,24 +14,100 @@ from ..tasks import get_task
 from .arguments import EvaluationError
 from .prompts import error_scale
 
+logger = logging.getLogger("icl_conml")
+
 
 def _first_line(error: Exception) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def load_model(name_or_path: str, device: str | torch.device = "cpu"):
-    """An ``ICLModel`` from a local directory or a Hub id (the cache is used when offline)."""
+    """An ``ICLModel`` from a local directory or a Hub id (the cache is used when offline).
+
+    Refused in one line: a folder of another kind of model (``config.json``'s ``model_type``),
+    weights that do not hold every tensor of the model (``from_pretrained`` would initialise the
+    missing ones at random and evaluate them), and NaN/inf weights (every error would be NaN).
+    """
+    from ..lora import is_lora_checkpoint
     from ..modeling import ICLModel
 
+    _check_model_folder(name_or_path, ICLModel.config_class.model_type)
     try:
-        model = ICLModel.from_pretrained(name_or_path)
+        if _is_lora(name_or_path, is_lora_checkpoint):  # adapters merged onto their backbone
+            model, info = ICLModel.from_pretrained(name_or_path), {}
+        else:
+            model, info = ICLModel.from_pretrained(name_or_path, output_loading_info=True)
     except Exception as error:  # transformers/huggingface_hub raise many types for "not found"
         where = "local directory" if Path(name_or_path).exists() else "local path or Hub id"
         raise EvaluationError(
             f"cannot load model {name_or_path!r} ({where}): {_first_line(error)[:200]}; pass a training "
             f"output_dir (with config.json) or a Hub id that is in the Hugging Face cache or reachable online"
         ) from None
+    total = len(model.state_dict())
+    missing = sorted(info.get("missing_keys") or []) + [str(m[0]) for m in info.get("mismatched_keys") or []]
+    if missing:
+        shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise EvaluationError(
+            f"model {name_or_path!r} is not a trained ICLModel: its weights lack {len(missing)} of the model's "
+            f"{total} tensors ({shown}), which would be evaluated at their random initial values; pass a "
+            f"training output_dir or one of its checkpoint-N folders"
+        )
+    poisoned = [name for name, tensor in model.state_dict().items() if not torch.isfinite(tensor).all()]
+    if poisoned:
+        raise EvaluationError(
+            f"model {name_or_path!r} holds NaN/inf in {len(poisoned)} of its {total} weight tensors "
+            f"({', '.join(poisoned[:3])}); every error would be NaN: evaluate an earlier checkpoint of the run"
+        )
     return model.to(device).eval()
+
+
+def _check_model_folder(name_or_path: str, model_type: str) -> None:
+    """A local folder must hold an ``ICLModel``'s ``config.json`` (not, say, a plain GPT-2)."""
+    config_file = Path(name_or_path) / "config.json"
+    if not config_file.is_file():
+        return  # a Hub id, or a folder from_pretrained reports itself
+    try:
+        found = json.loads(config_file.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        raise EvaluationError(f"model {name_or_path!r}: config.json is unreadable (not JSON)") from None
+    if found != model_type:
+        raise EvaluationError(
+            f"model {name_or_path!r} holds a {found!r} model (config.json model_type), not an icl_conml "
+            f"ICLModel ({model_type!r}); pass a training output_dir or one of its checkpoint-N folders"
+        )
+
+
+def _is_lora(name_or_path: str, is_lora_checkpoint) -> bool:
+    try:
+        return bool(is_lora_checkpoint(name_or_path))
+    except Exception:  # noqa: BLE001 - not resolvable: from_pretrained reports it
+        return False
+
+
+def _check_fingerprint(name: str, dataset, table: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
+    """Every row carries the same metadata, and prompts + metadata match the fingerprint stored
+    when the set was made (``eval_sets.fingerprint``); a set without one is only warned about."""
+    from .. import eval_sets
+
+    for column in (*eval_sets.METADATA_COLUMNS, "fingerprint"):
+        if column in dataset.column_names and len(dataset.unique(column)) > 1:
+            raise EvaluationError(
+                f"eval set {name!r}: its rows disagree on {column!r} (it was edited after it was made); "
+                f"rebuild it with data_scripts/make_eval_sets.py"
+            )
+    if "fingerprint" not in dataset.column_names:
+        logger.warning(
+            "eval set %r has no fingerprint (made by an older version): it cannot be checked", name
+        )
+        return
+    tensors = {column: table[column].float() for column in eval_sets.PROMPT_COLUMNS if column in table}
+    recorded = dataset[0]["fingerprint"]
+    if eval_sets.fingerprint(tensors, {**metadata, "n_prompts": len(dataset)}) != recorded:
+        raise EvaluationError(
+            f"eval set {name!r} does not match its fingerprint: its prompts or metadata (task, n_dims, "
+            f"task_kwargs, seed, ...) were changed after it was made; rebuild it with "
+            f"data_scripts/make_eval_sets.py"
+        )
 
 
 def load_eval_set(name: str) -> tuple[Prompts, dict[str, Any]]:
@@ -62,6 +139,7 @@ def load_eval_set(name: str) -> tuple[Prompts, dict[str, Any]]:
     }
     columns = [c for c in ("xs", "ys", "query_xs", "query_ys") if c in dataset.column_names]
     table = dataset.with_format("torch", columns=columns)[:]
+    _check_fingerprint(name, dataset, table, metadata)
     task = get_task(metadata["task"], metadata["n_dims"], **metadata["task_kwargs"])
     prompts = Prompts(
         table["xs"].float(),

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -83,7 +84,17 @@ def parse_ood(spec: str | None) -> OODShift | None:
             raise EvaluationError(f"--ood {spec!r}: {value!r} is not a number") from None
         if number <= 0 and kind != "noisy_y" or number < 0:
             raise EvaluationError(f"--ood {spec!r}: the value must be positive")
+        low = 0.0 if kind == "noisy_y" else OOD_VALUE_RANGE[0]
+        if not (math.isfinite(number) and low <= number <= OOD_VALUE_RANGE[1]):
+            raise EvaluationError(
+                f"--ood {spec!r}: the value must be between {low:g} and {OOD_VALUE_RANGE[1]:g} (larger ones "
+                f"overflow float32 prompts and errors; Garg et al. use 0.333 … 3)"
+            )
     return OODShift(kind, number)
+
+
+#: Factors and noise beyond this range make float32 prompts, labels or squared errors overflow.
+OOD_VALUE_RANGE = (1e-6, 1e6)
 
 
 def error_scale(task: FunctionClass, ood: str | None) -> float:

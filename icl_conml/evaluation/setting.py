@@ -10,8 +10,9 @@ from typing import Any
 
 from ..baselines import BaselineError, BaselineSpec, default_baselines, parse_baseline, sklearn_available
 from ..data import Prompts
+from ..memory import evaluation_memory, task_parameters_per_task, too_large
 from ..tasks import FunctionClass, get_task, resolve_task_class
-from .arguments import CommonArguments, EvaluationError
+from .arguments import CommonArguments, EvaluationError, check_arguments
 from .loading import load_eval_set
 from .prompts import sample_prompts
 
@@ -42,6 +43,7 @@ def parse_task_kwargs(value: dict[str, Any] | str | None) -> dict[str, Any] | No
 
 def resolve_setting(config, args: CommonArguments) -> Setting:
     """Task, dimension and length default to the model's saved ``config``; an eval set must match."""
+    check_arguments(args)
     task_name = args.task or config.task
     try:
         resolve_task_class(task_name)
@@ -67,6 +69,10 @@ def resolve_setting(config, args: CommonArguments) -> Setting:
         function_class = get_task(task_name, dims, **kwargs)
     except ValueError as error:
         raise EvaluationError(str(error)) from None
+    per_task = task_parameters_per_task(task_name, dims, kwargs)
+    problem = too_large(evaluation_memory(args.n_prompts, length, dims, per_task))
+    if problem is not None:
+        raise EvaluationError(f"this evaluation {problem}; lower --n_prompts")
     prompts = sample_prompts(function_class, args.n_prompts, length, args.seed, args.ood)
     source = {"eval_set": None, "seed": args.seed, "ood": args.ood}
     return Setting(function_class, kwargs, prompts.xs.shape[1], prompts, source)
