@@ -1,0 +1,188 @@
+"""One command line (``icl_conml SUBCOMMAND``) and one error convention for every command.
+
+Each subcommand runs its module's ``main`` (``python -m icl_conml.MODULE`` behaves the same);
+a user error is one line ``icl_conml: error: ...`` with exit status 2, a non-finite loss exit 3;
+``--traceback`` (a bare ``--debug`` for train and eval) shows the stack instead. The training
+parser shows the recipe in its usage line, groups its help by section, and lists and checks the
+fixed ConML choices.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers.debug_utils import DebugOption
+
+from icl_conml import cli, errors
+from icl_conml.config import RecipeError, build_parser, parse_recipe
+from icl_conml.resources import ResourceNotFound
+from icl_conml.train import main as train_main
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--n_embd", "16", "--n_layer", "1", "--n_head", "2", "--n_dims", "3", "--n_points", "6",
+        "--per_device_train_batch_size", "8", "--report_to", "none", "--disable_tqdm", "true",
+        "--eval_strategy", "no", "--logging_steps", "1"]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def module_names_after_each_test():
+    """The console script switches usage lines to its own spelling: undo it for the next test."""
+    yield
+    errors._names["cli"] = False
+
+
+def _one_error_line(err: str) -> str:
+    assert "Traceback" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("icl_conml: ")]
+    assert len(lines) == 1, err[-3000:]
+    return lines[0]
+
+
+def test_overview_lists_every_subcommand(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: icl_conml COMMAND [ARGS ...] [--traceback]")
+    for name in ("train", "eval", "compare", "card", "push", "merge", "make-eval-sets", "experiment",
+                 "convert-garg", "recipes"):  # fmt: skip
+        assert f"\n  {name} " in out, name
+    assert cli.main([]) == 2  # no command: the overview, and a usage status
+
+
+def test_unknown_subcommand_is_one_line_with_a_suggestion(capsys):
+    assert cli.main(["evall", "--model", "x"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith(
+        "icl_conml: error: unknown command 'evall' (did you mean 'eval'?); choose one of: train"
+    )
+
+
+@pytest.mark.parametrize("name", list(cli.SUBCOMMANDS))
+def test_every_subcommand_is_its_module_with_the_cli_name_in_its_usage(name, capsys):
+    with pytest.raises(SystemExit) as exited:
+        cli.main([name, "--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: icl_conml {name}"), out[:300]
+    assert "--traceback" in out  # every command takes it
+
+
+# A user error of every subcommand: (arguments, what the one line says). Each is found before
+# any model is built or any file written.
+USER_ERRORS = [
+    (["train", "--conml_terms", "inn"], "conml_terms='inn' is not allowed (did you mean 'in'?); choose one of"),
+    (["eval", "--model", "{tmp}/none", "--output_dir", "{tmp}/ev"], "cannot load model '{tmp}/none'"),
+    (["compare", "--models", "a", "b", "--against", "c", "--output_dir", "{tmp}/c"], "compare pairs models by seed"),
+    (["card", "{tmp}/none"], "{tmp}/none holds no config.json"),
+    (["push", "{tmp}/none", "--hub_model_id", "me/x"], "{tmp}/none holds no config.json"),
+    (["merge", "{tmp}/none", "{tmp}/merged"], "{tmp}/none holds no adapter_config.json"),
+    (["make-eval-sets", "--tasks", "nope", "--output_dir", "{tmp}/sets"], "unknown task 'nope'"),
+    (["experiment", "{tmp}/none.yaml"], "experiment spec '{tmp}/none.yaml' not found"),
+    (["convert-garg", "{tmp}/state.pt", "{tmp}/config.yaml", "{tmp}/out"], "cannot read {tmp}/config.yaml"),
+    (["recipes", "path", "nope"], "recipe 'nope' not found"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("args", "says"), USER_ERRORS, ids=[case[0][0] for case in USER_ERRORS])
+def test_a_user_error_of_every_subcommand_is_one_line_and_exit_2(args, says, tmp_path, capsys):
+    args = [arg.replace("{tmp}", str(tmp_path)) for arg in args]
+    assert cli.main(args) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith("icl_conml: error: ") and says.replace("{tmp}", str(tmp_path)) in line, line
+
+
+def test_usage_errors_of_argparse_commands_are_one_line(capsys):
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["merge", "only_one_argument"])
+    assert exited.value.code == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith("icl_conml: error: the following arguments are required: output_dir")
+
+
+def test_traceback_shows_the_stack_instead(capsys):
+    with pytest.raises(ResourceNotFound):
+        cli.main(["recipes", "path", "nope", "--traceback"])
+    with pytest.raises(ResourceNotFound):
+        cli.main(["--traceback", "recipes", "path", "nope"])  # before the command too
+    with pytest.raises(RecipeError, match="conml_loss='x' is not allowed"):
+        train_main(["--conml_loss", "x", "--debug"])  # the old name, kept for train and eval
+
+
+def test_debug_with_a_value_is_training_arguments_debug():
+    argv, show = errors.split_traceback_flag(["--debug", "underflow_overflow", "--max_steps", "3"], True)
+    assert not show and argv[:2] == ["--debug", "underflow_overflow"]
+    assert parse_recipe(argv).training.debug == [DebugOption.UNDERFLOW_OVERFLOW]
+    assert errors.split_traceback_flag(["--max_steps", "3", "--debug"], True) == (["--max_steps", "3"], True)
+    assert (
+        errors.split_traceback_flag(["--debug", "--max_steps", "3"], False)[1] is False
+    )  # not an alias here
+
+
+def test_a_non_finite_loss_is_one_line_and_exit_3(tmp_path, capsys):
+    # lr=1e39 is a finite number but inf in float32: the first update poisons the weights.
+    args = [
+        "train",
+        *TINY,
+        "--max_steps",
+        "3",
+        "--learning_rate",
+        "1e39",
+        "--output_dir",
+        str(tmp_path / "run"),
+    ]
+    assert cli.main(args) == 3
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith("icl_conml: error: ") and "non-finite" in line, line
+
+
+def test_real_processes_of_both_spellings_give_the_same_line(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}
+    lines = []
+    for command in (["-m", "icl_conml.cli", "merge"], ["-m", "icl_conml.lora", "merge"]):
+        done = subprocess.run([sys.executable, *command, str(tmp_path / "none"), str(tmp_path / "out")],
+                              cwd=REPO, env=env, capture_output=True, text=True)  # fmt: skip
+        assert done.returncode == 2 and done.stdout == ""
+        lines.append(_one_error_line(done.stderr))
+    assert lines[0] == lines[1]
+
+
+# ---- the training parser --------------------------------------------------------------------------------
+def test_training_help_shows_the_recipe_groups_and_choices():
+    text = build_parser().format_help()
+    assert text.startswith("usage: python -m icl_conml.train [RECIPE] [--key value ...] [--traceback]")
+    sections = [line for line in text.splitlines() if line and not line.startswith(" ")]
+    assert [line for line in sections if line.endswith(":")][-4:] == [
+        "model:",
+        "task:",
+        "ConML:",
+        "training (transformers.TrainingArguments; defaults: the quickstart):",
+    ]
+    for choices in ("{probe_output,probe_hidden}", "{difference,infonce}", "{both,in,out}",
+                    "{probe_mask,extra_sequence}", "{eager,sdpa,flash_attention_2,flash_attention_3}"):  # fmt: skip
+        assert choices in text, choices
+    words = " ".join(text.split())  # the help is wrapped
+    assert "prefix_half | random_subset | shuffle | shuffled_subset" in words  # registered views, by name
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "allowed"),
+    [
+        ("conml_loss", "InfoNCE", "difference, infonce"),
+        ("conml_prefix_mode", "mask", "probe_mask, extra_sequence"),
+        ("attn_implementation", "flash", "eager, sdpa, flash_attention_2, flash_attention_3"),
+    ],
+)
+def test_literal_choices_are_checked_from_yaml_and_command_line(key, value, allowed, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"{key}: {value}\n")
+    for argv in ([str(recipe)], [f"--{key}", value]):
+        with pytest.raises(
+            RecipeError, match=f"^{key}='{value}' is not allowed.*; choose one of: {allowed}$"
+        ):
+            parse_recipe(argv)
+    good = allowed.split(", ")[1]
+    parsed = parse_recipe([f"--{key}", good])
+    assert getattr(parsed.conml if key.startswith("conml") else parsed.model, key) == good
