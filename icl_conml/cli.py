@@ -59,8 +59,8 @@ def overview() -> str:
         *(f"  {name:<{width}}  {command.summary}" for name, command in SUBCOMMANDS.items()),
         "",
         f"'{errors.PROG} COMMAND --help' lists a command's options. Errors are one line (exit 2: a user",
-        "error, 3: a non-finite loss, 75: a run stopped after a checkpoint, to resume);",
-        f"{errors.TRACEBACK_FLAG} shows the stack instead.",
+        "error, 3: a non-finite loss, 74: a full disk, 75: a run stopped after a checkpoint, to resume;",
+        f"130: Ctrl-C); {errors.TRACEBACK_FLAG} shows the stack instead.",
     ]
     return "\n".join(lines)
 
