@@ -19,7 +19,7 @@ view = the first ⌊n/2⌋ pairs, φ(a, b) = sigmoid((a − b)²) averaged over 
 Note that sigmoid_sq is 1/2 for identical representations (the paper's φ, kept exactly);
 the constant cancels in d_in − d_out.
 
-How probes and views become tokens (one forward pass, no loop over tasks or views):
+How probes and views become tokens (one model forward, no loop over tasks or views):
 - The anchor is a probe token appended to the main sequence. It sees the whole context and
   has position id 2n, exactly what it would have in [context, u]; since the model is causal,
   the context's own predictions are unchanged.
@@ -27,10 +27,13 @@ How probes and views become tokens (one forward pass, no loop over tasks or view
   first 2h context tokens, with position id 2h: identical to running [first h pairs, u] as
   its own sequence.
 - Other views (subsets, shuffles) are real extra tokens: each view's pairs, re-interleaved
-  with positions 0..2s-1 and followed by its probes, packed after the main sequence in the
-  same row, with a block mask so it sees nothing else. This equals running the view as its
-  own sequence. (Probing a subset through a mask over the original tokens would not: those
-  tokens' hidden states have already attended to the pairs left out of the view.)
+  with positions 0..2s-1 and followed by its probes, a sequence that sees nothing else. The
+  layout lists them after the anchor (``ProbeLayout.rows``) and the model runs each view as
+  its own batch row: with the main rows in one backbone call when the lengths match (shuffles),
+  else in a second call. This equals running the view as its own sequence, and costs less
+  than packing the views behind a block mask in the main row (attention grows with the square
+  of a row's length). (Probing a subset through a mask over the original tokens would not be
+  the same: those tokens' hidden states have already attended to the pairs left out.)
 """
 
 from __future__ import annotations

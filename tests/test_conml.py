@@ -262,3 +262,111 @@ def test_gradients_reach_the_backbone_through_each_term(tiny_config, terms):
     conml.conml_loss(anchor, views, terms=terms).loss.backward()
     grads = [p.grad for p in model.backbone.parameters() if p.grad is not None]
     assert grads and sum(g.abs().sum() for g in grads) > 0
+
+
+# ---- views in their own batch rows; the layout's cached structure -----------------------------------
+def _layout_and_batch(kind: str, mode: str, num_probes: int, num_views: int, batch: int = 3, n: int = 10):
+    gen = torch.Generator().manual_seed(2)
+    xs, ys = torch.randn(batch, n, 5, generator=gen), torch.randn(batch, n, generator=gen)
+    probes = conml.sample_probes(num_probes, 5, gen).expand(batch, -1, -1)
+    view_index = conml.sample_views(kind, batch, n, num_views, gen, 0.3, 0.7)
+    return xs, ys, conml.build_layout(xs, ys, probes, view_index, kind, mode)
+
+
+@pytest.mark.parametrize(
+    "kind, mode",
+    [("shuffle", "probe_mask"), ("random_subset", "probe_mask"), ("prefix_half", "extra_sequence")],
+)
+@pytest.mark.parametrize("num_probes", [1, 2])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_view_rows_equal_the_packed_block_mask(tiny_config, kind, mode, num_probes, attn):
+    """Views as their own batch rows give what the same tokens packed behind a block mask give:
+    the outputs, and the gradients of a loss over predictions and probe read-outs."""
+    import dataclasses
+
+    from icl_conml import ICLModel
+
+    tiny_config.backbone_config._attn_implementation = attn
+    torch.manual_seed(0)
+    model = ICLModel(tiny_config)
+    xs, ys, layout = _layout_and_batch(kind, mode, num_probes, num_views=2)
+    assert layout.rows is not None
+    packed = dataclasses.replace(layout, rows=None)
+    results = []
+    for each in (layout, packed):
+        model.zero_grad()
+        out = model(xs=xs, ys=ys, **each.model_inputs())
+        anchor, views = conml.representations(out.appended_outputs, out.appended_hidden, each, "probe_hidden")
+        (out.loss + anchor.square().mean() + (views - anchor.unsqueeze(1)).square().mean()).backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]  # wte is unused
+        results.append((out.predictions, out.appended_outputs, anchor, views, grads))
+    for rows_value, packed_value in zip(results[0][:4], results[1][:4], strict=True):
+        torch.testing.assert_close(rows_value, packed_value, atol=1e-5, rtol=0)
+    assert len(results[0][4]) == len(results[1][4]) > 0
+    for rows_grad, packed_grad in zip(results[0][4], results[1][4], strict=True):
+        torch.testing.assert_close(rows_grad, packed_grad, atol=1e-5, rtol=1e-4)
+
+
+def test_one_probe_shuffle_runs_as_plain_causal_rows(tiny_model):
+    """Shuffled views with one probe: main rows and view rows are both [2n tokens, probe], a plain
+    causal sequence, so they share one backbone call with no mask (sdpa's causal fast path)."""
+    from icl_conml.modeling import _attention_plan
+
+    xs, ys, layout = _layout_and_batch("shuffle", "probe_mask", num_probes=1, num_views=2)
+    plan = _attention_plan(2 * xs.shape[1], layout.position_ids, layout.visible, layout.rows, torch.float32)
+    assert plan.joined and plan.main.mask is None and plan.main.position_ids is None
+    _, _, two = _layout_and_batch("shuffle", "probe_mask", num_probes=2, num_views=2)
+    plan = _attention_plan(2 * xs.shape[1], two.position_ids, two.visible, two.rows, torch.float32)
+    assert plan.joined and plan.main.mask is not None  # probes must not see each other
+    _, _, subset = _layout_and_batch("random_subset", "probe_mask", num_probes=1, num_views=2)
+    plan = _attention_plan(2 * xs.shape[1], subset.position_ids, subset.visible, subset.rows, torch.float32)
+    assert not plan.joined and plan.rows.mask is None  # shorter rows: a second, causal call
+    with torch.no_grad():
+        out = tiny_model(xs=xs, ys=ys, **layout.model_inputs(), output_hidden_states=True)
+    assert out.appended_outputs.shape == (3, layout.tokens.shape[1])
+    assert all(state.shape[0] == 3 for state in out.hidden_states)  # the main rows' states only
+
+
+def test_view_rows_that_are_not_independent_are_refused(tiny_model):
+    xs, ys, layout = _layout_and_batch("shuffle", "probe_mask", num_probes=1, num_views=2)
+    inputs = layout.model_inputs()
+    with pytest.raises(ValueError, match="appended_rows"):
+        tiny_model(xs=xs, ys=ys, **{**inputs, "appended_rows": (0, layout.rows[1])})  # anchor is no row
+    with pytest.raises(ValueError, match="appended_rows"):
+        tiny_model(xs=xs, ys=ys, **{**inputs, "appended_rows": (1, 7)})  # does not divide the views
+
+
+def test_prefix_layout_is_masked_probes_and_its_structure_is_cached():
+    """The paper's layout: [anchor u at position 2n seeing the context, u at position 2h seeing the
+    first 2h context tokens]; no extra rows. Positions, visibility and slots are built once per size."""
+    n, half = 4, 2
+    xs, ys = torch.randn(2, n, 5), torch.randn(2, n)
+    probes = torch.randn(1, 1, 5).expand(2, -1, -1)
+    views = conml.sample_views("prefix_half", 2, n, 1, torch.Generator().manual_seed(0))
+    layout = conml.build_layout(xs, ys, probes, views, "prefix_half")
+    assert layout.rows is None and "appended_rows" not in layout.model_inputs()
+    assert torch.equal(layout.tokens, torch.cat([probes, probes], dim=1))
+    assert layout.position_ids.tolist() == [2 * n, 2 * half]
+    expected = torch.zeros(2, 2 * n + 2, dtype=torch.bool)
+    expected[0, : 2 * n] = expected[1, : 2 * half] = True
+    expected[0, 2 * n] = expected[1, 2 * n + 1] = True  # each probe sees itself, not the other
+    assert torch.equal(layout.visible, expected)
+    assert layout.anchor_slots.tolist() == [0] and layout.view_slots.tolist() == [[1]]
+    assert layout.tokens_per_task == 2 * n + 2
+    again = conml.build_layout(xs + 1, ys, probes, views, "prefix_half")
+    assert again.visible is layout.visible and again.position_ids is layout.position_ids
+
+
+def test_a_layout_first_built_under_inference_mode_still_trains(tiny_config):
+    from icl_conml import ICLModel
+
+    torch.manual_seed(0)
+    model = ICLModel(tiny_config)
+    xs, ys = torch.randn(2, 7, 5), torch.randn(2, 7)
+    probes = torch.randn(1, 3, 5).expand(2, -1, -1)  # a size no other test builds
+    views = conml.sample_views("shuffle", 2, 7, 1, torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        model(xs=xs, ys=ys, **conml.build_layout(xs, ys, probes, views, "shuffle").model_inputs())
+    out = model(xs=xs, ys=ys, **conml.build_layout(xs, ys, probes, views, "shuffle").model_inputs())
+    (out.loss + out.appended_outputs.sum()).backward()
+    assert model.read_in.weight.grad is not None

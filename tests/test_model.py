@@ -72,3 +72,24 @@ def test_task_loss_is_used(tiny_config):
     out = model(xs=xs, ys=ys)
     expected = torch.nn.functional.binary_cross_entropy_with_logits(out.predictions, (ys + 1) / 2)
     assert torch.allclose(out.loss, expected)
+
+
+def test_gpt2_activation_is_bit_identical_to_transformers_gelu_new(tiny_model):
+    """ExactNewGELU replaces GPT-2's gelu_new: the same floats forward and backward (training
+    results must not change), with fewer temporaries."""
+    from transformers.activations import NewGELUActivation
+
+    from icl_conml.modeling import ExactNewGELU
+
+    assert {type(block.mlp.act) for block in tiny_model.backbone.h} == {ExactNewGELU}
+    reference = NewGELUActivation()
+    for shape, scale in [((64, 23, 256), 1.0), ((7, 13, 33), 4.0), ((5,), 10.0)]:
+        x = torch.randn(shape) * scale
+        upstream = torch.randn(shape)
+        ours_x, ref_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ours, ref = ExactNewGELU()(ours_x * 1.0), reference(ref_x * 1.0)  # non-leaf inputs, as in the MLP
+        ours.backward(upstream)
+        ref.backward(upstream)
+        assert torch.equal(ours, ref) and torch.equal(ours_x.grad, ref_x.grad)
+        with torch.no_grad():
+            assert torch.equal(ExactNewGELU()(x), reference(x))
