@@ -212,9 +212,12 @@ class ICLModel(ICLPreTrainedModel):
         context = interleave(xs.to(dtype), labels.to(dtype))
         tokens, position_ids, mask, rows, plan = context, None, None, None, None
         if appended_tokens is not None:
-            plan = _attention_plan(
-                context.shape[1], appended_position_ids, appended_visible, appended_rows, dtype
+            # Eager: cached per layout. Under torch.compile the plain layout is traced into the
+            # graph instead (tensor ops only); views in rows take one graph break for their plan.
+            planner = (
+                _build_plan if appended_rows is None and torch.compiler.is_compiling() else _attention_plan
             )
+            plan = planner(context.shape[1], appended_position_ids, appended_visible, appended_rows, dtype)
             appended_tokens = appended_tokens.to(dtype)
             if appended_rows is not None:  # the views: (B, K·length, d) -> (B·K, length, d)
                 offset, length = appended_rows
