@@ -1,8 +1,7 @@
 """icl_conml: meta-train transformers to learn in context, faster with ConML."""
 
-__version__ = "0.1.0"
-
-from .modeling import ICLConfig, ICLModel, ICLOutput  # noqa: E402  (registers the Auto classes)
+from .modeling import ICLConfig, ICLModel, ICLOutput  # registers the Auto classes
+from .version import __version__
 
 __all__ = ["ICLConfig", "ICLModel", "ICLOutput", "ConMLTrainer", "__version__"]
 

@@ -63,9 +63,7 @@ def require(module: str, feature: str) -> ModuleType:
 
 
 def check_recipe(recipe: Recipe) -> None:
-    """Before anything is built: the extras the recipe's features need (a one-line ``RecipeError``)."""
-    from .config import RecipeError
-
+    """Before anything is built: the extras the recipe's features need (a one-line ``MissingExtra``)."""
     needs = []
     model, training = recipe.model, recipe.training
     if model.lora_r > 0:
@@ -74,4 +72,4 @@ def check_recipe(recipe: Recipe) -> None:
         needs.append(("deepspeed", "DeepSpeed (--deepspeed or an accelerate DeepSpeed config)"))
     for module, feature in needs:
         if not is_available(module):
-            raise RecipeError(message(module, feature))
+            raise MissingExtra(message(module, feature))

@@ -4,9 +4,13 @@
 backbone (whose own weights stay frozen) and the read-in / read-out trained in full as
 peft's ``modules_to_save``. The Trainer then saves a small folder: ``adapter_config.json``
 and ``adapter_model.safetensors`` (the adapters plus read-in/read-out), ``config.json`` (the
-``ICLConfig``, which names the backbone) and ``README.md``. ``load_lora_model`` rebuilds the
-model around the same pretrained backbone and attaches the adapter; ``merge`` folds the
-adapters into the backbone and returns a plain ``ICLModel``:
+``ICLConfig``, which names the backbone) and ``README.md``.
+
+Loading follows peft's convention (the base model, then ``PeftModel.from_pretrained(base,
+run)``), from a folder or a Hub id alike: ``load_lora_model`` rebuilds the model around the
+same pretrained backbone and attaches the adapter; ``merge`` folds the adapters into the
+backbone and returns a plain ``ICLModel``. ``ICLModel.from_pretrained`` (and ``AutoModel``)
+load full models only and name these two calls when given a LoRA run::
 
     python -m icl_conml.lora merge ADAPTER_DIR OUT_DIR
 """
@@ -27,6 +31,7 @@ from transformers.utils import find_adapter_config_file
 from .config import ModelArguments, Recipe, RecipeError
 from .errors import OneLineParser, UserError, command_name, entry_point
 from .extras import require
+from .model_card import write_model_card
 from .modeling import ICLConfig, ICLModel
 from .tasks import task_reference
 
@@ -36,8 +41,6 @@ if TYPE_CHECKING:  # peft is an extra (pip install 'icl_conml[peft]'): imported 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 #: Modules outside the backbone that always train in full (saved with the adapter).
 TRAINED_MODULES = ["read_in", "read_out"]
-#: ``from_pretrained`` arguments that locate files (passed on to the adapter's repository).
-HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "force_download", "subfolder")
 #: Leaf module types peft's LoRA can adapt.
 ADAPTABLE_TYPES = (nn.Linear, Conv1D, nn.Embedding, nn.Conv1d, nn.Conv2d)
 
@@ -148,12 +151,14 @@ def is_lora_checkpoint(name_or_path: str | Path, **hub_kwargs) -> bool:
 def record_repo_id(folder: str | Path, repo_id: str) -> bool:
     """Name the Hub repo a LoRA run is pushed to as its adapter's ``base_model_name_or_path``.
 
-    ``AutoModel.from_pretrained(HUB_ID)`` on an adapter repo loads whatever the adapter's
-    ``base_model_name_or_path`` names, not the id it was given (a local folder holding a
-    ``config.json`` keeps its own path). A run's base model is the ``ICLModel`` described by the
-    ``config.json`` next to the adapter, so the repo names itself; ``ICLModel.from_pretrained``
-    then finds the adapter and merges it onto the pretrained backbone. Called before every push
-    (``icl_conml.hub``). Returns whether ``folder`` held an adapter to update.
+    ``AutoModel.from_pretrained(HUB_ID)`` (and ``peft.AutoPeftModel``) on an adapter repo load
+    whatever the adapter's ``base_model_name_or_path`` names, not the id they were given (a local
+    folder holding a ``config.json`` keeps its own path). A run's base model is the ``ICLModel``
+    described by the ``config.json`` next to the adapter, so the repo names itself: those calls
+    then reach ``ICLModel.from_pretrained`` on the run, whose one-line error names
+    ``load_lora_model`` and ``merge``, instead of loading some other model. Called before every
+    push (the Trainer's saving hooks, ``icl_conml.hub``). Returns whether ``folder`` held an
+    adapter to update.
     """
     path = Path(folder) / ADAPTER_CONFIG_NAME
     if not path.is_file():
@@ -225,8 +230,6 @@ def merge(
         model = load_lora_model(source, attn_implementation=attn_implementation, **hub_kwargs)
     merged = model.merge_and_unload()
     if output_dir is not None:
-        from .hub import write_model_card
-
         output_dir = Path(output_dir)
         merged.save_pretrained(output_dir)
         if isinstance(source, str | Path) and Path(source).is_dir():

@@ -17,10 +17,18 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, GPT2Config, PretrainedConfig, PreTrainedModel
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, find_adapter_config_file
 
 from .conml import interleave
+from .errors import UserError
 from .tasks import get_task
+
+#: ``from_pretrained`` arguments that locate files (used to look for a LoRA run's adapter config).
+HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "force_download", "subfolder")
+
+
+class LoRARunError(UserError, ValueError):
+    """``ICLModel.from_pretrained`` was given a LoRA run: one line naming the calls that load it."""
 
 
 class ICLConfig(PretrainedConfig):
@@ -136,21 +144,23 @@ class ICLModel(ICLPreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """``PreTrainedModel.from_pretrained``; a LoRA run's folder or repo (``adapter_config.json``,
-        see ``icl_conml.lora``) loads onto its pretrained backbone with the adapters merged.
+        """``PreTrainedModel.from_pretrained``: a full model (folder or Hub id), nothing else.
 
-        To keep training the adapters use ``icl_conml.lora.load_lora_model(..., is_trainable=True)``.
+        A LoRA run (``adapter_config.json`` next to ``config.json``; also what ``AutoModel``
+        finds there) is refused with a ``LoRARunError`` naming ``icl_conml.lora.load_lora_model``
+        and ``icl_conml.lora.merge``, the calls that load it onto its pretrained backbone.
         """
-        from .lora import HUB_KWARGS, is_lora_checkpoint, merge
-
-        hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if kwargs.get(key) is not None}
-        if pretrained_model_name_or_path is not None and is_lora_checkpoint(
-            pretrained_model_name_or_path, **hub_kwargs
-        ):
-            attn = kwargs.get("attn_implementation") or "sdpa"
-            merged = merge(pretrained_model_name_or_path, attn_implementation=attn, **hub_kwargs).eval()
-            dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
-            return merged.to(dtype) if isinstance(dtype, torch.dtype) else merged
+        adapter = (kwargs.get("adapter_kwargs") or {}).get("_adapter_model_path")
+        if adapter is None and pretrained_model_name_or_path is not None:
+            hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if kwargs.get(key) is not None}
+            if find_adapter_config_file(str(pretrained_model_name_or_path), **hub_kwargs) is not None:
+                adapter = pretrained_model_name_or_path
+        if adapter is not None:
+            raise LoRARunError(
+                f"{adapter} is a LoRA run (adapter_config.json), not a full ICLModel: load it with "
+                f"icl_conml.lora.load_lora_model({str(adapter)!r}) (the peft model) or "
+                f"icl_conml.lora.merge({str(adapter)!r}) (a plain ICLModel)"
+            )
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     @classmethod

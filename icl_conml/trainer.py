@@ -4,21 +4,34 @@
 pass (probe tokens appended to the main sequence, see ``conml.py``). Every loss component is
 collected in ``compute_loss`` and averaged (over steps and processes) in ``log``, the pattern
 of TRL's trainers, so it reaches every ``report_to`` backend and ``log_history``.
+
+Saving hooks live in one place (the "saving" section): every folder the Trainer saves (each
+checkpoint, the final model, what ``push_to_hub`` uploads) also gets the run's own files,
+``write_run_files``: the recipe, the ``ICLConfig`` next to a LoRA adapter and the model card.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import shutil
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, SequentialSampler
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from . import conml
 from .callbacks import NonFiniteLossGuard
 from .config import ConMLArguments
 from .data import PromptSampler, TrainingPrompts
-from .hub import ModelCardMixin
+from .hub import push_repo_id
+from .lora import record_repo_id
+from .model_card import RECIPE_NAME, write_model_card
+
+logger = logging.getLogger(__name__)
 
 #: Batch keys that stay float32 whatever the training precision (see ``_prepare_inputs``).
 FLOAT32_INPUTS = ("ys", "probes")
@@ -29,7 +42,7 @@ def _single(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return items[0]
 
 
-class ConMLTrainer(ModelCardMixin, Trainer):
+class ConMLTrainer(Trainer):
     """Trainer whose loss is ICL loss + λ · ConML loss.
 
     Args:
@@ -48,6 +61,7 @@ class ConMLTrainer(ModelCardMixin, Trainer):
         # This optimizer step's losses, per micro-batch: checked for NaN/inf before the update.
         self._step_losses: dict[str, list[torch.Tensor]] = defaultdict(list)
         self.add_callback(NonFiniteLossGuard(self.pop_step_losses))
+        self.add_callback(CheckpointCardOnPush())
 
     def pop_step_losses(self) -> dict[str, list[torch.Tensor]]:
         """The loss components recorded since the last optimizer step (and forget them)."""
@@ -135,3 +149,73 @@ class ConMLTrainer(ModelCardMixin, Trainer):
             logs.update({key: round(float(value), 6) for key, value in zip(keys, averaged, strict=True)})
             self._metrics.clear()
         super().log(logs, start_time)
+
+    # ---- saving: the run's files in every folder the Trainer saves -------------------------------
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """``Trainer.save_model`` (weights + config), then ``write_run_files`` in the same folder.
+
+        It saves each checkpoint (before the Trainer pushes it), the final model and what
+        ``push_to_hub`` uploads. Called by the user (``_internal_call`` false) it pushes afterwards
+        when ``push_to_hub`` is on, as the Trainer's own does, so the upload holds the run's files.
+        """
+        super().save_model(output_dir, _internal_call=True)
+        if self.args.should_save:  # other processes of a multi-process run write nothing
+            self.write_run_files(Path(output_dir if output_dir is not None else self.args.output_dir))
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def write_run_files(self, folder: Path) -> None:
+        """What a saved folder holds besides the Trainer's files.
+
+        A LoRA model's folder gets its ``ICLConfig`` (the backbone to rebuild on; peft saves only
+        the adapter) and, when pushing, the repo id as the adapter's base (``lora.record_repo_id``);
+        each checkpoint gets a copy of the run's ``recipe.yaml``; every folder gets the model card.
+        """
+        model = self.accelerator.unwrap_model(self.model)
+        if hasattr(model, "get_base_model"):  # a peft model saves only its adapter files
+            model.get_base_model().config.save_pretrained(folder)
+            if self.args.push_to_hub:
+                record_repo_id(folder, self.hub_model_id or push_repo_id(self.args))
+        recipe = Path(self.args.output_dir) / RECIPE_NAME
+        if recipe.is_file() and recipe.resolve() != (folder / RECIPE_NAME).resolve():
+            shutil.copy(recipe, folder / RECIPE_NAME)
+        self.write_card(folder)
+
+    def write_card(self, folder: Path) -> None:
+        """``folder/README.md`` with the live log history and ConML settings (``model_card``).
+
+        A card is documentation: a failure to write one (say, a malformed results.json someone
+        dropped in) must never stop a training run or lose its checkpoint; it is logged.
+        """
+        try:
+            write_model_card(
+                folder,
+                log_history=self.state.log_history,
+                conml_settings=dataclasses.asdict(self.conml_args),
+                repo_id=self.hub_model_id or self.args.hub_model_id,
+            )
+        except Exception as error:  # noqa: BLE001
+            logger.warning(
+                "could not write the model card in %s: %s: %s", folder, type(error).__name__, error
+            )
+
+    def create_model_card(self, **kwargs) -> None:
+        """Called by ``Trainer.push_to_hub`` right before the upload: our card, not the generic one."""
+        if self.is_world_process_zero():
+            self.write_card(Path(self.args.output_dir))
+
+
+class CheckpointCardOnPush(TrainerCallback):
+    """Before a checkpoint push, bring the checkpoint's card into ``output_dir``.
+
+    The Trainer pushes a checkpoint by copying its weights and config into ``output_dir`` and
+    uploading ``output_dir``; ``on_push_begin`` runs right before that (on the main process), so
+    the repo's card follows the weights it describes. (Also called at the start of
+    ``push_to_hub``, whose ``save_model`` then writes the final card over it.)
+    """
+
+    def on_push_begin(self, args, state, control, **kwargs):
+        card = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}" / "README.md"
+        if state.is_world_process_zero and card.is_file():
+            shutil.copy(card, Path(args.output_dir) / "README.md")
+        return control

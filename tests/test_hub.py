@@ -24,9 +24,11 @@ from transformers import AutoModel, GPT2Config, GPT2Model
 import icl_conml  # noqa: F401  (registers the Auto classes)
 from icl_conml import ICLConfig, ICLModel
 from icl_conml.config import ModelArguments, parse_recipe
-from icl_conml.hub import HubPushError, build_model_card, explain_push_error, push_folder, write_model_card
+from icl_conml.evaluation import EvaluationArguments, evaluate_model, results_table, write_results
+from icl_conml.hub import HubPushError, explain_push_error, push_folder
 from icl_conml.hub import main as hub_main
 from icl_conml.lora import prepare_model
+from icl_conml.model_card import build_model_card, write_model_card
 from icl_conml.train import main, run
 
 TINY = [
@@ -120,25 +122,47 @@ def test_a_card_that_cannot_be_written_never_stops_training(tmp_path, caplog):
 
 
 def test_card_includes_an_evaluation(tmp_path):
+    """A real evaluation's files: its own table and plot in the body, its numbers as model-index."""
     model_dir, eval_dir = tmp_path / "model", tmp_path / "eval"
-    ICLModel(ICLConfig(n_dims=3, n_positions=4, n_embd=16, n_layer=1, n_head=2)).save_pretrained(model_dir)
-    eval_dir.mkdir()
-    results = {
-        "curves": {"model": [1.0, 0.5, 0.1234, 0.05], "least_squares": [1.0, 0.667, 0.333, 0.0]},
-        "needed_context_length": {"model": 3, "least_squares": 3},
-    }
-    (eval_dir / "results.json").write_text(json.dumps(results))
-    (eval_dir / "curves.png").write_bytes(b"\x89PNG\r\n")
-    assert "## Evaluation" not in build_model_card(model_dir).text
+    model = ICLModel(ICLConfig(n_dims=3, n_positions=8, n_embd=16, n_layer=1, n_head=2))
+    model.save_pretrained(model_dir)
+    args = EvaluationArguments(
+        n_prompts=32, bootstrap_samples=20, threshold=10.0, baselines=["least_squares"]
+    )
+    results = evaluate_model(model, args, model_id="tiny")
+    write_results(results, eval_dir)
+    assert (
+        "## Evaluation" not in build_model_card(model_dir).text
+        and not build_model_card(model_dir).data.eval_results
+    )
     write_model_card(model_dir, evaluation_dir=eval_dir)
-    text = (model_dir / "README.md").read_text()
-    assert "| k | model | least_squares |" in text and "| 2 | 0.1234 | 0.333 |" in text
-    assert "![error against the number of in-context examples](curves.png)" in text
+    card = ModelCard.load(model_dir / "README.md")
+    assert results_table(results).strip() in card.text  # the evaluation's own table (results.md)
+    assert "![error against the number of in-context examples](curves.png)" in card.text
     assert (model_dir / "curves.png").is_file() and (model_dir / "results.json").is_file()
-    # the evaluation's own markdown table wins when there is one
-    (model_dir / "results.md").write_text("| k | model |\n|---|---|\n| 0 | 0.987 |")
+    # model-index: error at k = d and 2d and the needed context length of the model, machine-readable
+    curve = results["curves"]["model"]
+    found = {(r.metric_type, json.dumps(r.metric_args)): r for r in card.data.eval_results}
+    assert set(found) == {
+        ("error_at_k", '{"k": 3}'), ("error_at_k", '{"k": 6}'), ("needed_context_length", '{"threshold": 10.0}')
+    }  # fmt: skip
+    assert found["error_at_k", '{"k": 3}'].metric_value == pytest.approx(curve[3])
+    assert found["error_at_k", '{"k": 6}'].metric_value == pytest.approx(curve[6])
+    assert found["needed_context_length", '{"threshold": 10.0}'].metric_value == 0
+    first = card.data.eval_results[0]
+    assert (first.task_type, first.dataset_type, first.dataset_name) == (
+        "in-context-learning", "linear_regression", "linear_regression, d=3"
+    )  # fmt: skip
+    assert first.dataset_args == {"n_dims": 3, "n_points": 8, "n_prompts": 32, "seed": 0}
+    assert "model-index:" in (model_dir / "README.md").read_text()
+    # without results.md the model-index values are shown; the card command rewrites the card
+    (model_dir / "results.md").unlink()
     assert hub_main(["card", str(model_dir)]) == 0
-    assert "| 0 | 0.987 |" in (model_dir / "README.md").read_text()
+    text = (model_dir / "README.md").read_text()
+    assert (
+        f"| error at k=3 (d) | {curve[3]:.4g} |" in text
+        and "| needed context length (error ≤ 10) | 0 |" in text
+    )
 
 
 # ---- pushing -------------------------------------------------------------------------------------------------
@@ -272,14 +296,14 @@ def test_round_trip_from_a_local_folder_safetensors_only(tmp_path):
 LOAD_FROM_CACHE = """
 import sys, torch
 import icl_conml
-from icl_conml.lora import load_lora_model
+from icl_conml.lora import load_lora_model, merge
 from transformers import AutoModel
 xs, ys = torch.load(sys.argv[1])
 models = [
     AutoModel.from_pretrained("me/icl-cached"),
     icl_conml.ICLModel.from_pretrained("me/icl-cached"),
     load_lora_model("me/lora-cached"),
-    icl_conml.ICLModel.from_pretrained("me/lora-cached"),  # merged onto its backbone
+    merge("me/lora-cached"),  # a plain ICLModel: the adapters merged onto the backbone
 ]
 torch.save([m.eval()(xs=xs, ys=ys).predictions for m in models], sys.argv[2])
 """

@@ -20,6 +20,7 @@ from icl_conml import ICLModel
 from icl_conml.config import RecipeError, parse_recipe
 from icl_conml.lora import is_lora_checkpoint, load_lora_model, merge
 from icl_conml.lora import main as lora_main
+from icl_conml.modeling import LoRARunError
 from icl_conml.train import build_model, build_sampler
 from icl_conml.trainer import ConMLTrainer
 
@@ -239,10 +240,16 @@ def test_load_and_merge_round_trip_gives_identical_predictions(trained_gpt2, tmp
 
     merged = merge(folder, tmp_path / "merged")
     assert type(merged) is ICLModel
-    # from_pretrained on the LoRA folder itself: the backbone + adapters, merged
-    direct = (ICLModel.from_pretrained(folder), AutoModel.from_pretrained(folder))
+    # ICLModel / AutoModel.from_pretrained load full models only: a LoRA run is refused in one
+    # line naming the calls that load it (from_pretrained does not change meaning by folder)
+    for load in (ICLModel.from_pretrained, AutoModel.from_pretrained):
+        with pytest.raises(LoRARunError) as refused:
+            load(folder)
+        message = str(refused.value)
+        assert message.startswith(f"{folder} is a LoRA run (adapter_config.json), not a full ICLModel")
+        assert f"icl_conml.lora.load_lora_model('{folder}')" in message and "\n" not in message
+        assert f"icl_conml.lora.merge('{folder}')" in message
     for candidate in (
-        *direct,
         merged,
         ICLModel.from_pretrained(tmp_path / "merged"),
         AutoModel.from_pretrained(tmp_path / "merged"),
@@ -348,11 +355,16 @@ from transformers import AutoModel
 from icl_conml.evaluation import load_model
 from icl_conml.lora import load_lora_model, merge
 from icl_conml.lora import main as lora_main
+from icl_conml.modeling import LoRARunError
 run = "test-org/icl-lora"
+for load in (AutoModel.from_pretrained, icl_conml.ICLModel.from_pretrained):  # full models only
+    try:
+        load(run)
+        raise AssertionError(f"{load} loaded the LoRA run")
+    except LoRARunError as error:
+        assert "icl_conml.lora.load_lora_model('test-org/icl-lora')" in str(error), error
 assert lora_main(["merge", run, sys.argv[2] + "_cli"]) == 0
 models = {
-    "AutoModel": AutoModel.from_pretrained(run),  # merged onto the backbone
-    "ICLModel": icl_conml.ICLModel.from_pretrained(run),
     "load_lora_model": load_lora_model(run),
     "merge": merge(run, sys.argv[2] + "_merged"),
     "merge CLI": icl_conml.ICLModel.from_pretrained(sys.argv[2] + "_cli"),
@@ -401,8 +413,7 @@ def test_a_lora_run_loads_by_hub_id_offline_on_every_documented_path(trained_gpt
     expected_plain, expected_probe = outputs(model, xs, ys)
     loaded = torch.load(tmp_path / "out.pt")
     assert {name: kind for name, (kind, _, _) in loaded.items()} == {
-        "AutoModel": "ICLModel", "ICLModel": "ICLModel", "load_lora_model": "PeftModel", "merge": "ICLModel",
-        "merge CLI": "ICLModel", "evaluation": "ICLModel",
+        "load_lora_model": "PeftModel", "merge": "ICLModel", "merge CLI": "ICLModel", "evaluation": "ICLModel",
     }  # fmt: skip
     for name, (_, plain, probed) in loaded.items():
         torch.testing.assert_close(plain, expected_plain, atol=1e-5, rtol=0, msg=name)

@@ -28,13 +28,13 @@ def load_model(name_or_path: str, device: str | torch.device = "cpu"):
     weights that do not hold every tensor of the model (``from_pretrained`` would initialise the
     missing ones at random and evaluate them), and NaN/inf weights (every error would be NaN).
     """
-    from ..lora import is_lora_checkpoint
+    from ..lora import is_lora_checkpoint, merge
     from ..modeling import ICLModel
 
     _check_model_folder(name_or_path, ICLModel.config_class.model_type)
     try:
         if _is_lora(name_or_path, is_lora_checkpoint):  # adapters merged onto their backbone
-            model, info = ICLModel.from_pretrained(name_or_path), {}
+            model, info = merge(name_or_path), {}
         else:
             model, info = ICLModel.from_pretrained(name_or_path, output_loading_info=True)
     except Exception as error:  # transformers/huggingface_hub raise many types for "not found"
