@@ -1,0 +1,238 @@
+"""End-to-end cost of ConML: the whole ``trainer.train()`` of the quickstart, ConML vs plain.
+
+What a user waits for: ``ConMLTrainer.train()`` of ``recipes/quickstart.yaml`` (d = 5,
+11 points, GPT-2 64/4/4, batch 64, eager attention) for ``--steps`` steps, including prompt,
+probe and view sampling, the ConML layout, logging, gradient clipping and the optimizer. Each
+round trains every variant once, in an order that alternates between rounds (ABBA…), and each
+variant's ratio is taken against the plain run *of the same round*: on a shared machine the
+background load drifts, and interleaving is what keeps the ratio meaningful. Printed per
+round, then the median ratio with its spread (min, max, interquartile range).
+
+Variants: ``plain`` (conml_lambda 0), ``paper`` (conml_lambda 0.02, every other key at its
+default: one probe, the first-half view as masked probe tokens), and the views that need real
+extra tokens, ``shuffle`` and ``random_subset``, whose cost is compared with their token ratio
+(tokens per task the backbone processes, context + probes + views, against plain).
+``shuffle_packed`` and ``random_subset_packed`` (on request) run the same views packed after the
+main sequence behind a block mask, the layout before views got their own batch rows.
+
+Besides the wall clock, each run's CPU time (``time.process_time``) is recorded: with one
+thread it equals the wall clock on an idle machine, and on a loaded one it leaves out the time
+spent waiting for a core, so its ratio is the steadier of the two.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_end_to_end.py [--steps 300] [--rounds 5] [--threads 1]
+        [--variants paper,shuffle,random_subset,shuffle_packed,random_subset_packed]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import torch  # noqa: E402
+
+from icl_conml import conml  # noqa: E402
+from icl_conml.config import parse_recipe  # noqa: E402
+from icl_conml.train import build_model, build_sampler  # noqa: E402
+from icl_conml.trainer import ConMLTrainer  # noqa: E402
+
+RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "recipes", "quickstart.yaml")
+VARIANTS: dict[str, list[str]] = {
+    "plain": ["--conml_lambda", "0"],
+    "paper": ["--conml_lambda", "0.02"],
+    "shuffle": ["--conml_lambda", "0.02", "--conml_views", "shuffle"],
+    "random_subset": ["--conml_lambda", "0.02", "--conml_views", "random_subset"],
+    # For comparison (not run by default): the views packed after the main sequence behind a
+    # block mask, as before they got their own batch rows.
+    "shuffle_packed": ["--conml_lambda", "0.02", "--conml_views", "shuffle"],
+    "random_subset_packed": ["--conml_lambda", "0.02", "--conml_views", "random_subset"],
+}
+DEFAULT_VARIANTS = ("plain", "paper", "shuffle", "random_subset")
+
+
+@contextlib.contextmanager
+def packed_views(enabled: bool) -> Iterator[None]:
+    """While enabled, ``conml.build_layout`` returns layouts without ``rows`` (block-mask packing)."""
+    if not enabled:
+        yield
+        return
+    build = conml.build_layout
+
+    def packed(*args, **kwargs):
+        return dataclasses.replace(build(*args, **kwargs), rows=None)
+
+    conml.build_layout = packed
+    try:
+        yield
+    finally:
+        conml.build_layout = build
+
+
+def make_trainer(extra: list[str], steps: int, output_dir: str) -> ConMLTrainer:
+    """The quickstart's trainer as ``python -m icl_conml.train`` builds it, without checkpoints."""
+    recipe = parse_recipe(
+        [
+            RECIPE,
+            *extra,
+            "--max_steps",
+            str(steps),
+            "--output_dir",
+            output_dir,
+            "--save_strategy",
+            "no",
+            "--report_to",
+            "none",
+            "--disable_tqdm",
+            "true",
+        ]
+    )
+    return ConMLTrainer(
+        model=build_model(recipe),
+        args=recipe.training,
+        train_dataset=build_sampler(recipe),
+        conml_args=recipe.conml,
+    )
+
+
+def timed_train(extra: list[str], steps: int, packed: bool = False) -> tuple[float, float]:
+    """Wall-clock and CPU seconds of ``trainer.train()`` (a fresh model and trainer each time).
+
+    CPU time (``time.process_time``: this process's threads) is what the run itself spent; on a
+    shared machine it varies less than the wall clock, which also counts time spent waiting for
+    a core.
+    """
+    with tempfile.TemporaryDirectory() as tmp, packed_views(packed):
+        trainer = make_trainer(extra, steps, tmp)
+        start, start_cpu = time.perf_counter(), time.process_time()
+        trainer.train()
+        return time.perf_counter() - start, time.process_time() - start_cpu
+
+
+def tokens_per_task(extra: list[str]) -> int:
+    """Tokens of one task the backbone processes in a training step: context, probes, views."""
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = make_trainer(extra, 1, tmp)
+    batch = trainer.train_dataset.micro_batch(0, 0, 1)
+    settings = trainer.conml_args
+    if not settings.enabled:
+        return 2 * batch["xs"].shape[1]
+    layout = conml.build_layout(
+        batch["xs"],
+        batch["ys"],
+        batch["probes"],
+        batch["view_index"],
+        settings.conml_views,
+        settings.conml_prefix_mode,
+    )
+    return layout.tokens_per_task
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    quartiles = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else values * 3
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "q1": quartiles[0],
+        "q3": quartiles[2],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=300, help="training steps per run")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (pairs per variant)")
+    parser.add_argument("--warmup_steps", type=int, default=20, help="an untimed run of each variant first")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for every run")
+    parser.add_argument(
+        "--variants",
+        default=",".join(DEFAULT_VARIANTS),
+        help=f"comma-separated, plain is always added; from {', '.join(VARIANTS)}",
+    )
+    parser.add_argument("--json", help="write the results here too")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    names = ["plain"] + [name for name in args.variants.split(",") if name and name != "plain"]
+    unknown = [name for name in names if name not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
+    print(
+        f"quickstart recipe, {args.steps} steps per run, {args.rounds} rounds, "
+        f"torch threads {torch.get_num_threads()}, {time.strftime('%Y-%m-%d %H:%M %Z')}, "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
+    tokens = {name: tokens_per_task(VARIANTS[name]) for name in names}
+    for name in names:  # warm-up: first-run costs (allocator, lazy imports) out of the rounds
+        timed_train(VARIANTS[name], args.warmup_steps, name.endswith("_packed"))
+
+    wall: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(args.rounds):
+        order = names if round_index % 2 == 0 else names[::-1]
+        for name in order:
+            seconds, cpu_seconds = timed_train(VARIANTS[name], args.steps, name.endswith("_packed"))
+            wall[name].append(seconds)
+            cpu[name].append(cpu_seconds)
+        ratios = "  ".join(
+            f"{name} {wall[name][-1] / wall['plain'][-1]:.3f}x (cpu {cpu[name][-1] / cpu['plain'][-1]:.3f}x)"
+            for name in names
+            if name != "plain"
+        )
+        print(
+            f"round {round_index + 1}: plain {wall['plain'][-1]:.2f} s  {ratios}  "
+            f"(load {os.getloadavg()[0]:.1f})",
+            flush=True,
+        )
+
+    results: dict[str, object] = {
+        "steps": args.steps,
+        "rounds": args.rounds,
+        "threads": torch.get_num_threads(),
+        "variants": {},
+    }
+    print(
+        "\n| variant | ms/step (median) | wall-clock ratio: median | min–max | IQR "
+        "| CPU-time ratio: median | min–max | tokens vs plain |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for name in names:
+        wall_stats = spread([run / plain for run, plain in zip(wall[name], wall["plain"], strict=True)])
+        cpu_stats = spread([run / plain for run, plain in zip(cpu[name], cpu["plain"], strict=True)])
+        token_ratio = tokens[name] / tokens["plain"]
+        results["variants"][name] = {
+            "wall_seconds": wall[name],
+            "cpu_seconds": cpu[name],
+            "wall_ratio": wall_stats,
+            "cpu_ratio": cpu_stats,
+            "tokens_per_task": tokens[name],
+            "token_ratio": token_ratio,
+        }
+        print(
+            f"| {name} | {statistics.median(wall[name]) / args.steps * 1e3:.1f} "
+            f"| **{wall_stats['median']:.3f}×** | {wall_stats['min']:.3f}–{wall_stats['max']:.3f} "
+            f"| {wall_stats['q1']:.3f}–{wall_stats['q3']:.3f} "
+            f"| {cpu_stats['median']:.3f}× | {cpu_stats['min']:.3f}–{cpu_stats['max']:.3f} | {token_ratio:.2f}× |"
+        )
+    paper = results["variants"].get("paper")
+    if paper:
+        median = paper["wall_ratio"]["median"]
+        verdict = "met" if median <= 1.10 else "NOT met"
+        print(f"\npaper setting: median {median:.3f}x plain end to end (target <= 1.10x: {verdict})")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
