@@ -69,7 +69,9 @@ def _error_lines(text: str) -> list[str]:
 
 
 # ---- 1. one run per output_dir ----------------------------------------------------------------------------
-def test_a_second_run_into_a_busy_output_dir_is_refused_and_a_dead_owner_is_reported(tmp_path, capsys):
+def test_a_second_run_into_a_busy_output_dir_is_refused_and_a_dead_owner_is_reported(
+    tmp_path, capsys, caplog
+):
     out = tmp_path / "run"
     first = _start([*LONG, "--output_dir", str(out)], tmp_path / "first.log")
     try:
@@ -92,18 +94,14 @@ def test_a_second_run_into_a_busy_output_dir_is_refused_and_a_dead_owner_is_repo
     assert read_status(out)["status"] == "running"  # what a killed run leaves
 
     # The stale lock is reported, never silently taken: a warning naming the dead owner.
-    done = subprocess.run(
-        [sys.executable, "-m", "icl_conml.train", *TINY, "--output_dir", str(out)],
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert main([*TINY, "--output_dir", str(out)]) == 0
     assert (
         f"taking over the lock of a run that ended without releasing it (pid {first.pid} on host"
-        in done.stderr
+        in caplog.text
     )
     assert json.loads((out / ".lock").read_text())["state"] == "released"
     segments = [e for e in read_history(out) if e["event"] == "start"]
-    assert [e["pid"] for e in segments] == [first.pid, int(json.loads((out / ".lock").read_text())["pid"])]
+    assert [e["pid"] for e in segments] == [first.pid, os.getpid()]
 
 
 def test_a_lock_of_another_host_is_taken_only_once_it_stops_being_refreshed(tmp_path, monkeypatch, caplog):
@@ -189,12 +187,7 @@ def test_sigterm_saves_a_checkpoint_marks_the_run_interrupted_and_resumes_exactl
     status = read_status(out)
     assert status["status"] == "interrupted" and status["step"] == 1 and status["signal"] == "SIGTERM"
 
-    resumed = subprocess.run(
-        [sys.executable, "-m", "icl_conml.train", *RESUME_ARGS, "--output_dir", str(out),
-         "--resume_from_checkpoint", "latest"],
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert main([*RESUME_ARGS, "--output_dir", str(out), "--resume_from_checkpoint", "latest"]) == 0
     _assert_identical(_weights(reference), _weights(out))
     assert read_status(out)["status"] == "finished"
     ends = [(e["status"], e["step"]) for e in read_history(out) if e["event"] == "end"]
@@ -233,17 +226,15 @@ def test_a_signal_mid_training_stops_cleanly(tmp_path, signum):
 
 
 # ---- 3. only finite weights are saved ---------------------------------------------------------------------
-def test_an_update_that_poisons_the_weights_is_stopped_before_it_is_saved(tmp_path):
+def test_an_update_that_poisons_the_weights_is_stopped_before_it_is_saved(tmp_path, capsys):
     # lr=1e39 passes as a finite number but is inf in float32: step 1's loss and gradients are
     # finite, its update is not. The guard used to certify checkpoint-1 (NaN in 55 of 56 tensors).
-    done = subprocess.run(
-        [sys.executable, "-m", "icl_conml.train", *TINY, "--max_steps", "3", "--learning_rate", "1e39",
-         "--warmup_steps", "0", "--lr_scheduler_type", "constant", "--output_dir", str(tmp_path)],
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 3, done.stderr[-3000:]
-    assert "Traceback" not in done.stderr
-    [line] = _error_lines(done.stderr)
+    code = main([*TINY, "--max_steps", "3", "--learning_rate", "1e39", "--warmup_steps", "0",
+                 "--lr_scheduler_type", "constant", "--output_dir", str(tmp_path)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 3, err[-3000:]
+    assert "Traceback" not in err
+    [line] = _error_lines(err)
     assert "non-finite weights after the update of step 1:" in line
     assert "no checkpoint had been saved yet" in line
     assert not list(tmp_path.glob("checkpoint-*")) and not (tmp_path / "model.safetensors").exists()
@@ -415,7 +406,7 @@ def test_a_checkpoint_of_another_model_without_manifest_is_refused_after_reading
     assert "it is not a checkpoint of this model" in line
 
 
-def test_a_kill_during_the_final_save_does_not_rewrite_train_loss(tmp_path):
+def test_a_kill_during_the_final_save_does_not_rewrite_train_loss(tmp_path, caplog):
     """Case 7: kill -9 while the final model is written, then resume: nothing is left to train,
     and the train_loss recorded is the run's, not 0.0."""
     kill_at_final_save = (
@@ -439,13 +430,9 @@ def test_a_kill_during_the_final_save_does_not_rewrite_train_loss(tmp_path):
     [trained] = [e for e in read_history(out) if e["event"] == "trained"]
     loss = trained["metrics"]["train_loss"]
     assert loss > 0
-    resumed = subprocess.run(
-        [sys.executable, "-m", "icl_conml.train", *CKPT_ARGS, "--output_dir", str(out),
-         "--resume_from_checkpoint", "latest"],
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "nothing left to train" in resumed.stderr
+    with caplog.at_level(logging.INFO, logger="icl_conml"):
+        assert main([*CKPT_ARGS, "--output_dir", str(out), "--resume_from_checkpoint", "latest"]) == 0
+    assert "nothing left to train" in caplog.text
     final = json.loads((out / "trainer_state.json").read_text())["log_history"][-1]
     assert final["train_loss"] == loss
     assert read_status(out)["metrics"]["train_loss"] == loss
