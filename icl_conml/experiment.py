@@ -33,19 +33,12 @@ from typing import Any
 
 import yaml
 
-from .errors import OneLineParser, UserError, command_name, entry_point
+from .errors import OneLineParser, command_name, entry_point
+from .experiment_analysis import RUN_IDENTITY_KEYS, ExperimentError, analyze
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_LAUNCHER = f"{sys.executable} -m icl_conml.train"
 SEGMENTS = "experiment_segments.jsonl"
-# Keys that identify a run rather than its experiment: never compared when pairing runs.
-RUN_IDENTITY_KEYS = frozenset(
-    {"seed", "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "run_name", "logging_dir"}
-)
-
-
-class ExperimentError(UserError, ValueError):
-    """A user error in a spec or its records: reported as one line (exit 2)."""
 
 
 @dataclass
@@ -421,8 +414,6 @@ def main(argv: list[str]) -> int:
         return 0
     failures = [] if args.analyze_only else run_all(spec, args.jobs, args.run_index)
     if not args.no_analysis and args.run_index is None:
-        from .experiment_analysis import analyze
-
         report = analyze(spec)
         print(f"[experiment] analysis written to {report}")
     if failures:

@@ -21,13 +21,24 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .experiment import RUN_IDENTITY_KEYS, ExperimentError, Spec
+from .errors import UserError
+
+if TYPE_CHECKING:  # a type only: experiment.py (runs and the command line) imports this module
+    from .experiment import Spec
 
 SIGNIFICANCE = 0.05
+# Keys that identify a run rather than its experiment: never compared when pairing runs.
+RUN_IDENTITY_KEYS = frozenset(
+    {"seed", "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "run_name", "logging_dir"}
+)
+
+
+class ExperimentError(UserError, ValueError):
+    """A user error in a spec or its records: reported as one line (exit 2)."""
 
 
 # ---- loading and pairing -------------------------------------------------------------------------
