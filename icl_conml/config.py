@@ -256,6 +256,13 @@ class ConMLArguments:
     _argument_group_name = "ConML"
 
     conml_lambda: float = _help("Weight λ of the ConML term; 0 = plain ICL training.", default=0.02)
+    conml_lambda_start: int = _help(
+        "Steps trained with λ = 0 before the ConML term starts (e.g. to let plain ICL leave the loss plateau).",
+        default=0,
+    )
+    conml_lambda_warmup: int = _help(
+        "Steps over which λ then rises linearly from 0 to conml_lambda (0: at once).", default=0
+    )
     conml_representation: conml.Representation = _help(
         "What a probe reads: the model's prediction at the probe (paper) or its last hidden state.",
         default="probe_output",
@@ -295,6 +302,10 @@ class ConMLArguments:
         _choice("conml_loss", self.conml_loss, conml.LOSSES)
         _choice("conml_terms", self.conml_terms, conml.TERMS)
         _choice("conml_prefix_mode", self.conml_prefix_mode, conml.PREFIX_MODES)
+        _require(self.conml_lambda_start >= 0, f"conml_lambda_start={self.conml_lambda_start} must be >= 0")
+        _require(
+            self.conml_lambda_warmup >= 0, f"conml_lambda_warmup={self.conml_lambda_warmup} must be >= 0"
+        )
         _require(self.conml_num_probes >= 1, f"conml_num_probes={self.conml_num_probes} must be >= 1")
         _require(self.conml_num_views >= 1, f"conml_num_views (K)={self.conml_num_views} must be >= 1")
         _require(
@@ -311,6 +322,14 @@ class ConMLArguments:
     @property
     def enabled(self) -> bool:
         return self.conml_lambda > 0
+
+    def lambda_at(self, step: int) -> float:
+        """λ at optimizer step ``step``: 0 before ``conml_lambda_start``, then a linear warm-up."""
+        if step < self.conml_lambda_start:
+            return 0.0
+        if self.conml_lambda_warmup == 0:
+            return self.conml_lambda
+        return self.conml_lambda * min(1.0, (step - self.conml_lambda_start + 1) / self.conml_lambda_warmup)
 
 
 @dataclass
@@ -529,7 +548,9 @@ class _RecipeLoader(yaml.SafeLoader):
     def compose_node(self, parent, index):
         event = self.peek_event()
         if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
-            kind = f"alias *{event.anchor}" if isinstance(event, yaml.AliasEvent) else f"anchor &{event.anchor}"
+            kind = (
+                f"alias *{event.anchor}" if isinstance(event, yaml.AliasEvent) else f"anchor &{event.anchor}"
+            )
             raise _RecipeYAMLError(
                 f"uses the YAML {kind} (line {event.start_mark.line + 1}); recipes take no anchors or aliases: "
                 f"write each value out"
@@ -586,8 +607,12 @@ def _check_size(key: str, value: Any, depth: int = 0) -> None:
         raise RecipeError(f"{key} is a string of {len(value):,} characters (at most {MAX_VALUE_CHARS:,})")
     if isinstance(value, (list, dict)):
         if len(value) > MAX_VALUE_ITEMS or depth > 4:
-            what = f"{len(value):,} items" if len(value) > MAX_VALUE_ITEMS else "values nested more than 4 deep"
-            raise RecipeError(f"{key} holds {what}; a recipe value is at most {MAX_VALUE_ITEMS:,} items, 4 deep")
+            what = (
+                f"{len(value):,} items" if len(value) > MAX_VALUE_ITEMS else "values nested more than 4 deep"
+            )
+            raise RecipeError(
+                f"{key} holds {what}; a recipe value is at most {MAX_VALUE_ITEMS:,} items, 4 deep"
+            )
         for item in value.values() if isinstance(value, dict) else value:
             _check_size(key, item, depth + 1)
 

@@ -101,7 +101,8 @@ class ConMLTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         xs, ys = inputs["xs"], inputs["ys"]
         settings = self.conml_args
-        if not (settings.enabled and model.training and "probes" in inputs):
+        weight = settings.lambda_at(self.state.global_step)
+        if not (weight > 0 and model.training and "probes" in inputs):
             outputs = model(xs=xs, ys=ys)
             if model.training:
                 self._record(outputs.loss, icl_loss=outputs.loss)
@@ -129,8 +130,10 @@ class ConMLTrainer(Trainer):
             task_ids=task_ids,
             all_task_ids=all_task_ids,
         )
-        loss = outputs.loss + settings.conml_lambda * terms.loss
+        loss = outputs.loss + weight * terms.loss
         self._record(loss, icl_loss=outputs.loss, conml_loss=terms.loss, d_in=terms.d_in, d_out=terms.d_out)
+        if settings.conml_lambda_start or settings.conml_lambda_warmup:
+            self._metrics["conml_lambda"].append(torch.tensor(weight))
         return (loss, outputs) if return_outputs else loss
 
     def _record(self, loss: torch.Tensor, **components: torch.Tensor) -> None:

@@ -49,7 +49,7 @@ def write_spec(tmp_path: Path, **changes) -> Path:
         **changes,
     }
     path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(spec))
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))  # the first arm is the reference
     return path
 
 
