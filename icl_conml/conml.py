@@ -28,12 +28,14 @@ How probes and views become tokens (one model forward, no loop over tasks or vie
   its own sequence.
 - Other views (subsets, shuffles) are real extra tokens: each view's pairs, re-interleaved
   with positions 0..2s-1 and followed by its probes, a sequence that sees nothing else. The
-  layout lists them after the anchor (``ProbeLayout.rows``) and the model runs each view as
-  its own batch row: with the main rows in one backbone call when the lengths match (shuffles),
-  else in a second call. This equals running the view as its own sequence, and costs less
-  than packing the views behind a block mask in the main row (attention grows with the square
-  of a row's length). (Probing a subset through a mask over the original tokens would not be
-  the same: those tokens' hidden states have already attended to the pairs left out.)
+  layout lists them after the anchor. A view as long as the context (a shuffle) runs as its
+  own batch row, in the same backbone call as the main rows (``ProbeLayout.rows``), which
+  costs less than packing it after the main sequence, where attention grows with the square
+  of the row's length; a shorter view (a subset) is packed after the main sequence in the
+  same row, behind a block mask, which at these sizes costs less than a second backbone call.
+  Either way this equals running the view as its own sequence. (Probing a subset through a
+  mask over the original tokens would not: those tokens' hidden states have already attended
+  to the pairs left out.)
 """
 
 from __future__ import annotations
@@ -206,9 +208,15 @@ class _LayoutStructure:
 
 @functools.lru_cache(maxsize=64)
 def _layout_structure(
-    n_points: int, size: int, num_probes: int, num_views: int, masked_prefix: bool, device: torch.device
+    n_points: int,
+    size: int,
+    num_probes: int,
+    num_views: int,
+    masked_prefix: bool,
+    view_rows: bool | None,
+    device: torch.device,
 ) -> _LayoutStructure:
-    """Positions, visibility and probe slots of the appended tokens (see ``build_layout``).
+    """Positions, visibility, probe slots and row split of the appended tokens (see ``build_layout``).
 
     Cached: a run sees a handful of (n, s) pairs (one per curriculum stage and view size), and
     rebuilding this from Python lists on every step showed in the step's profile.
@@ -243,6 +251,13 @@ def _layout_structure(
             start += 2 * size + num_probes
 
         appended = start
+        # Views run as their own batch rows where that is cheaper: when they are as long as the
+        # main rows (shuffles), both kinds share one backbone call. Shorter views stay behind the
+        # block mask: a second backbone call cost more than the attention it saves on the
+        # quickstart model (docs/benchmarks.md); ``view_rows=True`` asks for rows anyway.
+        use_rows = not masked_prefix and num_views > 0 and view_rows is not False
+        if view_rows is None:
+            use_rows = use_rows and size == n_points
         seen = torch.tensor(context_seen, device=device)
         seg = torch.tensor(segment, device=device)
         probe = torch.tensor(is_probe, device=device)
@@ -258,7 +273,7 @@ def _layout_structure(
             visible=torch.cat([sees_context, sees_appended], dim=1),
             anchor_slots=anchor_slots,
             view_slots=view_slots,
-            rows=None if masked_prefix or num_views == 0 else (num_probes, 2 * size + num_probes),
+            rows=(num_probes, 2 * size + num_probes) if use_rows else None,
         )
 
 
@@ -269,18 +284,22 @@ def build_layout(
     view_index: torch.Tensor,
     view_kind: str,
     prefix_mode: str = "probe_mask",
+    view_rows: bool | None = None,
 ) -> ProbeLayout:
     """Appended tokens for the anchor and K views of every task; see the module docstring.
 
     xs (B, n, d), ys (B, n), probes (B, M, d) (the same probes in every row), view_index
     (B, K, s) from ``sample_views``. The tokens are gathered every step; their positions,
-    visibility and slots come from a cache keyed by the sizes.
+    visibility and slots come from a cache keyed by the sizes. ``view_rows`` (views that are
+    real tokens only): ``None`` runs them as their own batch rows when they are as long as the
+    main rows, ``True`` always, ``False`` never (packed behind the block mask); the results are
+    the same up to float rounding.
     """
     batch, n_points, width = xs.shape
     num_views, size = view_index.shape[1], view_index.shape[2]
     num_probes = probes.shape[1]
     masked_prefix = view_kind in PREFIX_VIEWS and prefix_mode == "probe_mask"
-    structure = _layout_structure(n_points, size, num_probes, num_views, masked_prefix, xs.device)
+    structure = _layout_structure(n_points, size, num_probes, num_views, masked_prefix, view_rows, xs.device)
 
     probes = probes.to(xs.dtype)
     if masked_prefix:  # anchor probes, then the probes of each view: no other tokens

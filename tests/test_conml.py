@@ -265,12 +265,12 @@ def test_gradients_reach_the_backbone_through_each_term(tiny_config, terms):
 
 
 # ---- views in their own batch rows; the layout's cached structure -----------------------------------
-def _layout_and_batch(kind: str, mode: str, num_probes: int, num_views: int, batch: int = 3, n: int = 10):
+def _layout_and_batch(kind, mode, num_probes, num_views, view_rows=None, batch=3, n=10):
     gen = torch.Generator().manual_seed(2)
     xs, ys = torch.randn(batch, n, 5, generator=gen), torch.randn(batch, n, generator=gen)
     probes = conml.sample_probes(num_probes, 5, gen).expand(batch, -1, -1)
     view_index = conml.sample_views(kind, batch, n, num_views, gen, 0.3, 0.7)
-    return xs, ys, conml.build_layout(xs, ys, probes, view_index, kind, mode)
+    return xs, ys, conml.build_layout(xs, ys, probes, view_index, kind, mode, view_rows)
 
 
 @pytest.mark.parametrize(
@@ -280,18 +280,18 @@ def _layout_and_batch(kind: str, mode: str, num_probes: int, num_views: int, bat
 @pytest.mark.parametrize("num_probes", [1, 2])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_view_rows_equal_the_packed_block_mask(tiny_config, kind, mode, num_probes, attn):
-    """Views as their own batch rows give what the same tokens packed behind a block mask give:
-    the outputs, and the gradients of a loss over predictions and probe read-outs."""
-    import dataclasses
-
+    """Views as their own batch rows (one backbone call with the main rows for shuffles, a second
+    one for shorter views) give what the same tokens packed behind a block mask give: the
+    outputs, and the gradients of a loss over predictions and probe read-outs."""
     from icl_conml import ICLModel
 
     tiny_config.backbone_config._attn_implementation = attn
     torch.manual_seed(0)
     model = ICLModel(tiny_config)
-    xs, ys, layout = _layout_and_batch(kind, mode, num_probes, num_views=2)
-    assert layout.rows is not None
-    packed = dataclasses.replace(layout, rows=None)
+    xs, ys, layout = _layout_and_batch(kind, mode, num_probes, num_views=2, view_rows=True)
+    _, _, packed = _layout_and_batch(kind, mode, num_probes, num_views=2, view_rows=False)
+    assert layout.rows is not None and packed.rows is None
+    assert torch.equal(layout.tokens, packed.tokens) and torch.equal(layout.view_slots, packed.view_slots)
     results = []
     for each in (layout, packed):
         model.zero_grad()
@@ -318,13 +318,24 @@ def test_one_probe_shuffle_runs_as_plain_causal_rows(tiny_model):
     _, _, two = _layout_and_batch("shuffle", "probe_mask", num_probes=2, num_views=2)
     plan = _attention_plan(2 * xs.shape[1], two.position_ids, two.visible, two.rows, torch.float32)
     assert plan.joined and plan.main.mask is not None  # probes must not see each other
-    _, _, subset = _layout_and_batch("random_subset", "probe_mask", num_probes=1, num_views=2)
+    _, _, subset = _layout_and_batch("random_subset", "probe_mask", num_probes=1, num_views=2, view_rows=True)
     plan = _attention_plan(2 * xs.shape[1], subset.position_ids, subset.visible, subset.rows, torch.float32)
     assert not plan.joined and plan.rows.mask is None  # shorter rows: a second, causal call
     with torch.no_grad():
         out = tiny_model(xs=xs, ys=ys, **layout.model_inputs(), output_hidden_states=True)
     assert out.appended_outputs.shape == (3, layout.tokens.shape[1])
     assert all(state.shape[0] == 3 for state in out.hidden_states)  # the main rows' states only
+
+
+def test_views_get_their_own_rows_where_that_is_cheaper():
+    """By default only views as long as the context (shuffles) become rows; shorter views and
+    prefix views as extra sequences stay packed, and masked prefix probes never are rows."""
+    assert _layout_and_batch("shuffle", "probe_mask", 1, 2)[2].rows == (1, 21)
+    assert _layout_and_batch("shuffle", "probe_mask", 2, 1)[2].rows == (2, 22)
+    assert _layout_and_batch("random_subset", "probe_mask", 1, 2)[2].rows is None
+    assert _layout_and_batch("prefix_half", "extra_sequence", 1, 2)[2].rows is None
+    assert _layout_and_batch("prefix_half", "probe_mask", 1, 2, view_rows=True)[2].rows is None
+    assert _layout_and_batch("shuffle", "probe_mask", 1, 2, view_rows=False)[2].rows is None
 
 
 def test_view_rows_that_are_not_independent_are_refused(tiny_model):
