@@ -12,22 +12,23 @@ Variants: ``plain`` (conml_lambda 0), ``paper`` (conml_lambda 0.02, every other 
 default: one probe, the first-half view as masked probe tokens), and the views that need real
 extra tokens, ``shuffle`` and ``random_subset``, whose cost is compared with their token ratio
 (tokens per task the backbone processes, context + probes + views, against plain).
-``shuffle_packed`` and ``random_subset_packed`` (on request) run the same views packed after the
-main sequence behind a block mask, the layout before views got their own batch rows.
+``shuffle_packed`` and ``random_subset_rows`` (on request) run the same views in the other
+layout: shuffles packed after the main sequence behind a block mask (as before views got their
+own batch rows), subsets in their own rows by a second backbone call.
 
 Besides the wall clock, each run's CPU time (``time.process_time``) is recorded: with one
 thread it equals the wall clock on an idle machine, and on a loaded one it leaves out the time
 spent waiting for a core, so its ratio is the steadier of the two.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_end_to_end.py [--steps 300] [--rounds 5] [--threads 1]
-        [--variants paper,shuffle,random_subset,shuffle_packed,random_subset_packed]
+        [--variants paper,shuffle,random_subset,shuffle_packed,random_subset_rows]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -51,26 +52,24 @@ VARIANTS: dict[str, list[str]] = {
     "paper": ["--conml_lambda", "0.02"],
     "shuffle": ["--conml_lambda", "0.02", "--conml_views", "shuffle"],
     "random_subset": ["--conml_lambda", "0.02", "--conml_views", "random_subset"],
-    # For comparison (not run by default): the views packed after the main sequence behind a
-    # block mask, as before they got their own batch rows.
+    # For comparison (not run by default): the other layout of the same views. Shuffles packed
+    # after the main sequence behind a block mask (as before views got their own batch rows);
+    # subsets in their own rows, run by a second backbone call.
     "shuffle_packed": ["--conml_lambda", "0.02", "--conml_views", "shuffle"],
-    "random_subset_packed": ["--conml_lambda", "0.02", "--conml_views", "random_subset"],
+    "random_subset_rows": ["--conml_lambda", "0.02", "--conml_views", "random_subset"],
 }
 DEFAULT_VARIANTS = ("plain", "paper", "shuffle", "random_subset")
+VIEW_ROWS = {"shuffle_packed": False, "random_subset_rows": True}
 
 
 @contextlib.contextmanager
-def packed_views(enabled: bool) -> Iterator[None]:
-    """While enabled, ``conml.build_layout`` returns layouts without ``rows`` (block-mask packing)."""
-    if not enabled:
+def view_rows(name: str) -> Iterator[None]:
+    """For the comparison variants, ``conml.build_layout`` with ``view_rows`` forced."""
+    if name not in VIEW_ROWS:
         yield
         return
     build = conml.build_layout
-
-    def packed(*args, **kwargs):
-        return dataclasses.replace(build(*args, **kwargs), rows=None)
-
-    conml.build_layout = packed
+    conml.build_layout = functools.partial(build, view_rows=VIEW_ROWS[name])
     try:
         yield
     finally:
@@ -103,15 +102,15 @@ def make_trainer(extra: list[str], steps: int, output_dir: str) -> ConMLTrainer:
     )
 
 
-def timed_train(extra: list[str], steps: int, packed: bool = False) -> tuple[float, float]:
+def timed_train(name: str, steps: int) -> tuple[float, float]:
     """Wall-clock and CPU seconds of ``trainer.train()`` (a fresh model and trainer each time).
 
     CPU time (``time.process_time``: this process's threads) is what the run itself spent; on a
     shared machine it varies less than the wall clock, which also counts time spent waiting for
     a core.
     """
-    with tempfile.TemporaryDirectory() as tmp, packed_views(packed):
-        trainer = make_trainer(extra, steps, tmp)
+    with tempfile.TemporaryDirectory() as tmp, view_rows(name):
+        trainer = make_trainer(VARIANTS[name], steps, tmp)
         start, start_cpu = time.perf_counter(), time.process_time()
         trainer.train()
         return time.perf_counter() - start, time.process_time() - start_cpu
@@ -174,14 +173,14 @@ def main() -> None:
     )
     tokens = {name: tokens_per_task(VARIANTS[name]) for name in names}
     for name in names:  # warm-up: first-run costs (allocator, lazy imports) out of the rounds
-        timed_train(VARIANTS[name], args.warmup_steps, name.endswith("_packed"))
+        timed_train(name, args.warmup_steps)
 
     wall: dict[str, list[float]] = {name: [] for name in names}
     cpu: dict[str, list[float]] = {name: [] for name in names}
     for round_index in range(args.rounds):
         order = names if round_index % 2 == 0 else names[::-1]
         for name in order:
-            seconds, cpu_seconds = timed_train(VARIANTS[name], args.steps, name.endswith("_packed"))
+            seconds, cpu_seconds = timed_train(name, args.steps)
             wall[name].append(seconds)
             cpu[name].append(cpu_seconds)
         ratios = "  ".join(
