@@ -50,20 +50,49 @@ def load_records(spec: Spec) -> dict[tuple[str, int], dict[str, Any]]:
     return records
 
 
+# Keys that change what is logged or kept, not what is trained or evaluated.
+BOOKKEEPING_KEYS = frozenset(
+    {"report_to", "disable_tqdm", "logging_steps", "logging_strategy", "save_steps", "save_strategy",
+     "save_total_limit", "push_to_hub", "hub_model_id", "hub_strategy", "hub_private_repo"}
+)  # fmt: skip
+
+
+def _experiment_settings(recipe: dict[str, Any], ignored: set[str]) -> dict[str, Any]:
+    """What defines the experiment in a recorded recipe, in one spelling whatever the code version
+    wrote: bookkeeping keys dropped, and flat task keys (``sparsity``, ``depth``, ...) kept only
+    for a task that takes them."""
+    from .tasks import hyperparameter_names, resolve_task_class
+
+    try:
+        hyperparameters = set(
+            hyperparameter_names(resolve_task_class(recipe.get("task", "linear_regression")))
+        )
+    except ValueError:
+        hyperparameters = set()
+    flat = {"sparsity", "noise_std", "hidden_size", "depth"} - hyperparameters
+    return {
+        key: value
+        for key, value in recipe.items()
+        if key not in ignored and key not in BOOKKEEPING_KEYS and key not in flat
+    }
+
+
 def check_pairing(spec: Spec, records: dict[tuple[str, int], dict[str, Any]]) -> None:
-    """Refuse to pair runs whose settings differ outside their arm's keys and the seed."""
+    """Refuse to pair runs whose recorded settings differ outside their arm's keys and the seed."""
     arm_keys = set().union(*(set(overrides) for overrides in spec.arms.values()))
     ignored = arm_keys | RUN_IDENTITY_KEYS
     reference: tuple[str, dict[str, Any]] | None = None
     for (arm, seed), record in sorted(records.items()):
-        settings = {k: v for k, v in record.get("recipe", {}).items() if k not in ignored}
+        settings = _experiment_settings(record.get("recipe", {}), ignored)
         settings["attn_implementation"] = record.get("attn_implementation")
         settings["max_steps"] = record.get("max_steps")
         if reference is None:
             reference = (f"{arm}/seed{seed}", settings)
             continue
         name, expected = reference
-        differ = sorted(k for k in set(expected) | set(settings) if expected.get(k) != settings.get(k))
+        # A key one record lacks was not recorded (older runs saved only non-default keys): only
+        # keys both recorded can disagree.
+        differ = sorted(k for k in set(expected) & set(settings) if expected[k] != settings[k])
         if differ:
             shown = ", ".join(f"{k}: {expected.get(k)!r} vs {settings.get(k)!r}" for k in differ[:4])
             raise ExperimentError(
