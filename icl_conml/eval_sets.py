@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
+from .data import sample_prompts
 from .errors import OneLineParser, UserError, command_name, entry_point
 from .tasks import TASK_REGISTRY, FunctionClass, get_task
 
@@ -86,13 +87,12 @@ def build_eval_set(
     ood: str | None = None,
     **task_kwargs: Any,
 ) -> datasets.Dataset:
-    """The prompts ``evaluation.sample_prompts`` draws for these settings, with metadata columns.
+    """The prompts ``data.sample_prompts`` (the evaluation's fresh prompts) draws for these
+    settings, with metadata columns.
 
     ``task_kwargs`` that the task does not take are ignored (one call can serve several tasks).
     """
     import datasets
-
-    from .evaluation.prompts import sample_prompts
 
     task = resolve_task(task_name, n_dims, **task_kwargs)
     prompts = sample_prompts(task, n_prompts, n_points, seed, ood)

@@ -6,9 +6,9 @@ lazy import is still a dependency, only a hidden one); imports under ``if TYPE_C
 not (they never run). Importing ``a.b.c`` also runs the ``__init__`` of package ``a.b``: that
 is an edge too, unless ``a.b`` encloses the importing module (it is then already loaded).
 
-``KNOWN_CIRCLE_EDGES`` lists the edges of circles left to remove, each with the change that
-removes it; the test fails on any other circle, and when a listed edge no longer closes one.
-Check by hand: ``python tests/test_architecture.py`` prints every module's imports.
+No circle is allowed (the last one, ``eval_sets`` <-> ``evaluation``, went when the OOD shifts
+and ``sample_prompts`` moved into ``data.py``). Check by hand: ``python tests/test_architecture.py``
+prints every module's imports.
 """
 
 from __future__ import annotations
@@ -137,28 +137,8 @@ def a_cycle(graph: dict[str, set[str]], component: list[str]) -> list[str]:
     return component
 
 
-#: Import edges that close a circle which a change outside the Hub/LoRA/model modules must remove,
-#: with that change. Without these edges the graph must be a DAG; each must still exist and still
-#: close a circle (when it no longer does, delete it here).
-KNOWN_CIRCLE_EDGES = {
-    ("icl_conml.evaluation.loading", "icl_conml.eval_sets"): (
-        "eval_sets builds sets with evaluation.prompts.sample_prompts (importing the evaluation package, "
-        "whose loading module reads eval sets back with eval_sets): move the OOD shifts and sample_prompts "
-        "into data.py (DESIGN.md: data.py owns every prompt), so that eval_sets needs only data"
-    ),
-}
-
-
 def test_no_import_cycles_among_icl_conml_modules():
     graph = import_graph()
-    for (source, target), why in KNOWN_CIRCLE_EDGES.items():
-        assert target in graph[source], (
-            f"{source} no longer imports {target}: delete it from KNOWN_CIRCLE_EDGES"
-        )
-        assert any(source in c and target in c for c in cycles(graph)), (
-            f"{source} -> {target} closes no circle any more: delete it from KNOWN_CIRCLE_EDGES ({why})"
-        )
-        graph[source] = graph[source] - {target}
     found = cycles(graph)
     assert not found, "import circles: " + "; ".join(" -> ".join(a_cycle(graph, c)) for c in found)
 
@@ -171,6 +151,16 @@ def test_the_hub_card_lora_model_and_trainer_modules_are_in_no_circle():
     assert all(not ours & set(c) for c in cycles(graph))
     assert "icl_conml.lora" not in graph["icl_conml.modeling"]  # LoRA loading stays in lora.py
     assert "icl_conml.evaluation" not in graph["icl_conml.model_card"]  # lora.merge writes cards
+
+
+def test_prompts_and_eval_sets_sit_below_the_evaluation():
+    """data.py owns every prompt (the OOD shifts and ``sample_prompts`` too): eval_sets builds sets
+    from data alone, and the evaluation reads them back with eval_sets, one way."""
+    graph = import_graph()
+    evaluation = {name for name in graph if name.split(".")[:2] == ["icl_conml", "evaluation"]}
+    assert not evaluation & graph["icl_conml.data"] and "icl_conml.eval_sets" not in graph["icl_conml.data"]
+    assert not evaluation & graph["icl_conml.eval_sets"] and "icl_conml.data" in graph["icl_conml.eval_sets"]
+    assert "icl_conml.eval_sets" in graph["icl_conml.evaluation.loading"]
 
 
 def test_the_checker_sees_cycles_lazy_imports_and_package_inits(tmp_path):

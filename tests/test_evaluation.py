@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from icl_conml import ICLConfig, ICLModel, __version__
+from icl_conml import ICLConfig, ICLModel, __version__, data
 from icl_conml import evaluation as ev
 from icl_conml.baselines import least_squares
+from icl_conml.data import PromptError
+from icl_conml.errors import UserError
 from icl_conml.tasks import get_task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,6 +165,10 @@ def test_ood_flags_are_checked():
         ev.parse_ood("scale_x")
     with pytest.raises(ev.EvaluationError, match="unknown --ood 'rotated'"):
         ev.parse_ood("rotated")
+    # data.py owns the shifts (eval sets use them without the evaluation): its own one-line error, exit 2.
+    with pytest.raises(PromptError, match="unknown --ood 'rotated'") as raised:
+        data.sample_prompts(get_task("linear_regression", 3), 4, 5, seed=0, ood="rotated")
+    assert isinstance(raised.value, UserError) and raised.value.exit_code == 2
 
 
 # ---- CLI, eval sets, compare --------------------------------------------------------------------------

@@ -13,7 +13,8 @@ The modules, in the order data flows through them:
 
 - ``arguments``: what is asked (``EvaluationArguments``, ``CompareArguments``, the CLI's
   model and output arguments) and ``EvaluationError``, the one-line user error;
-- ``prompts``: fresh prompts and Garg et al.'s distribution shifts (``data.Prompts`` is the type);
+- ``prompts``: fresh prompts and Garg et al.'s distribution shifts (``data.sample_prompts``,
+  ``data.parse_ood``; ``data.Prompts`` is the type), raising ``EvaluationError``;
 - ``loading``: a model (folder or Hub id) and a fixed eval set;
 - ``setting``: the task, prompts and reference estimators one evaluation runs;
 - ``predictions``: the model's and the estimators' predictions, and their errors;

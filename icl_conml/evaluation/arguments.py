@@ -7,9 +7,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ..data import OOD_KINDS
 from ..errors import UserError
-
-OOD_KINDS = ("scale_x", "scale_y", "noisy_y", "skewed", "orthant", "orthogonal_query", "repeated_query")
 
 
 class EvaluationError(UserError, ValueError):
