@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from .errors import UserError
 
 if TYPE_CHECKING:
-    from .config import Recipe
+    from .arguments import Recipe
 
 #: Module → the ``pip install`` argument that provides it.
 EXTRAS = {

@@ -28,7 +28,7 @@ from transformers import PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import find_adapter_config_file
 
-from .config import ModelArguments, Recipe, RecipeError
+from .arguments import ModelArguments, Recipe, RecipeError
 from .errors import OneLineParser, UserError, command_name, entry_point
 from .extras import require
 from .model_card import write_model_card

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from .config import RecipeError
+from .arguments import RecipeError
 from .errors import EXIT_CTRL_C, CommandError
 from .errors import EXIT_INTERRUPTED as EXIT_INTERRUPTED  # the status of a signal stop (re-exported)
 
@@ -543,7 +543,7 @@ STEADY_SCHEDULES = ("constant", "constant_with_warmup", "inverse_sqrt", "reduce_
 
 
 def _is_experiment_key(key: str) -> bool:
-    from .config import ConMLArguments, ModelArguments, TaskArguments
+    from .arguments import ConMLArguments, ModelArguments, TaskArguments
 
     if key in EXPERIMENT_TRAINING_KEYS:
         return True

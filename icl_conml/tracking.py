@@ -26,7 +26,7 @@ from . import __version__
 if TYPE_CHECKING:
     from transformers import Trainer
 
-    from .config import Recipe
+    from .arguments import Recipe
 
 logger = logging.getLogger("icl_conml")
 

@@ -21,6 +21,7 @@ import yaml
 from transformers import TrainingArguments, set_seed
 
 from . import extras, tracking
+from .arguments import Recipe, RecipeError
 from .checkpoints import (
     AUTO,
     LATEST,
@@ -34,11 +35,12 @@ from .checkpoints import (
     previous_run,
     remove_checkpoints,
 )
-from .config import Recipe, RecipeError, parse_recipe, validate
 from .data import ConMLSampling, Curriculum, Prompts, PromptSampler, Schedule
 from .errors import run_main
 from .hub import push_errors_explained
 from .modeling import ICLConfig, ICLModel
+from .recipe_checks import validate
+from .recipe_parser import parse_recipe
 from .run_guard import (
     EXIT_CTRL_C,
     EXIT_INTERRUPTED,

@@ -24,8 +24,8 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from . import conml
+from .arguments import ConMLArguments
 from .callbacks import NonFiniteLossGuard
-from .config import ConMLArguments
 from .data import PromptSampler, TrainingPrompts
 from .hub import push_repo_id
 from .lora import record_repo_id

@@ -1,0 +1,167 @@
+"""Reading a recipe file: a packaged recipe by name, or a YAML file read defensively.
+
+A recipe is a short mapping of ``key: value`` lines. ``load_yaml`` refuses, in one line naming
+the file (``RecipeError``), whatever is not one or hides a mistake: a missing, binary, empty or
+oversized file, YAML anchors and aliases, a key set twice, a value far larger than any key
+takes, an unknown key (with the closest known one), or a value of the wrong type (YAML values
+bypass argparse's conversions).
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .arguments import RecipeError, field_types, suggest_key, type_options
+
+#: A recipe is a few hundred bytes of ``key: value`` lines; these bounds only stop accidents.
+MAX_RECIPE_BYTES = 1_000_000
+MAX_VALUE_ITEMS = 1_000
+MAX_VALUE_CHARS = 10_000
+
+
+def recipe_path(name: str) -> Path:
+    """A recipe's path, or a packaged recipe by name (``linear_regression``; see ``resources``)."""
+    from .resources import ResourceNotFound, resolve
+
+    try:
+        return resolve(name)
+    except ResourceNotFound:
+        return Path(name)  # load_yaml reports it missing
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """The recipe file's ``key: value`` mapping, each key known and each value of its key's type."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(
+            f"recipe file {str(path)!r} not found; pass the path of a YAML recipe (see recipes/)"
+        )
+    data = _read_recipe(path)
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe {str(path)!r} must be a mapping of key: value, got {type(data).__name__}")
+    for key, value in data.items():
+        try:
+            _check_size(str(key), value)
+        except RecipeError as error:
+            raise RecipeError(f"recipe {str(path)!r}: {error}") from None
+    expected = field_types()
+    for key, value in data.items():
+        if key not in expected:
+            raise RecipeError(f"unknown recipe key {key!r} in {path}{suggest_key(str(key))}")
+        if key == "resume_from_checkpoint" and isinstance(value, bool):  # `resume_from_checkpoint: true`
+            value = data[key] = "latest" if value else None
+        if isinstance(value, str) and float in type_options(expected[key]):
+            try:  # YAML 1.1 reads 1e-3 (no dot) as a string
+                value = data[key] = float(value)
+            except ValueError:
+                pass
+        _check_type(key, value, expected[key])
+    return data
+
+
+def _read_recipe(path: Path) -> Any:
+    """The parsed YAML of a recipe file, or ``RecipeError`` (one line) for a file that is not one."""
+    name = str(path)
+    size = path.stat().st_size
+    if size > MAX_RECIPE_BYTES:
+        raise RecipeError(
+            f"recipe {name!r} is {size:,} bytes; a recipe is a short list of key: value lines (at most "
+            f"{MAX_RECIPE_BYTES:,} bytes): is this the right file?"
+        )
+    raw = path.read_bytes()
+    try:
+        if b"\x00" in raw:
+            raise UnicodeDecodeError("utf-8", raw, raw.index(b"\x00"), raw.index(b"\x00") + 1, "NUL byte")
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RecipeError(f"recipe {name!r} is not a text file (UTF-8 YAML); pass a YAML recipe") from None
+    try:
+        data = yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+    except _RecipeYAMLError as error:
+        raise RecipeError(f"recipe {name!r} {error}") from None
+    except yaml.YAMLError as error:
+        raise RecipeError(f"recipe {name!r} is not valid YAML: {str(error).splitlines()[0]}") from None
+    if data is None:
+        raise RecipeError(
+            f"recipe {name!r} is empty; write key: value lines (see recipes/), or give no recipe to run the "
+            f"quickstart"
+        )
+    return data
+
+
+class _RecipeYAMLError(Exception):
+    """A recipe-specific YAML problem (line known), reported by ``load_yaml`` with the file name."""
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` refusing what a recipe never needs and what hides mistakes: anchors and
+    aliases (a few lines of nested aliases expand to gigabytes) and duplicate keys (YAML silently
+    keeps the last one)."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            kind = (
+                f"alias *{event.anchor}" if isinstance(event, yaml.AliasEvent) else f"anchor &{event.anchor}"
+            )
+            raise _RecipeYAMLError(
+                f"uses the YAML {kind} (line {event.start_mark.line + 1}); recipes take no anchors or aliases: "
+                f"write each value out"
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise _RecipeYAMLError(f"sets {key!r} twice (lines {seen[key]} and {line}); keep one")
+            except TypeError:  # an unhashable key: SafeLoader reports it
+                break
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def _check_size(key: str, value: Any, depth: int = 0) -> None:
+    """Refuse a value far larger than any recipe key takes (a list of a million modules...)."""
+    if isinstance(value, str) and len(value) > MAX_VALUE_CHARS:
+        raise RecipeError(f"{key} is a string of {len(value):,} characters (at most {MAX_VALUE_CHARS:,})")
+    if isinstance(value, (list, dict)):
+        if len(value) > MAX_VALUE_ITEMS or depth > 4:
+            what = (
+                f"{len(value):,} items" if len(value) > MAX_VALUE_ITEMS else "values nested more than 4 deep"
+            )
+            raise RecipeError(
+                f"{key} holds {what}; a recipe value is at most {MAX_VALUE_ITEMS:,} items, 4 deep"
+            )
+        for item in value.values() if isinstance(value, dict) else value:
+            _check_size(key, item, depth + 1)
+
+
+def _check_type(key: str, value: Any, expected: Any) -> None:
+    """YAML values bypass argparse's type conversion: check simple scalar types here."""
+    if value is None or expected is None:
+        return
+    options = typing.get_args(expected) if isinstance(expected, types.UnionType) else (expected,)
+    options = tuple(typing.get_origin(o) or o for o in options if o is not type(None))
+    if any(o in (Any, typing.Any) or not isinstance(o, type) for o in options):
+        return
+    ok = any(isinstance(value, o) and not (o is int and isinstance(value, bool)) for o in options)
+    if float in options and isinstance(value, int) and not isinstance(value, bool):
+        ok = True
+    if not ok:
+        names = " or ".join(o.__name__ for o in options)
+        raise RecipeError(f"{key}={_short(value)} has type {type(value).__name__}; expected {names}")
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters (error messages stay one readable line)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
