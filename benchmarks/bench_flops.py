@@ -9,9 +9,15 @@ thread count. FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` 
 multiplies and attention, forward and backward: the work a GPU would count as model FLOPs);
 the time is the whole step, so the fraction says how much of the step the machine spends at
 matmul speed. A ``torch.profiler`` breakdown of the step's CPU time into matrix-multiply
-kernels and everything else says where the rest goes.
+kernels and everything else says where the rest goes. Every round times each row once and the
+matmul reference again, in alternating order, and the medians are compared: the load of a
+shared machine drifts. Times are by the wall clock and by this process's CPU time (the steadier
+of the two on a loaded machine; equal to the wall clock on an idle one with one thread).
+``--compare_activations`` adds rows with GPT-2's activation as ``transformers`` computes it
+(``NewGELUActivation``, the same floats as ours) and as the fused ``gelu(approximate="tanh")``
+(faster, but it rounds differently).
 
-    python benchmarks/bench_flops.py [--threads 1] [--steps 3] [--matmul_size 2048]
+    python benchmarks/bench_flops.py [--threads 1] [--rounds 3] [--matmul_size 2048] [--compare_activations]
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ FINAL_SIZE = ["--curriculum_dims_start", "20", "--curriculum_points_start", "41"
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product")
 
 
-def matmul_flops_per_second(size: int, repeats: int = 5) -> tuple[float, float]:
+def matmul_flops_per_second(size: int, repeats: int = 3) -> tuple[float, float]:
     """Best-of-``repeats`` fp32 FLOP/s of ``torch.mm`` on two (size, size) matrices: by the wall
     clock and by this process's CPU time."""
     a, b = torch.randn(size, size), torch.randn(size, size)
@@ -56,11 +62,6 @@ def _clock(function) -> tuple[float, float]:
     start, start_cpu = time.perf_counter(), time.process_time()
     function()
     return time.perf_counter() - start, time.process_time() - start_cpu
-
-
-def _median_clock(function, repeats: int) -> tuple[float, float]:
-    times = [_clock(function) for _ in range(repeats)]
-    return statistics.median(wall for wall, _ in times), statistics.median(cpu for _, cpu in times)
 
 
 def set_activation(model: torch.nn.Module, kind: str) -> None:
@@ -145,9 +146,10 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for everything")
-    parser.add_argument("--steps", type=int, default=3, help="timed training steps per variant (median)")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="timed rounds: one of each measurement per round"
+    )
     parser.add_argument("--eval_batch", type=int, default=256, help="prompts per evaluation forward")
-    parser.add_argument("--eval_repeats", type=int, default=2, help="timed evaluation forwards (median)")
     parser.add_argument("--matmul_size", type=int, default=2048)
     parser.add_argument(
         "--compare_activations",
@@ -162,92 +164,97 @@ def main() -> None:
         f"standard model (d=20, 41 points, GPT-2 256/12/8, sdpa), torch threads {torch.get_num_threads()}, "
         f"{time.strftime('%Y-%m-%d %H:%M %Z')}, load average {os.getloadavg()[0]:.1f}"
     )
-    peak_wall, peak_cpu = matmul_flops_per_second(args.matmul_size)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trainers = {"plain": make_trainer(["--conml_lambda", "0"], tmp), "ConML": make_trainer([], tmp)}
+    step_counter = iter(range(10**6))
+    model = trainers["ConML"].model
+    batch = trainers["ConML"].train_dataset.micro_batch(0, 0, 1)
+    copies = -(-args.eval_batch // batch["xs"].shape[0])
+    xs = batch["xs"].repeat(copies, 1, 1)[: args.eval_batch]
+    ys = batch["ys"].repeat(copies, 1)[: args.eval_batch]
+
+    def step(trainer: ConMLTrainer) -> None:
+        training_step(trainer, next(step_counter))
+
+    def evaluation_forward() -> None:
+        model.eval()
+        with torch.inference_mode():
+            model(xs=xs, ys=ys)
+        model.train()
+
+    # name -> (function, activation model, activation kind, counted FLOPs key)
+    eval_name = f"evaluation forward ({args.eval_batch} prompts)"
+    measured = {
+        "training step, plain": (lambda: step(trainers["plain"]), trainers["plain"].model, "exact"),
+        "training step, ConML": (lambda: step(trainers["ConML"]), model, "exact"),
+        eval_name: (evaluation_forward, model, "exact"),
+    }
+    if args.compare_activations:
+        for kind, label in ACTIVATIONS.items():
+            measured[f"training step, plain, {label}"] = measured["training step, plain"][:2] + (kind,)
+            measured[f"{eval_name}, {label}"] = (evaluation_forward, model, kind)
+
+    flops, breakdowns = {}, {}
+    for name, (function, _, kind) in measured.items():
+        if kind == "exact":  # the same FLOPs under every activation
+            function()  # warm-up
+            flops[name] = counted_flops(function)
+            breakdowns[name] = time_breakdown(function)
+    for name, (_, _, kind) in measured.items():
+        if name not in flops:  # an activation variant: the FLOPs of its row with ours
+            flops[name] = flops[name.removesuffix(f", {ACTIVATIONS[kind]}")]
+
+    peaks: list[tuple[float, float]] = []
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in measured}
+    for round_index in range(args.rounds):  # interleaved: the load drifts, every row sees it alike
+        peaks.append(matmul_flops_per_second(args.matmul_size, repeats=2))
+        names = list(measured) if round_index % 2 == 0 else list(measured)[::-1]
+        for name in names:
+            function, activation_model, kind = measured[name]
+            set_activation(activation_model, kind)
+            times[name].append(_clock(function))
+            set_activation(activation_model, "exact")
+    peak_wall = statistics.median(wall for wall, _ in peaks)
+    peak_cpu = statistics.median(cpu for _, cpu in peaks)
     print(
-        f"torch.mm {args.matmul_size}^2 fp32: {peak_wall / 1e9:.1f} GFLOP/s by the wall clock, "
-        f"{peak_cpu / 1e9:.1f} GFLOP/s by CPU time"
+        f"torch.mm {args.matmul_size}^2 fp32 (median of {args.rounds} rounds): {peak_wall / 1e9:.1f} GFLOP/s by "
+        f"the wall clock, {peak_cpu / 1e9:.1f} GFLOP/s by CPU time"
     )
     results: dict[str, object] = {
         "threads": torch.get_num_threads(),
-        "matmul_flops_per_second": {"wall": peak_wall, "cpu": peak_cpu},
+        "rounds": args.rounds,
+        "matmul_flops_per_second": {"wall": peak_wall, "cpu": peak_cpu, "rounds": peaks},
     }
-
-    rows = []  # (name, flops, (wall, cpu) seconds, breakdown or None)
-    with tempfile.TemporaryDirectory() as tmp:
-        trainers = {"plain": make_trainer(["--conml_lambda", "0"], tmp), "ConML": make_trainer([], tmp)}
-        step_counter = iter(range(10**6))
-
-        def step(trainer: ConMLTrainer) -> None:
-            training_step(trainer, next(step_counter))
-
-        flops_of = {}
-        for name, trainer in trainers.items():
-            step(trainer)  # warm-up
-            flops_of[name] = counted_flops(lambda trainer=trainer: step(trainer))
-            seconds = _median_clock(lambda trainer=trainer: step(trainer), args.steps)
-            rows.append(
-                (
-                    f"training step, {name}",
-                    flops_of[name],
-                    seconds,
-                    time_breakdown(lambda trainer=trainer: step(trainer)),
-                )
-            )
-        if args.compare_activations:
-            plain = trainers["plain"]
-            for kind, label in ACTIVATIONS.items():
-                set_activation(plain.model, kind)
-                step(plain)  # warm-up
-                seconds = _median_clock(lambda: step(plain), args.steps)
-                rows.append((f"training step, plain, {label}", flops_of["plain"], seconds, None))
-            set_activation(plain.model, "exact")
-
-        model = trainers["ConML"].model.eval()
-        batch = trainers["ConML"].train_dataset.micro_batch(0, 0, 1)
-        copies = -(-args.eval_batch // batch["xs"].shape[0])
-        xs = batch["xs"].repeat(copies, 1, 1)[: args.eval_batch]
-        ys = batch["ys"].repeat(copies, 1)[: args.eval_batch]
-
-        def evaluation_forward() -> None:
-            with torch.inference_mode():
-                model(xs=xs, ys=ys)
-
-        label = f"evaluation forward ({args.eval_batch} prompts)"
-        evaluation_forward()  # warm-up
-        flops = counted_flops(evaluation_forward)
-        seconds = _median_clock(evaluation_forward, args.eval_repeats)
-        rows.append((label, flops, seconds, time_breakdown(evaluation_forward)))
-        if args.compare_activations:
-            for kind, activation in ACTIVATIONS.items():
-                set_activation(model, kind)
-                evaluation_forward()  # warm-up
-                seconds = _median_clock(evaluation_forward, args.eval_repeats)
-                rows.append((f"{label}, {activation}", flops, seconds, None))
-            set_activation(model, "exact")
 
     print(
         "\n| measured | model GFLOP | s (wall) | GFLOP/s (wall) | fraction of torch.mm (wall) "
         "| s (CPU) | fraction of torch.mm (CPU) | CPU time in matmul kernels |"
     )
     print("|---|---|---|---|---|---|---|---|")
-    for name, flops, (wall, cpu), breakdown in rows:
+    for name in measured:
+        wall = statistics.median(seconds for seconds, _ in times[name])
+        cpu = statistics.median(seconds for _, seconds in times[name])
+        breakdown = breakdowns.get(name)
         share = breakdown["matmul"] / (breakdown["matmul"] + breakdown["other"]) if breakdown else None
         print(
-            f"| {name} | {flops / 1e9:.1f} | {wall:.2f} | {flops / wall / 1e9:.1f} | "
-            f"**{flops / wall / peak_wall:.1%}** | {cpu:.2f} | **{flops / cpu / peak_cpu:.1%}** | "
+            f"| {name} | {flops[name] / 1e9:.1f} | {wall:.2f} | {flops[name] / wall / 1e9:.1f} | "
+            f"**{flops[name] / wall / peak_wall:.1%}** | {cpu:.2f} | **{flops[name] / cpu / peak_cpu:.1%}** | "
             f"{'' if share is None else f'{share:.0%}'} |"
         )
         results[name] = {
-            "flops": flops,
-            "seconds": {"wall": wall, "cpu": cpu},
-            "fraction_of_matmul": {"wall": flops / wall / peak_wall, "cpu": flops / cpu / peak_cpu},
+            "flops": flops[name],
+            "seconds": times[name],
+            "fraction_of_matmul": {
+                "wall": flops[name] / wall / peak_wall,
+                "cpu": flops[name] / cpu / peak_cpu,
+            },
             "matmul_time_share": share,
             "top_other_ops": breakdown["top_other"] if breakdown else None,
         }
-    for name, _, _, breakdown in rows:
-        if breakdown:
-            shown = ", ".join(f"{key} {seconds:.2f} s" for key, seconds in breakdown["top_other"])
-            print(f"{name}: outside matmul kernels: {shown}")
+    for name, breakdown in breakdowns.items():
+        shown = ", ".join(f"{key} {seconds:.2f} s" for key, seconds in breakdown["top_other"])
+        print(f"{name}: outside matmul kernels: {shown}")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=2)
