@@ -20,8 +20,11 @@ Besides the wall clock, each run's CPU time (``time.process_time``) is recorded:
 thread it equals the wall clock on an idle machine, and on a loaded one it leaves out the time
 spent waiting for a core, so its ratio is the steadier of the two.
 
+``--step_blocks N`` measures the model's own cost instead: N interleaved rounds of short blocks
+of ``training_step`` + AdamW per variant, CPU time per step (min and median).
+
     OMP_NUM_THREADS=1 python benchmarks/bench_end_to_end.py [--steps 300] [--rounds 5] [--threads 1]
-        [--variants paper,shuffle,random_subset,shuffle_packed,random_subset_rows]
+        [--variants paper,shuffle,random_subset,shuffle_packed,random_subset_rows] [--step_blocks 15]
 """
 
 from __future__ import annotations
@@ -146,6 +149,47 @@ def spread(values: list[float]) -> dict[str, float]:
     }
 
 
+def step_blocks(names: list[str], rounds: int, block: int) -> None:
+    """The model's own cost per variant, without the training loop around it: blocks of
+    ``block`` steps of ``training_step`` + AdamW, one block per variant per round, interleaved;
+    CPU time per step, min and median over the rounds. Finer than whole runs: it resolves the
+    few-percent differences between layouts that the load's drift hides in whole runs."""
+    trainers = {}
+    for name in names:
+        with tempfile.TemporaryDirectory() as tmp:
+            trainer = make_trainer(VARIANTS[name], 10**6, tmp)
+        trainer.model.train()
+        trainer.create_optimizer_and_scheduler(num_training_steps=10**6)
+        trainer.current_gradient_accumulation_steps = 1
+        trainers[name] = trainer
+    steps = iter(range(10**9))
+
+    def run_block(name: str) -> float:
+        trainer = trainers[name]
+        with view_rows(name):
+            start = time.process_time()
+            for _ in range(block):
+                batch = trainer.train_dataset.micro_batch(next(steps), 0, 1)
+                trainer.training_step(trainer.model, batch)
+                trainer.optimizer.step()
+                trainer.optimizer.zero_grad()
+            return (time.process_time() - start) / block
+
+    for name in names:
+        run_block(name)  # warm-up
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(rounds):
+        for name in names if round_index % 2 == 0 else names[::-1]:
+            seconds[name].append(run_block(name))
+    best, middle = min(seconds["plain"]), statistics.median(seconds["plain"])
+    print(f"\nstep blocks: {rounds} rounds of {block} steps, CPU time per step")
+    print("| variant | ms/step (min) | vs plain (min) | ms/step (median) | vs plain (median) |")
+    print("|---|---|---|---|---|")
+    for name in names:
+        low, mid = min(seconds[name]), statistics.median(seconds[name])
+        print(f"| {name} | {low * 1e3:.1f} | {low / best:.3f}× | {mid * 1e3:.1f} | {mid / middle:.3f}× |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -159,6 +203,13 @@ def main() -> None:
         default=",".join(DEFAULT_VARIANTS),
         help=f"comma-separated, plain is always added; from {', '.join(VARIANTS)}",
     )
+    parser.add_argument(
+        "--step_blocks",
+        type=int,
+        default=0,
+        help="instead of whole runs: this many interleaved rounds of short blocks of training steps",
+    )
+    parser.add_argument("--block", type=int, default=5, help="training steps per block (--step_blocks)")
     parser.add_argument("--json", help="write the results here too")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -166,6 +217,10 @@ def main() -> None:
     unknown = [name for name in names if name not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
+    if args.step_blocks:
+        print(f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
+        step_blocks(names, args.step_blocks, args.block)
+        return
     print(
         f"quickstart recipe, {args.steps} steps per run, {args.rounds} rounds, "
         f"torch threads {torch.get_num_threads()}, {time.strftime('%Y-%m-%d %H:%M %Z')}, "
