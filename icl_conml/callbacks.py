@@ -23,6 +23,7 @@ import torch
 from transformers import TrainerCallback
 
 from .checkpoints import latest_checkpoint
+from .distributed import reduce_max
 from .errors import EXIT_NON_FINITE, CommandError
 
 
@@ -30,13 +31,6 @@ class NonFiniteLossError(CommandError, RuntimeError):
     """Training hit a NaN/inf loss or gradient; the message is one line for the user (exit 3)."""
 
     exit_code = EXIT_NON_FINITE
-
-
-def reduce_max(flag: torch.Tensor) -> torch.Tensor:
-    """Max of a tensor over processes (identity without torch.distributed), so all stop together."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return flag
 
 
 class NonFiniteLossGuard(TrainerCallback):

@@ -9,9 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import sys
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,33 +20,26 @@ from transformers import TrainingArguments, set_seed
 
 from . import extras, tracking
 from .arguments import Recipe, RecipeError
-from .checkpoints import (
-    AUTO,
-    LATEST,
-    NO_RESUME,
-    CheckpointManifest,
-    check_checkpoint,
-    checkpoint_step,
-    checkpoints_newest_first,
-    damaged_checkpoints,
-    latest_checkpoint,
-    previous_run,
-    remove_checkpoints,
-)
+from .checkpoints import CheckpointManifest, checkpoint_step
 from .data import ConMLSampling, Curriculum, Prompts, PromptSampler, Schedule
-from .errors import run_main
+from .distributed import finish as finish_distributed
+from .distributed import leave_now
+from .errors import EXIT_CTRL_C, run_main
 from .hub import push_errors_explained
 from .modeling import ICLConfig, ICLModel
+from .preemption import RunInterrupted
 from .recipe_checks import validate
 from .recipe_parser import parse_recipe
-from .run_guard import (
-    EXIT_CTRL_C,
-    EXIT_INTERRUPTED,
-    RunGuard,
-    RunInterrupted,
+from .resume import (
+    check_checkpoint_weights,
     check_resume,
-    storage_error,
+    make_output_dir,
+    nothing_trained,
+    prepare_output_dir,
+    resolve_resume,
+    weights_only,
 )
+from .run_guard import RunGuard
 from .tasks import task_reference
 
 if TYPE_CHECKING:
@@ -211,166 +202,6 @@ def build_compute_metrics(recipe: Recipe):
     return curve_metrics(task_args.function_class())
 
 
-WEIGHTS_ONLY_HINT = (
-    "pass --resume_weights_only true to restart from its weights with a fresh optimizer (the schedule "
-    "continues at its step)"
-)
-
-
-def resolve_resume(recipe: Recipe) -> str | None:
-    """The checkpoint ``resume_from_checkpoint`` names: a ``checkpoint-N`` folder, or ``latest``
-    (also ``true``/``last``) for the newest intact checkpoint in ``output_dir``.
-
-    Every checkpoint is checked (``checkpoints.check_checkpoint``: manifest, structure, optimizer
-    and scheduler state): ``latest`` skips a damaged one with a warning, an explicit folder that
-    fails is refused in one line.
-    """
-    training = recipe.training
-    value = training.resume_from_checkpoint
-    if value is None or str(value) in NO_RESUME:
-        if training.resume_weights_only:
-            raise RecipeError(
-                "resume_weights_only=true needs --resume_from_checkpoint (latest or a checkpoint-N folder)"
-            )
-        return None
-    need_state = not training.resume_weights_only
-    if str(value) in AUTO:  # requeue scripts: continue the run if it saved a checkpoint, else start it
-        if not checkpoints_newest_first(training.output_dir):
-            logger.info(
-                "resume_from_checkpoint=auto: %s holds no checkpoint; starting the run", training.output_dir
-            )
-            return None
-        value = "latest"
-    if str(value) in LATEST:
-        last = latest_checkpoint(training.output_dir, need_training_state=need_state)
-        if last is None:
-            damaged = damaged_checkpoints(training.output_dir, need_training_state=need_state)
-            if damaged:
-                shown = "; ".join(damaged[:3]) + ("; ..." if len(damaged) > 3 else "")
-                missing_state = all("optimizer/schedule state" in line for line in damaged)
-                fix = WEIGHTS_ONLY_HINT if missing_state else "start a new run (another output_dir)"
-                raise RecipeError(
-                    f"resume_from_checkpoint={value!r} but no checkpoint in output_dir={training.output_dir!r} "
-                    f"is intact ({shown}); {fix}"
-                )
-            raise RecipeError(
-                f"resume_from_checkpoint={value!r} but output_dir={training.output_dir!r} holds no complete "
-                f"checkpoint; point output_dir at the run to resume, or drop the flag to start a new run"
-            )
-        checkpoint = last
-    else:
-        checkpoint = str(value)
-        problem = check_checkpoint(checkpoint, need_training_state=need_state)
-        if problem is not None:
-            if "optimizer/schedule state" in problem:
-                fix = WEIGHTS_ONLY_HINT
-            elif problem == "is not a directory":
-                fix = "pass a complete checkpoint-N folder of an earlier run, or 'latest' for the newest one"
-            else:
-                fix = "resume from an earlier checkpoint-N, or 'latest' (which skips damaged checkpoints)"
-            raise RecipeError(f"resume_from_checkpoint={checkpoint!r} {_phrase(problem)}; {fix}")
-    _check_resumable(recipe, checkpoint)
-    return checkpoint
-
-
-def _phrase(problem: str) -> str:
-    """``check_checkpoint``'s reason as the end of "resume_from_checkpoint=X ..."."""
-    return problem if problem.startswith(("is ", "holds ")) else f"fails its integrity check: {problem}"
-
-
-def _check_resumable(recipe: Recipe, checkpoint: str) -> None:
-    """The checkpoint's model must be the one the recipe builds (else loading fails mid-way)."""
-    config_file = Path(checkpoint) / "config.json"
-    if not config_file.is_file():
-        return  # a LoRA checkpoint saves adapter_config.json: peft checks it on load
-    import json
-
-    try:
-        saved = json.loads(config_file.read_text())
-    except (OSError, ValueError):
-        raise RecipeError(
-            f"resume_from_checkpoint={checkpoint!r} fails its integrity check: config.json is unreadable; "
-            f"resume from an earlier checkpoint-N, or 'latest'"
-        ) from None
-    task, model = recipe.task, recipe.model
-    expected = {"task": task.task, "n_dims": task.n_dims, "n_positions": model.n_positions or task.n_points}
-    if not model.backbone_name_or_path:
-        expected.update(n_embd=model.n_embd, n_layer=model.n_layer, n_head=model.n_head)
-    for key, value in expected.items():
-        if key in saved and saved[key] != value:
-            raise RecipeError(
-                f"resume_from_checkpoint={checkpoint!r} was trained with {key}={saved[key]!r} but the recipe "
-                f"says {key}={value!r}; resume with the run's own recipe ({_saved_recipe(recipe)})"
-            )
-
-
-def check_checkpoint_weights(checkpoint: str, model: torch.nn.Module) -> None:
-    """The checkpoint's weight file holds exactly the model's tensors (the Trainer would keep
-    freshly initialised layers for missing keys, with only a log line)."""
-    path = Path(checkpoint) / "model.safetensors"
-    if not path.is_file() or hasattr(model, "peft_config"):
-        return  # a LoRA checkpoint holds adapters only: peft checks them when loading
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as weights:
-        saved = set(weights.keys())
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - saved), sorted(saved - expected)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"lacks {len(missing)} of the model's {len(expected)} tensors ({', '.join(missing[:3])}"
-                         f"{', ...' if len(missing) > 3 else ''})")  # fmt: skip
-        if unexpected:
-            parts.append(f"holds {len(unexpected)} unknown tensors ({', '.join(unexpected[:3])})")
-        raise RecipeError(
-            f"resume_from_checkpoint={checkpoint!r}: model.safetensors {' and '.join(parts)}; it is not a "
-            f"checkpoint of this model: resume from another checkpoint, or with the run's own recipe "
-            f"({_saved_recipe_path(checkpoint)})"
-        )
-
-
-def _saved_recipe_path(checkpoint: str) -> str:
-    return str(Path(checkpoint).parent / "recipe.yaml")
-
-
-def _saved_recipe(recipe: Recipe) -> str:
-    return str(Path(recipe.training.output_dir) / "recipe.yaml")
-
-
-def make_output_dir(output_dir: str) -> None:
-    try:
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise RecipeError(
-            f"output_dir={output_dir!r} cannot be created ({error.strerror}); pick a writable folder"
-        ) from None
-
-
-def prepare_output_dir(recipe: Recipe, resume: str | None) -> None:
-    """Refuse to train over an earlier run unless the user resumes it or asks to overwrite it.
-
-    With ``overwrite_output_dir`` the earlier run's ``checkpoint-N`` folders are deleted, so
-    that a later ``--resume_from_checkpoint latest`` can never pick up a checkpoint of it.
-    """
-    training = recipe.training
-    output_dir = training.output_dir
-    make_output_dir(output_dir)
-    found = previous_run(output_dir) if resume is None else []
-    if not found:
-        return
-    if not training.overwrite_output_dir:
-        shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
-        raise RecipeError(
-            f"output_dir={output_dir!r} already holds a run ({shown}); pass --resume_from_checkpoint latest "
-            f"to continue it, --overwrite_output_dir true to start over, or choose another output_dir"
-        )
-    if training.process_index == 0:
-        removed = remove_checkpoints(output_dir)
-        if removed:
-            logger.warning("overwrite_output_dir: removed %s from %s", ", ".join(removed), output_dir)
-
-
 def run(recipe: Recipe) -> dict[str, float]:
     """Train as the recipe says; returns the final training metrics.
 
@@ -383,30 +214,7 @@ def run(recipe: Recipe) -> dict[str, float]:
     training = recipe.training
     make_output_dir(training.output_dir)
     with RunGuard(training.output_dir, training.process_index) as guard:
-        try:
-            return _run(recipe, guard)
-        except KeyboardInterrupt:
-            guard.end("interrupted", signal="SIGINT")
-            raise RunInterrupted(_ctrl_c_message(recipe, guard), EXIT_CTRL_C) from None
-        except (OSError, RuntimeError) as error:
-            storage = storage_error(error, training.output_dir, guard.step)
-            if storage is None:
-                raise
-            guard.end("failed", error=str(storage))
-            raise storage from None
-
-
-def _ctrl_c_message(recipe: Recipe, guard: RunGuard) -> str:
-    training = recipe.training
-    step = guard.step
-    where = f" at step {step} of {training.max_steps}" if step is not None else " before training started"
-    last = latest_checkpoint(training.output_dir, verify=False)
-    kept = (
-        f"the last checkpoint is {last}: resume with --resume_from_checkpoint latest"
-        if last
-        else "no checkpoint was saved"
-    )
-    return f"interrupted (Ctrl-C){where}; {kept}"
+        return _run(recipe, guard)
 
 
 def _run(recipe: Recipe, guard: RunGuard) -> dict[str, float]:
@@ -449,91 +257,16 @@ def _run(recipe: Recipe, guard: RunGuard) -> dict[str, float]:
     if resume is not None:
         logger.info("resuming from %s", resume)
     result = trainer.train(resume_from_checkpoint=resume)
-    stopped = guard.stop.stopped_at
-    if stopped is not None and stopped < training.max_steps:
-        checkpoint = str(Path(training.output_dir) / f"checkpoint-{stopped}")
-        name = signal.Signals(guard.stop.signal).name
-        guard.end("interrupted", signal=name, checkpoint=checkpoint)
-        raise RunInterrupted(
-            f"stopped by {name} after step {stopped} of {training.max_steps}: saved {checkpoint}, no final "
-            f"model; resume with --resume_from_checkpoint latest (exit status {EXIT_INTERRUPTED})",
-            EXIT_INTERRUPTED,
-        )
+    guard.end_if_stopped(training.max_steps)  # a stop signal: checkpoint saved, RunInterrupted (75)
     metrics = dict(result.metrics)
     if result.global_step == start_step and resume is not None:
-        _nothing_trained(trainer, guard, metrics, resume)
+        nothing_trained(trainer, metrics, resume)
     guard.trained(metrics)  # kept in run_history.jsonl: a kill during the final save loses nothing
     trainer.save_state()
     with push_errors_explained(training, trained=True):
         trainer.save_model()  # the final model and its card; pushed when push_to_hub
     guard.end("finished", metrics=metrics)
     return metrics
-
-
-def _nothing_trained(trainer, guard: RunGuard, metrics: dict[str, float], resume: str) -> None:
-    """Resuming a checkpoint at max_steps trains no step: the Trainer then reports train_loss=0.0.
-    Keep the train_loss the run recorded when it trained those steps (or none at all)."""
-    recorded = guard.recorded_metrics(trainer.state.global_step).get("train_loss")
-    logger.info("%s is at max_steps=%s: nothing left to train; writing the final model", resume,
-                trainer.args.max_steps)  # fmt: skip
-    last = trainer.state.log_history[-1] if trainer.state.log_history else {}
-    for logged in (metrics, last):
-        if "train_loss" in logged:
-            if recorded is None:
-                del logged["train_loss"]
-            else:
-                logged["train_loss"] = recorded
-
-
-def weights_only(trainer_class: type) -> type:
-    """``trainer_class`` resuming only the weights: a fresh optimizer, the schedule moved to the step."""
-
-    class WeightsOnlyResume(trainer_class):
-        def _load_optimizer_and_scheduler(self, checkpoint):
-            logger.warning(
-                "resume_weights_only: starting a fresh optimizer at step %s (Adam moments reset); the "
-                "learning-rate schedule continues at that step",
-                self.state.global_step,
-            )
-            with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": on purpose
-                warnings.simplefilter("ignore")
-                for _ in range(self.state.global_step):
-                    self.lr_scheduler.step()
-
-        def _load_rng_state(self, checkpoint):
-            return None
-
-    return WeightsOnlyResume
-
-
-def _finish_distributed(wait: bool = True) -> bool:
-    """A clean shutdown: without it, multi-process runs sometimes abort at exit.
-
-    After an unexpected error on this process (``wait=False``) there is no barrier: the other
-    processes may be inside a collective that this one will never join, and waiting would hang
-    the run forever; leaving lets the launcher (torchrun) stop them and report the error.
-    Returns whether this was a multi-process run.
-    """
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        if wait:
-            torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-        return True
-    return False
-
-
-def _leave_now(code: int) -> None:
-    """End a finished multi-process run's process without the interpreter's teardown.
-
-    Everything is saved and the process group is gone, yet destroying torch.distributed's and
-    DeepSpeed's C++ objects at exit sometimes aborts the process ("terminate called without
-    an active exception", SIGABRT; measured: 1 run in 6 under ZeRO-3 on CPU), and the launcher
-    then reports the finished run as failed.
-    """
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -546,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     ended: dict[str, bool] = {}
     code = run_main(lambda args: _train(args, ended), argv, debug_alias=True)
     if ended.get("distributed"):
-        _leave_now(code)
+        leave_now(code)
     return code
 
 
@@ -567,7 +300,7 @@ def _train(argv: list[str], ended: dict[str, bool]) -> int:
         crashed = error.code == EXIT_CTRL_C  # a signal stop ends every process after the same step
         raise
     finally:
-        ended["distributed"] = _finish_distributed(wait=not crashed)
+        ended["distributed"] = finish_distributed(wait=not crashed)
     return 0
 
 

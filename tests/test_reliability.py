@@ -17,10 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 from test_resume import RESUME_ARGS, TINY, _assert_identical, _env, _weights
+from transformers import TrainerCallback
 
-from icl_conml import run_guard
+from icl_conml import run_lock
 from icl_conml.checkpoints import MANIFEST, check_checkpoint
-from icl_conml.run_guard import EXIT_CTRL_C, EXIT_INTERRUPTED, read_history, read_status
+from icl_conml.config import RecipeError
+from icl_conml.errors import EXIT_CTRL_C, EXIT_INTERRUPTED
+from icl_conml.run_record import read_history, read_status
+from icl_conml.storage_errors import EXIT_STORAGE
 from icl_conml.train import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,9 +113,9 @@ def test_a_lock_of_another_host_is_taken_only_once_it_stops_being_refreshed(tmp_
     out.mkdir()
     record = {"state": "held", "pid": 4242, "host": "elsewhere", "started": "2026-01-01T00:00:00+00:00"}
     (out / ".lock").write_text(json.dumps(record))
-    monkeypatch.setattr(run_guard, "STALE_AFTER_S", 1.0)
-    monkeypatch.setattr(run_guard, "HEARTBEAT_S", 0.3)
-    lock = run_guard.OutputDirLock(out)
+    monkeypatch.setattr(run_lock, "STALE_AFTER_S", 1.0)
+    monkeypatch.setattr(run_lock, "HEARTBEAT_S", 0.3)
+    lock = run_lock.OutputDirLock(out)
     # Fresh and still refreshed by its owner: refused.
     import threading
 
@@ -125,7 +129,7 @@ def test_a_lock_of_another_host_is_taken_only_once_it_stops_being_refreshed(tmp_
     owner.start()
     try:
         with pytest.raises(
-            run_guard.RecipeError, match="is in use by a run on another host .pid 4242 on host elsewhere"
+            RecipeError, match="is in use by a run on another host .pid 4242 on host elsewhere"
         ):
             lock.acquire()
     finally:
@@ -251,7 +255,7 @@ def test_every_saved_checkpoint_is_finite_when_the_update_fails_later(tmp_path, 
         model=build_model(recipe), args=recipe.training, train_dataset=build_sampler(recipe)
     )
 
-    class PoisonAtStep3(run_guard.TrainerCallback):
+    class PoisonAtStep3(TrainerCallback):
         def on_optimizer_step(self, args, state, control, **kwargs):
             if state.global_step == 2:  # the update of step 3
                 with torch.no_grad():
@@ -735,7 +739,7 @@ def test_a_full_disk_is_one_line_and_the_run_resumes_once_space_is_freed(small_d
         [sys.executable, "-m", "icl_conml.train", *args], cwd=REPO, env=_env(), capture_output=True, text=True,
         timeout=300,
     )  # fmt: skip
-    assert done.returncode == run_guard.EXIT_STORAGE, done.stderr[-3000:]
+    assert done.returncode == EXIT_STORAGE, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
     [line] = _error_lines(done.stderr)
     assert line.startswith(
