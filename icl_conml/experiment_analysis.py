@@ -421,7 +421,14 @@ def analyze(spec: Spec, plots: bool = True) -> Path:
     text += f"\nStudy cost: {len(records)} runs, {cost / 3600:.2f} process-hours of wall time in all.\n"
     (folder / "results.md").write_text(text)
     if plots and comparisons:
-        plot(spec, records, comparisons, folder)
+        from .extras import is_available
+
+        if is_available("matplotlib"):
+            plot(spec, records, comparisons, folder)
+        else:  # the tables and JSON are written; the plots need the plots extra
+            print(
+                "icl_conml: note: plots skipped: pip install 'icl_conml[plots]' for curves.png and the others"
+            )
     return folder / "results.md"
 
 
