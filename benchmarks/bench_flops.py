@@ -157,6 +157,13 @@ def main() -> None:
         help="also time the plain step and the evaluation forward with transformers' gelu_new "
         "and with the fused gelu",
     )
+    parser.add_argument(
+        "--only",
+        choices=("all", "train", "eval"),
+        default="all",
+        help="eval: the evaluation forward alone, in a process that has not trained (as the evaluation "
+        "CLI runs it; a process that trained first runs the forward faster)",
+    )
     parser.add_argument("--json", help="write the results here too")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -194,6 +201,9 @@ def main() -> None:
         for kind, label in ACTIVATIONS.items():
             measured[f"training step, plain, {label}"] = measured["training step, plain"][:2] + (kind,)
             measured[f"{eval_name}, {label}"] = (evaluation_forward, model, kind)
+    if args.only != "all":
+        keep = eval_name if args.only == "eval" else "training step"
+        measured = {name: row for name, row in measured.items() if name.startswith(keep)}
 
     flops, breakdowns = {}, {}
     for name, (function, _, kind) in measured.items():
