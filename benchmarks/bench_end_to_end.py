@@ -21,10 +21,11 @@ thread it equals the wall clock on an idle machine, and on a loaded one it leave
 spent waiting for a core, so its ratio is the steadier of the two.
 
 ``--step_blocks N`` measures the model's own cost instead: N interleaved rounds of short blocks
-of ``training_step`` + AdamW per variant, CPU time per step (min and median).
+of ``training_step`` + AdamW per variant, CPU time per step (min and median). ``--profile N``
+runs N steps of each variant under cProfile and lists where its CPU time differs from plain's.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_end_to_end.py [--steps 300] [--rounds 5] [--threads 1]
-        [--variants paper,shuffle,random_subset,shuffle_packed,random_subset_rows] [--step_blocks 15]
+        [--variants paper,shuffle,random_subset,shuffle_packed,random_subset_rows] [--step_blocks 15] [--profile 200]
 """
 
 from __future__ import annotations
@@ -190,6 +191,33 @@ def step_blocks(names: list[str], rounds: int, block: int) -> None:
         print(f"| {name} | {low * 1e3:.1f} | {low / best:.3f}× | {mid * 1e3:.1f} | {mid / middle:.3f}× |")
 
 
+def profile_runs(names: list[str], steps: int, top: int = 15) -> None:
+    """cProfile (CPU time) of ``trainer.train()`` for each variant; prints, per variant, the
+    functions whose own time per step differs most from plain's: where its extra cost goes."""
+    import cProfile
+    import pstats
+
+    own: dict[str, dict[str, float]] = {}
+    for name in names:
+        timed_train(name, 20)  # warm-up
+        with tempfile.TemporaryDirectory() as tmp, view_rows(name):
+            trainer = make_trainer(VARIANTS[name], steps, tmp)
+            profiler = cProfile.Profile(time.process_time)
+            profiler.runcall(trainer.train)
+        stats = pstats.Stats(profiler).stats
+        own[name] = {
+            f"{path.split('site-packages/')[-1]}:{line}({function})": entry[2] / steps
+            for (path, line, function), entry in stats.items()
+        }
+        print(f"{name}: {sum(own[name].values()) * 1e3:.1f} ms CPU per step under cProfile")
+    for name in names[1:]:
+        keys = set(own[name]) | set(own["plain"])
+        diff = {key: own[name].get(key, 0.0) - own["plain"].get(key, 0.0) for key in keys}
+        print(f"\n{name} - plain, own CPU time per step (ms), largest differences:")
+        for key in sorted(diff, key=lambda key: -abs(diff[key]))[:top]:
+            print(f"  {diff[key] * 1e3:+7.3f}  {key[-100:]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -210,6 +238,9 @@ def main() -> None:
         help="instead of whole runs: this many interleaved rounds of short blocks of training steps",
     )
     parser.add_argument("--block", type=int, default=5, help="training steps per block (--step_blocks)")
+    parser.add_argument(
+        "--profile", type=int, default=0, help="instead: cProfile this many steps per variant, diff vs plain"
+    )
     parser.add_argument("--json", help="write the results here too")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -217,6 +248,9 @@ def main() -> None:
     unknown = [name for name in names if name not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
+    if args.profile:
+        profile_runs(names, args.profile)
+        return
     if args.step_blocks:
         print(f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
         step_blocks(names, args.step_blocks, args.block)
