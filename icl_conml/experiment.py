@@ -82,6 +82,11 @@ class Spec:
     def records(self) -> Path:
         return Path(self.records_dir) if self.records_dir else self.out / "records"
 
+    @property
+    def analysis(self) -> Path:
+        """Where this spec's tables and plots go: a folder of its own, since specs may share records."""
+        return self.records / self.name
+
     def runs(self) -> list[Run]:
         """Seed-major order, so that an interrupted study leaves complete pairs behind."""
         return [Run(self, arm, seed) for seed in self.seeds for arm in self.arms]
@@ -120,6 +125,10 @@ def load_spec(path: str | Path) -> Spec:
         raise ExperimentError(f"spec {path}: arms must map at least 2 arm names to key overrides")
     if any(not isinstance(v, dict) for v in spec.arms.values()):
         raise ExperimentError(f"spec {path}: each arm is a mapping of recipe keys to values ({{}} for none)")
+    if spec.name in spec.arms:
+        raise ExperimentError(
+            f"spec {path}: name {spec.name!r} is also an arm's name; rename one (both are folders)"
+        )
     if spec.reference not in spec.arms:
         raise ExperimentError(f"reference_arm={spec.reference!r} is not one of the arms {list(spec.arms)}")
     if not spec.seeds or len(set(spec.seeds)) != len(spec.seeds):
@@ -329,12 +338,20 @@ def _eval_prompts(spec: Spec, config):
     return Prompts.sample(task, spec.eval.n_prompts, config.n_positions, seed=spec.eval.seed), task
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity set (taskset, SLURM cpusets), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity API (macOS)
+        return os.cpu_count() or 1
+
+
 def run_all(spec: Spec, jobs: int, only_index: int | None = None) -> list[str]:
     """Run every missing run (``jobs`` at a time, threads split between them); returns failures."""
     runs = spec.runs() if only_index is None else [spec.runs()[only_index]]
     todo = [run for run in runs if not run.record_path.is_file()]
     print(f"[experiment] {spec.name}: {len(runs) - len(todo)} of {len(runs)} runs have records", flush=True)
-    threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
+    threads = max(1, usable_cpus() // max(1, jobs))
     # Import what records need now: a study runs for hours, and a module first imported after the
     # working tree moved to another commit would mix two versions of the package in this process.
     from . import evaluation  # noqa: F401

@@ -399,13 +399,13 @@ def plot(spec: Spec, records: dict, comparisons: list[dict[str, Any]], folder: P
 
 
 def analyze(spec: Spec, plots: bool = True) -> Path:
-    """Write results.json, results.md (and plots) next to the records; returns results.md."""
+    """Write results.json, results.md (and plots) to the spec's analysis folder; returns results.md."""
     records = load_records(spec)
     if not records:
         raise ExperimentError(f"no records under {spec.records}; run the experiment first")
     check_pairing(spec, records)
     comparisons = [c for arm in spec.arms if arm != spec.reference if (c := compare_arm(spec, records, arm))]
-    folder = spec.records
+    folder = spec.analysis
     folder.mkdir(parents=True, exist_ok=True)
     cost = sum(r.get("wall_seconds", 0.0) for r in records.values())
     result = {

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from icl_conml.experiment import ExperimentError, load_spec, main
+from icl_conml.experiment import ExperimentError, load_spec, main, usable_cpus
 from icl_conml.experiment_analysis import (
     analyze,
     check_pairing,
@@ -109,12 +109,13 @@ def test_a_two_seed_two_arm_study_runs_resumes_and_analyses(tmp_path):
     plain = [json.loads((records / "plain" / f"seed{s}.json").read_text()) for s in (0, 1)]
     assert plain[0]["final_curve"]["mean"] != plain[1]["final_curve"]["mean"]
 
-    results = json.loads((records / "results.json").read_text())
+    analysis = records / "tiny"  # each spec's report has its own folder: specs may share records
+    results = json.loads((analysis / "results.json").read_text())
     comparison = results["comparisons"][0]
     assert comparison["arm"] == "conml" and comparison["seeds"] == [0, 1]
-    assert (records / "results.md").read_text().startswith("# Experiment `tiny`")
+    assert (analysis / "results.md").read_text().startswith("# Experiment `tiny`")
     for image in ("curves.png", "paired.png", "training.png"):
-        assert (records / image).stat().st_size > 0
+        assert (analysis / image).stat().st_size > 0
 
     # A re-run has nothing left to train; --analyze_only rebuilds the report from records alone.
     again = run_experiment(spec_path, "--analyze_only")
@@ -182,6 +183,15 @@ def test_analysis_refuses_to_pair_runs_whose_settings_differ(tmp_path):
     assert comparison["shot_spare"]["std"] is None  # n/a below 2 defined pairs
     assert "> 1" in report.read_text()  # the censored pair is shown with its bound
 
+    # A second spec over the same records (another arm) writes its own report beside the first.
+    other = load_spec(
+        write_spec(
+            tmp_path, name="other", arms={"plain": {"conml_lambda": 0.0}, "conml": {"conml_lambda": 0.5}}
+        )
+    )
+    other_report = analyze(other, plots=False)
+    assert other_report.parent != report.parent and report.is_file() and other_report.is_file()
+
     records[("conml", 1)]["recipe"]["learning_rate"] = 0.01
     _write_records(spec, records)
     with pytest.raises(ExperimentError, match="learning_rate"):
@@ -195,6 +205,9 @@ def test_spec_errors_are_one_line(tmp_path, capsys):
     bad = write_spec(tmp_path, colour="blue")
     assert main([str(bad)]) == 2
     assert "unknown spec key" in capsys.readouterr().err
+    bad = write_spec(tmp_path, name="plain")
+    assert main([str(bad)]) == 2
+    assert "also an arm's name" in capsys.readouterr().err
 
 
 def test_slurm_array_has_one_task_per_run(tmp_path):
@@ -205,3 +218,15 @@ def test_slurm_array_has_one_task_per_run(tmp_path):
     assert '--run_index "$SLURM_ARRAY_TASK_ID"' in script
     result = subprocess.run(["bash", "-n", str(tmp_path / "out" / "slurm" / "tiny.sbatch")])
     assert result.returncode == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity API on this platform")
+def test_threads_follow_the_cpus_this_process_may_use():
+    """Under taskset or a SLURM cpuset, --jobs splits the CPUs it may use, not the machine's count."""
+    allowed = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(allowed)})
+        assert usable_cpus() == 1
+    finally:
+        os.sched_setaffinity(0, allowed)
+    assert usable_cpus() == len(allowed)
