@@ -8,10 +8,12 @@ ordinary training run (``python -m icl_conml.train``, or any ``launcher`` such a
 fixed prompt set shared by every run. When a run ends, a small JSON record (resolved recipe,
 commit, version, attention kernel, training log, eval curves) is written under ``records_dir``;
 a run with a record is never trained again, so re-running the command resumes a study (an
-interrupted run resumes from its latest checkpoint). The analysis (``experiment_analysis``)
-reads only records, so it works on any machine that has them.
+interrupted run resumes from its latest checkpoint). Specs may share a ``records_dir`` (an arm
+with the same name and settings is then the same run, trained once). The analysis
+(``experiment_analysis``) reads only records, so it works on any machine that has them, and
+writes each spec's tables and plots to ``records_dir/<spec name>/``.
 
-    python -m icl_conml.experiment recipes/experiments/lr_cpu_study.yaml --jobs 2
+    python -m icl_conml.experiment recipes/experiments/lr_paper_cpu.yaml --jobs 2
     python -m icl_conml.experiment SPEC --analyze_only          # tables and plots from records
     python -m icl_conml.experiment SPEC --slurm [--submit]      # a SLURM job array, one run per task
 """

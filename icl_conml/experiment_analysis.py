@@ -136,7 +136,7 @@ def mean_std(values: list[float]) -> dict[str, float | None]:
         "n": len(values),
         "mean": float(tensor.mean()),
         "std": float(tensor.std()) if len(values) > 1 else None,
-        "median": float(tensor.median()),
+        "median": float(tensor.quantile(0.5)),  # torch.median takes the lower middle value for even n
     }
 
 
@@ -283,6 +283,16 @@ def _interval(stats: dict[str, Any]) -> str:
     return "n/a" if not low_high else f"[{_fmt(low_high[0])}, {_fmt(low_high[1])}]"
 
 
+def _geometric(log_stats: dict[str, Any]) -> str:
+    """A ratio's geometric mean and interval (exp of the log statistics): one outlier seed cannot dominate it."""
+    if log_stats.get("mean") is None:
+        return "n/a"
+    low_high = log_stats.get("interval")
+    interval = "n/a" if not low_high else f"[{_fmt(math.exp(low_high[0]))}, {_fmt(math.exp(low_high[1]))}]"
+    star = " **significant**" if log_stats.get("significant") else ""
+    return f"{_fmt(math.exp(log_stats['mean']))} {interval}{star}"
+
+
 def markdown(spec: Spec, records: dict, comparisons: list[dict[str, Any]]) -> str:
     lines = [
         f"# Experiment `{spec.name}`",
@@ -291,8 +301,9 @@ def markdown(spec: Spec, records: dict, comparisons: list[dict[str, Any]]) -> st
         f"commits: {', '.join(sorted({str(r.get('commit'))[:10] for r in records.values()}))}.",
         "",
         "| arm | pairs | Rel. Min. Error mean ± std [95% CI over seeds] (Wilcoxon p) | "
+        "Rel. Min. Error median; geometric mean [95% CI] | "
         "Shot Spare mean ± std [95% CI] (defined / censored; Wilcoxon p) | min error arm vs ref (mean) |",
-        "|---|---|---|---|---|",
+        "|---|---|---|---|---|---|",
     ]
     for c in comparisons:
         rel, spare = c["rel_min_error"], c["shot_spare"]
@@ -306,7 +317,8 @@ def markdown(spec: Spec, records: dict, comparisons: list[dict[str, Any]]) -> st
         )
         lines.append(
             f"| {c['arm']} | {len(c['pairs'])} | {_fmt(rel['mean'])} ± {_fmt(rel['std'])} {_interval(rel)} "
-            f"(p={_fmt(rel['wilcoxon_p'])}){star} | {_fmt(spare['mean'])} ± {_fmt(spare['std'])} "
+            f"(p={_fmt(rel['wilcoxon_p'])}){star} | {_fmt(rel['median'])}; {_geometric(c['log_rel_min_error'])} "
+            f"| {_fmt(spare['mean'])} ± {_fmt(spare['std'])} "
             f"{_interval(spare)} ({spare['n_defined']} defined / {censored}; p={_fmt(spare['wilcoxon_p'])}) "
             f"| {mins} |"
         )

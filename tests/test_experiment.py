@@ -19,6 +19,7 @@ from icl_conml.experiment_analysis import (
     analyze,
     check_pairing,
     load_records,
+    mean_std,
     steps_to_reach,
     table5_pair,
     wilcoxon_signed_rank,
@@ -130,6 +131,11 @@ def test_shot_spare_is_censored_not_dropped():
     never = table5_pair([1.0, 0.6, 0.3, 0.2, 0.2], reference)
     assert never["censored"] and never["shot_spare"] is None and never["shot_spare_bound"] == 1
     assert math.isclose(never["rel_min_error"], 2.0)
+
+
+def test_seed_statistics_median_averages_the_two_middle_values():
+    stats = mean_std([0.3, 1.0, 0.9, 5.0])
+    assert stats["median"] == pytest.approx(0.95) and stats["mean"] == pytest.approx(1.8)
 
 
 def test_wilcoxon_is_exact():
