@@ -81,17 +81,17 @@ def test_a_two_seed_two_arm_study_runs_resumes_and_analyses(tmp_path):
     )
     records = tmp_path / "records"
     deadline = time.time() + 300
-    while time.time() < deadline and not list(records.glob("*/*.json")):
+    while time.time() < deadline and not list(records.glob("*/seed*.json")):
         time.sleep(0.5)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    first = list(records.glob("*/*.json"))
+    first = list(records.glob("*/seed*.json"))
     assert len(first) == 1, "the study was interrupted after its first run"
 
     result = run_experiment(spec_path, "--jobs", "2")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "1 of 4 runs have records" in result.stdout  # the finished run was not trained again
-    assert sorted(p.relative_to(records).as_posix() for p in records.glob("*/*.json")) == [
+    assert sorted(p.relative_to(records).as_posix() for p in records.glob("*/seed*.json")) == [
         "conml/seed0.json",
         "conml/seed1.json",
         "plain/seed0.json",
