@@ -236,3 +236,21 @@ def test_threads_follow_the_cpus_this_process_may_use():
     finally:
         os.sched_setaffinity(0, allowed)
     assert usable_cpus() == len(allowed)
+
+
+def test_every_shipped_spec_loads_and_each_arm_is_a_valid_recipe(monkeypatch):
+    """A typo in a shipped study spec (a key, a value, an impossible setting) fails here, not hours in."""
+    from icl_conml.recipe_parser import parse_recipe
+
+    monkeypatch.chdir(REPO)  # specs name their base recipe relative to the repository
+    specs = [
+        p
+        for p in sorted((REPO / "recipes" / "experiments").glob("*.yaml"))
+        if "arms" in yaml.safe_load(p.read_text())
+    ]
+    assert len(specs) >= 10
+    for path in specs:
+        spec = load_spec(path)
+        for run in spec.runs()[: len(spec.arms)]:  # every arm of the first seed
+            recipe = parse_recipe(run.train_args())
+            assert recipe.training.seed == spec.seeds[0], path.name
