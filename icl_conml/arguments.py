@@ -437,12 +437,9 @@ class Recipe:
         return out
 
 
-#: ``TrainingArguments`` fields saved in every recipe: those that define the experiment (batch,
-#: optimiser, schedule, seeds, precision) and those that steer the run (length, output, logging,
-#: saving, evaluation, reporting).
-TRAINING_RECIPE_KEYS = (
-    "output_dir",
-    "max_steps",
+#: ``TrainingArguments`` fields that define the experiment (batch, optimiser, schedule, seeds,
+#: precision): a resume that changes one of them is another experiment (``resume.py``).
+EXPERIMENT_TRAINING_KEYS = (
     "per_device_train_batch_size",
     "gradient_accumulation_steps",
     "learning_rate",
@@ -460,6 +457,13 @@ TRAINING_RECIPE_KEYS = (
     "data_seed",
     "bf16",
     "fp16",
+)
+#: ``TrainingArguments`` fields saved in every recipe: those that define the experiment and those
+#: that steer the run (length, output, logging, saving, evaluation, reporting).
+TRAINING_RECIPE_KEYS = (
+    "output_dir",
+    "max_steps",
+    *EXPERIMENT_TRAINING_KEYS,
     "logging_steps",
     "save_steps",
     "save_total_limit",

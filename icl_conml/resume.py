@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from . import arguments
 from .arguments import ConMLArguments, ModelArguments, Recipe, RecipeError, TaskArguments
 from .checkpoints import (
     AUTO,
@@ -172,27 +173,9 @@ def prepare_output_dir(recipe: Recipe, resume: str | None) -> None:
 
 
 # ---- an honest resume: the run's own settings ----------------------------------------------------
-#: Training keys whose change makes a resumed run a different experiment than the one it continues.
-EXPERIMENT_TRAINING_KEYS = (
-    "per_device_train_batch_size",
-    "gradient_accumulation_steps",
-    "global_batch_size",
-    "learning_rate",
-    "lr_scheduler_type",
-    "lr_scheduler_kwargs",
-    "warmup_steps",
-    "optim",
-    "optim_args",
-    "weight_decay",
-    "adam_beta1",
-    "adam_beta2",
-    "adam_epsilon",
-    "max_grad_norm",
-    "seed",
-    "data_seed",
-    "bf16",
-    "fp16",
-)
+#: Training keys whose change makes a resumed run a different experiment than the one it continues:
+#: the recipe's experiment-defining fields and the global batch they imply.
+EXPERIMENT_TRAINING_KEYS = (*arguments.EXPERIMENT_TRAINING_KEYS, "global_batch_size")
 #: Schedules that do not depend on max_steps: a longer (or shorter) run keeps its learning rates.
 STEADY_SCHEDULES = ("constant", "constant_with_warmup", "inverse_sqrt", "reduce_lr_on_plateau")
 
