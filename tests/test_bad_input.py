@@ -306,7 +306,7 @@ EVAL_CASES = [
     (
         "eval-set-missing",
         ["--model", "{tmp}/model", "--eval_set", "{tmp}/sets/none"],
-        ["cannot load eval set '{tmp}/sets/none'", "data_scripts/make_eval_sets.py"],
+        ["cannot load eval set '{tmp}/sets/none'", "icl_conml make-eval-sets"],
     ),
     (
         "eval-n_dims-too-large",

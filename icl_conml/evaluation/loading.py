@@ -93,7 +93,7 @@ def _check_fingerprint(name: str, dataset, table: dict[str, torch.Tensor], metad
         if column in dataset.column_names and len(dataset.unique(column)) > 1:
             raise EvaluationError(
                 f"eval set {name!r}: its rows disagree on {column!r} (it was edited after it was made); "
-                f"rebuild it with data_scripts/make_eval_sets.py"
+                f"rebuild it with `icl_conml make-eval-sets` (data_scripts/make_eval_sets.py in a checkout)"
             )
     if "fingerprint" not in dataset.column_names:
         logger.warning(
@@ -106,7 +106,7 @@ def _check_fingerprint(name: str, dataset, table: dict[str, torch.Tensor], metad
         raise EvaluationError(
             f"eval set {name!r} does not match its fingerprint: its prompts or metadata (task, n_dims, "
             f"task_kwargs, seed, ...) were changed after it was made; rebuild it with "
-            f"data_scripts/make_eval_sets.py"
+            f"`icl_conml make-eval-sets` (data_scripts/make_eval_sets.py in a checkout)"
         )
 
 
@@ -121,12 +121,12 @@ def load_eval_set(name: str) -> tuple[Prompts, dict[str, Any]]:
     except Exception as error:
         raise EvaluationError(
             f"cannot load eval set {name!r}: {_first_line(error)[:200]}; pass a folder written by "
-            f"data_scripts/make_eval_sets.py or a Hub dataset REPO[:CONFIG]"
+            f"`icl_conml make-eval-sets` or a Hub dataset REPO[:CONFIG]"
         ) from None
     missing = set(eval_sets.COLUMNS) - set(dataset.column_names)
     if missing:
         raise EvaluationError(
-            f"eval set {name!r} lacks column(s) {', '.join(sorted(missing))}; build it with data_scripts/make_eval_sets.py"
+            f"eval set {name!r} lacks column(s) {', '.join(sorted(missing))}; build it with `icl_conml make-eval-sets` (data_scripts/make_eval_sets.py in a checkout)"
         )
     first_row = dataset[0]
     metadata = {

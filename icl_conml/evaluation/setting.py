@@ -85,14 +85,14 @@ def _eval_set_setting(
     if args.ood is not None:
         raise EvaluationError(
             "--ood and --eval_set exclude each other: an eval set holds its prompts; "
-            "build a shifted one with data_scripts/make_eval_sets.py --ood"
+            "build a shifted one with `icl_conml make-eval-sets --ood`"
         )
     prompts, meta = load_eval_set(eval_set)
     if meta["task"] != task_name or meta["n_dims"] != dims:
         raise EvaluationError(
             f"eval set {eval_set!r} holds {meta['task']} prompts of dimension {meta['n_dims']}, but the "
             f"evaluation is {task_name} with n_dims={dims}; build a matching set with "
-            f"data_scripts/make_eval_sets.py or pass --task/--n_dims"
+            f"`icl_conml make-eval-sets` or pass --task/--n_dims"
         )
     if meta["n_points"] > config.n_positions:
         raise EvaluationError(
