@@ -9,8 +9,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # busy 2-core machine; subprocesses launched by tests inherit this too.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from transformers import LlamaConfig, LlamaModel  # noqa: E402
 
 from icl_conml import ICLConfig, ICLModel  # noqa: E402
 
@@ -33,6 +36,24 @@ def tiny_config() -> ICLConfig:
 def tiny_model(tiny_config: ICLConfig) -> ICLModel:
     torch.manual_seed(0)
     return ICLModel(tiny_config).eval()
+
+
+@pytest.fixture(scope="module")
+def llama_path(tmp_path_factory) -> Path:
+    """A tiny randomly initialised Llama saved to disk: a local pretrained backbone (no Hub)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("llama")
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=8,
+        max_position_embeddings=64,
+    )
+    LlamaModel(config).save_pretrained(path)
+    return path
 
 
 TINY_TRAIN_ARGS = [

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaModel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from icl_conml import ICLConfig, ICLModel
@@ -21,23 +20,6 @@ from icl_conml.modeling import MASK_KERNELS
 # Every registered kernel, plus the paged forms transformers resolves by prefix.
 KERNELS = sorted({"eager", *ALL_ATTENTION_FUNCTIONS.valid_keys(), "paged|sdpa", "paged|flash_attention_2"})
 N_DIMS, N_POINTS, BATCH = 3, 8, 4
-
-
-@pytest.fixture(scope="module")
-def llama_path(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("llama")
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=8,
-        max_position_embeddings=64,
-    )
-    LlamaModel(config).save_pretrained(path)
-    return path
 
 
 def _build(backbone: str, kernel: str, llama_path) -> ICLModel:

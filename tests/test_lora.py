@@ -13,7 +13,7 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import AutoModel, GPT2Config, GPT2Model, LlamaConfig, LlamaModel
+from transformers import AutoModel, GPT2Config, GPT2Model
 
 import icl_conml  # noqa: F401  (registers the Auto classes)
 from icl_conml import ICLModel
@@ -35,23 +35,6 @@ def gpt2_path(tmp_path_factory) -> Path:
         n_embd=32, n_layer=2, n_head=2, n_positions=128, vocab_size=8, bos_token_id=None, eos_token_id=None
     )
     GPT2Model(config).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def llama_path(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("llama")
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=8,
-        max_position_embeddings=64,
-    )
-    LlamaModel(config).save_pretrained(path)
     return path
 
 

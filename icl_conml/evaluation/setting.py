@@ -27,6 +27,19 @@ class Setting:
     prompts: Prompts
     source: dict[str, Any]
 
+    def metadata(self) -> dict[str, Any]:
+        """The setting as results.json records it: task, sizes and where the prompts came from."""
+        return {
+            "task": self.task.name,
+            "task_kwargs": self.task_kwargs,
+            "n_dims": self.task.n_dims,
+            "n_points": self.n_points,
+            "n_prompts": int(self.prompts.xs.shape[0]),
+            "seed": self.source["seed"],
+            "eval_set": self.source["eval_set"],
+            "ood": self.source["ood"],
+        }
+
 
 def parse_task_kwargs(value: dict[str, Any] | str | None) -> dict[str, Any] | None:
     """``--task_kwargs``: a mapping, or its JSON text (as the command line gives it)."""
