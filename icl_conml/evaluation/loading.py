@@ -84,6 +84,11 @@ def _is_lora(name_or_path: str, is_lora_checkpoint) -> bool:
         return False
 
 
+#: How an eval set is made, for the errors that ask for one (the installed command; the script in a
+#: source checkout is the same code).
+MAKE_EVAL_SETS = "`icl_conml make-eval-sets` (data_scripts/make_eval_sets.py in a checkout)"
+
+
 def _check_fingerprint(name: str, dataset, table: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
     """Every row carries the same metadata, and prompts + metadata match the fingerprint stored
     when the set was made (``eval_sets.fingerprint``); a set without one is only warned about."""
@@ -93,7 +98,7 @@ def _check_fingerprint(name: str, dataset, table: dict[str, torch.Tensor], metad
         if column in dataset.column_names and len(dataset.unique(column)) > 1:
             raise EvaluationError(
                 f"eval set {name!r}: its rows disagree on {column!r} (it was edited after it was made); "
-                f"rebuild it with `icl_conml make-eval-sets` (data_scripts/make_eval_sets.py in a checkout)"
+                f"rebuild it with {MAKE_EVAL_SETS}"
             )
     if "fingerprint" not in dataset.column_names:
         logger.warning(
@@ -106,7 +111,7 @@ def _check_fingerprint(name: str, dataset, table: dict[str, torch.Tensor], metad
         raise EvaluationError(
             f"eval set {name!r} does not match its fingerprint: its prompts or metadata (task, n_dims, "
             f"task_kwargs, seed, ...) were changed after it was made; rebuild it with "
-            f"`icl_conml make-eval-sets` (data_scripts/make_eval_sets.py in a checkout)"
+            f"{MAKE_EVAL_SETS}"
         )
 
 
@@ -126,7 +131,7 @@ def load_eval_set(name: str) -> tuple[Prompts, dict[str, Any]]:
     missing = set(eval_sets.COLUMNS) - set(dataset.column_names)
     if missing:
         raise EvaluationError(
-            f"eval set {name!r} lacks column(s) {', '.join(sorted(missing))}; build it with `icl_conml make-eval-sets` (data_scripts/make_eval_sets.py in a checkout)"
+            f"eval set {name!r} lacks column(s) {', '.join(sorted(missing))}; build it with {MAKE_EVAL_SETS}"
         )
     first_row = dataset[0]
     metadata = {
