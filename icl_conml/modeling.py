@@ -239,13 +239,7 @@ class ICLModel(ICLPreTrainedModel):
                 tokens, rows = torch.cat([tokens, rows]), None
             position_ids, mask = plan.main.inputs(tokens.shape[0])
 
-        backbone_out = self.backbone(
-            inputs_embeds=self.read_in(tokens),
-            attention_mask=mask,
-            position_ids=position_ids,
-            use_cache=False,
-            output_hidden_states=output_hidden_states,
-        )
+        backbone_out = self._run_backbone(tokens, mask, position_ids, output_hidden_states)
         hidden = backbone_out.last_hidden_state
         hidden_states = backbone_out.hidden_states if output_hidden_states else None
         row_hidden = None
@@ -255,12 +249,7 @@ class ICLModel(ICLPreTrainedModel):
                 hidden_states = tuple(state[:batch] for state in hidden_states)
         elif rows is not None:  # view rows of another length or structure: their own call
             row_positions, row_mask = plan.rows.inputs(rows.shape[0])
-            row_hidden = self.backbone(
-                inputs_embeds=self.read_in(rows),
-                attention_mask=row_mask,
-                position_ids=row_positions,
-                use_cache=False,
-            ).last_hidden_state
+            row_hidden = self._run_backbone(rows, row_mask, row_positions).last_hidden_state
         predictions = self.read_out(hidden[:, 0 : 2 * n_points : 2]).squeeze(-1)
 
         loss = None
@@ -276,6 +265,22 @@ class ICLModel(ICLPreTrainedModel):
         if output_hidden_states:
             out.hidden_states = hidden_states
         return out if return_dict else out.to_tuple()
+
+    def _run_backbone(
+        self,
+        tokens: torch.Tensor,
+        mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        output_hidden_states: bool = False,
+    ) -> ModelOutput:
+        """One backbone pass over read-in tokens (B, L, d) with an optional 4D additive mask."""
+        return self.backbone(
+            inputs_embeds=self.read_in(tokens),
+            attention_mask=mask,
+            position_ids=position_ids,
+            use_cache=False,
+            output_hidden_states=output_hidden_states,
+        )
 
 
 #: Attention kernels that apply an arbitrary 4D additive mask, checked against running each
