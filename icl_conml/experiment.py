@@ -9,7 +9,9 @@ fixed prompt set shared by every run. When a run ends, a small JSON record (reso
 commit, version, attention kernel, training log, eval curves) is written under ``records_dir``;
 a run with a record is never trained again, so re-running the command resumes a study (an
 interrupted run resumes from its latest checkpoint). Specs may share a ``records_dir`` (an arm
-with the same name and settings is then the same run, trained once). The analysis
+with the same name and settings is then the same run, trained once). A spec with a larger
+``max_steps`` that shares ``output_dir`` with a finished one continues its runs from their last
+checkpoint (a longer study at the cost of the extra steps; records stay per spec). The analysis
 (``experiment_analysis``) reads only records, so it works on any machine that has them, and
 writes each spec's tables and plots to ``records_dir/<spec name>/``.
 
@@ -210,12 +212,30 @@ class Run:
     def command(self) -> list[str]:
         return [*shlex.split(self.spec.launcher or DEFAULT_LAUNCHER), *self.train_args()]
 
+    def max_steps(self) -> int:
+        """The training length this run asks for: its arm, else the spec's overrides, else the base recipe."""
+        from .arguments import ICLTrainingArguments
+        from .recipe_files import load_yaml, recipe_path
 
-def _finished_training(output_dir: Path) -> bool:
-    """A final model and top-level trainer state: ``train`` returned and saved."""
-    return (output_dir / "trainer_state.json").is_file() and any(
+        for source in (
+            self.spec.arms[self.arm],
+            self.spec.overrides,
+            load_yaml(recipe_path(self.spec.base_recipe)),
+        ):
+            if source.get("max_steps") is not None:
+                return int(source["max_steps"])
+        return ICLTrainingArguments.__dataclass_fields__["max_steps"].default
+
+
+def _finished_steps(output_dir: Path) -> int | None:
+    """The step a finished training reached (``train`` returned and saved its final model and
+    top-level trainer state), or None if training has not finished there."""
+    state = output_dir / "trainer_state.json"
+    if not state.is_file() or not any(
         (output_dir / name).is_file() for name in ("model.safetensors", "adapter_model.safetensors")
-    )
+    ):
+        return None
+    return int(json.loads(state.read_text()).get("global_step", 0))
 
 
 def execute(run: Run, threads: int) -> dict[str, Any] | None:
@@ -227,9 +247,22 @@ def execute(run: Run, threads: int) -> dict[str, Any] | None:
     start = time.time()
     run.output_dir.mkdir(parents=True, exist_ok=True)
     command = run.command()
-    if not _finished_training(run.output_dir):
+    finished = _finished_steps(run.output_dir)
+    if finished is not None and finished > run.max_steps():
+        raise ExperimentError(
+            f"run {run.name}: {run.output_dir} holds a run trained to step {finished}, past this spec's "
+            f"max_steps={run.max_steps()}; give the spec another output_dir"
+        )
+    if finished is None or finished < run.max_steps():
+        # Unfinished: resume it. Finished short of max_steps (a spec that shares its output_dir with
+        # a shorter one): continue it from its last checkpoint, the way a longer study extends a study.
         if latest_checkpoint(run.output_dir):
             command += ["--resume_from_checkpoint", "latest"]
+        elif finished is not None:
+            raise ExperimentError(
+                f"run {run.name}: {run.output_dir} finished at step {finished} < max_steps={run.max_steps()} "
+                f"and keeps no checkpoint to continue from; give the spec another output_dir"
+            )
         elif previous_run(run.output_dir):
             command += ["--overwrite_output_dir", "true"]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}

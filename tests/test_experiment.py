@@ -123,6 +123,55 @@ def test_a_two_seed_two_arm_study_runs_resumes_and_analyses(tmp_path):
     assert again.returncode == 0 and "analysis written" in again.stdout
 
 
+@pytest.mark.slow
+def test_a_longer_spec_on_the_same_runs_continues_them_exactly(tmp_path):
+    """A spec sharing output_dir with a finished shorter one extends its runs from their last
+    checkpoint; the extended runs equal runs trained to the longer length at once."""
+    short_steps = {"max_steps": 20, "save_steps": 10, "logging_steps": 10, "n_layer": 1, "n_embd": 16}
+    common = {"seeds": [0], "eval": {"n_prompts": 64, "every": 10, "bootstrap_samples": 20}}
+
+    def spec(name: str, steps: int, out: str) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        return write_spec(
+            folder,
+            name=name,
+            overrides={**short_steps, "n_head": 2, "warmup_steps": 5, "max_steps": steps},
+            output_dir=str(tmp_path / out),
+            records_dir=str(tmp_path / f"records_{name}"),
+            **common,
+        )
+
+    short, extended, direct = (
+        spec("short", 20, "out"),
+        spec("extended", 30, "out"),
+        spec("direct", 30, "direct"),
+    )
+    for path in (short, extended, direct):
+        result = run_experiment(path, "--no_analysis")
+        assert result.returncode == 0, result.stderr[-2000:]
+
+    def record(name: str, arm: str) -> dict:
+        return json.loads((tmp_path / f"records_{name}" / arm / "seed0.json").read_text())
+
+    for arm in ("plain", "conml"):
+        assert record("short", arm)["global_step"] == 20
+        longer = record("extended", arm)
+        assert longer["global_step"] == 30 and len(longer["segments"]) == 2
+        assert [entry["step"] for entry in longer["eval_history"]] == [10, 20, 30]
+        assert longer["final_curve"] == record("direct", arm)["final_curve"]
+        assert longer["eval_history"] == record("direct", arm)["eval_history"]
+
+    # The shorter spec, asked again without its records, refuses the runs now trained past it.
+    for path in (tmp_path / "records_short").glob("*/seed0.json"):
+        path.unlink()
+    result = run_experiment(short, "--no_analysis")
+    assert result.returncode == 1
+    assert (
+        "trained to step 30, past this spec's max_steps=20; give the spec another output_dir" in result.stdout
+    )
+
+
 def test_shot_spare_is_censored_not_dropped():
     reference = [1.0, 0.5, 0.2, 0.1, 0.15]  # minimum 0.1 at k = 3
     reaches = table5_pair([1.0, 0.3, 0.1, 0.05, 0.05], reference)
