@@ -213,18 +213,10 @@ class Run:
         return [*shlex.split(self.spec.launcher or DEFAULT_LAUNCHER), *self.train_args()]
 
     def max_steps(self) -> int:
-        """The training length this run asks for: its arm, else the spec's overrides, else the base recipe."""
-        from .arguments import ICLTrainingArguments
-        from .recipe_files import load_yaml, recipe_path
+        """The training length this run asks for, as the training command will resolve it."""
+        from .recipe_parser import parse_recipe
 
-        for source in (
-            self.spec.arms[self.arm],
-            self.spec.overrides,
-            load_yaml(recipe_path(self.spec.base_recipe)),
-        ):
-            if source.get("max_steps") is not None:
-                return int(source["max_steps"])
-        return ICLTrainingArguments.__dataclass_fields__["max_steps"].default
+        return parse_recipe(self.train_args()).training.max_steps
 
 
 def _finished_steps(output_dir: Path) -> int | None:
@@ -247,20 +239,20 @@ def execute(run: Run, threads: int) -> dict[str, Any] | None:
     start = time.time()
     run.output_dir.mkdir(parents=True, exist_ok=True)
     command = run.command()
-    finished = _finished_steps(run.output_dir)
-    if finished is not None and finished > run.max_steps():
+    finished, max_steps = _finished_steps(run.output_dir), run.max_steps()
+    if finished is not None and finished > max_steps:
         raise ExperimentError(
             f"run {run.name}: {run.output_dir} holds a run trained to step {finished}, past this spec's "
-            f"max_steps={run.max_steps()}; give the spec another output_dir"
+            f"max_steps={max_steps}; give the spec another output_dir"
         )
-    if finished is None or finished < run.max_steps():
+    if finished is None or finished < max_steps:
         # Unfinished: resume it. Finished short of max_steps (a spec that shares its output_dir with
         # a shorter one): continue it from its last checkpoint, the way a longer study extends a study.
         if latest_checkpoint(run.output_dir):
             command += ["--resume_from_checkpoint", "latest"]
         elif finished is not None:
             raise ExperimentError(
-                f"run {run.name}: {run.output_dir} finished at step {finished} < max_steps={run.max_steps()} "
+                f"run {run.name}: {run.output_dir} finished at step {finished} < max_steps={max_steps} "
                 f"and keeps no checkpoint to continue from; give the spec another output_dir"
             )
         elif previous_run(run.output_dir):

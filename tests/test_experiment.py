@@ -127,7 +127,7 @@ def test_a_two_seed_two_arm_study_runs_resumes_and_analyses(tmp_path):
 def test_a_longer_spec_on_the_same_runs_continues_them_exactly(tmp_path):
     """A spec sharing output_dir with a finished shorter one extends its runs from their last
     checkpoint; the extended runs equal runs trained to the longer length at once."""
-    short_steps = {"max_steps": 20, "save_steps": 10, "logging_steps": 10, "n_layer": 1, "n_embd": 16}
+    tiny = {"save_steps": 10, "logging_steps": 10, "n_layer": 1, "n_embd": 16, "n_head": 2, "warmup_steps": 5}
     common = {"seeds": [0], "eval": {"n_prompts": 64, "every": 10, "bootstrap_samples": 20}}
 
     def spec(name: str, steps: int, out: str) -> Path:
@@ -136,7 +136,7 @@ def test_a_longer_spec_on_the_same_runs_continues_them_exactly(tmp_path):
         return write_spec(
             folder,
             name=name,
-            overrides={**short_steps, "n_head": 2, "warmup_steps": 5, "max_steps": steps},
+            overrides={**tiny, "max_steps": steps},
             output_dir=str(tmp_path / out),
             records_dir=str(tmp_path / f"records_{name}"),
             **common,
