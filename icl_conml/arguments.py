@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import enum
 import json
+import math
 import os
 import types
 import typing
@@ -69,6 +70,12 @@ class ModelArguments:
         "Most (x, y) pairs a prompt may hold (default: n_points, or the curriculum's end).", default=None
     )
     dropout: float = _help("Dropout of the backbone (0 by default, as in Garg et al.).", default=0.0)
+    init_perturbation_std: float = _help(
+        "Add N(0, std) noise to every initial weight (drawn from its own generator seeded by `seed`): "
+        "0 (default) = off. An A/A control arm sets a rounding-level std (e.g. 1e-7) to measure how far "
+        "float rounding alone moves a run.",
+        default=0.0,
+    )
     attn_implementation: AttnImplementation = _help(
         "Attention kernel of the backbone: eager (default: the faster one for small models on CPU, where the "
         "ConML probe mask costs sdpa its causal fast path) or sdpa (faster for larger models; Garg recipes use it); "
@@ -108,6 +115,10 @@ class ModelArguments:
             f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; pick n_head dividing n_embd",
         )
         require(0 <= self.dropout < 1, f"dropout={self.dropout} must be in [0, 1)")
+        require(
+            self.init_perturbation_std >= 0 and math.isfinite(self.init_perturbation_std),
+            f"init_perturbation_std={self.init_perturbation_std} must be a finite number >= 0 (0 = off)",
+        )
         check_choice("attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
 
 

@@ -260,13 +260,10 @@ def execute(run: Run, threads: int) -> dict[str, Any] | None:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         env.setdefault("HF_HUB_OFFLINE", "1")
         print(f"[experiment] start {run.name}: {shlex.join(command)}", flush=True)
-        segment_start = time.time()
+        segment_id, segment_start = _begin_segment(run.output_dir, command)
         with open(run.output_dir / "train.log", "a") as log:
             code = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-        # One line per training segment (a resume is a new segment): the code it ran and its time.
-        segment = {"command": shlex.join(command), "exit": code, "seconds": time.time() - segment_start}
-        with open(run.output_dir / SEGMENTS, "a") as segments:
-            segments.write(json.dumps({**git_commit(), **segment}) + "\n")
+        _end_segment(run.output_dir, segment_id, code, time.time() - segment_start)
         if code != 0:
             raise ExperimentError(
                 f"run {run.name} failed (exit {code}); see {run.output_dir / 'train.log'} and re-run to resume"
@@ -285,6 +282,72 @@ def execute(run: Run, threads: int) -> dict[str, Any] | None:
     return record
 
 
+def _begin_segment(output_dir: Path, command: list[str]) -> tuple[int, float]:
+    """Write a training segment's provenance (commit, start time, command) *before* it runs.
+
+    A segment (one training process; a resume is a new one) that is killed never reaches its
+    end line, but its start line keeps what code it ran and when it began, so the record of a
+    run resumed by a later process still names every commit that trained it.
+    """
+    started = time.time()
+    segment_id = len(_segment_lines(output_dir / SEGMENTS))
+    line = {
+        "event": "start",
+        "segment": segment_id,
+        **git_commit(),
+        "started_at": datetime.datetime.fromtimestamp(started, datetime.UTC).isoformat(timespec="seconds"),
+        "command": shlex.join(command),
+    }
+    with open(output_dir / SEGMENTS, "a") as segments:
+        segments.write(json.dumps(line) + "\n")
+    return segment_id, started
+
+
+def _end_segment(output_dir: Path, segment_id: int, code: int, seconds: float) -> None:
+    line = {"event": "end", "segment": segment_id, "exit": code, "seconds": seconds}
+    with open(output_dir / SEGMENTS, "a") as segments:
+        segments.write(json.dumps(line) + "\n")
+
+
+def _segment_lines(path: Path) -> list[dict[str, Any]]:
+    """The segment log's start lines (and the one-line-per-segment entries of older versions)."""
+    if not path.is_file():
+        return []
+    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [entry for entry in entries if entry.get("event") != "end"]
+
+
+def read_segments(output_dir: Path) -> list[dict[str, Any]]:
+    """Every training segment of a run, oldest first: commit, start time, exit status and seconds.
+
+    A segment whose process never wrote its end (killed with the session, say) is kept with
+    ``exit`` None and ``seconds`` None: its time is unknown, and the record says so.
+    """
+    path = output_dir / SEGMENTS
+    if not path.is_file():
+        return []
+    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    ends = {entry["segment"]: entry for entry in entries if entry.get("event") == "end"}
+    segments = []
+    for entry in entries:
+        if entry.get("event") == "end":
+            continue
+        if entry.get("event") != "start":  # a complete segment written by an older version at its end
+            segments.append({k: v for k, v in entry.items() if k != "command"})
+            continue
+        end = ends.get(entry["segment"], {})
+        segments.append(
+            {
+                "commit": entry.get("commit"),
+                "dirty": entry.get("dirty"),
+                "started_at": entry.get("started_at"),
+                "exit": end.get("exit"),
+                "seconds": end.get("seconds"),
+            }
+        )
+    return segments
+
+
 def build_record(run: Run, command: list[str]) -> dict[str, Any]:
     """What the analysis needs from a finished run (small: no weights, no per-prompt errors)."""
     import torch
@@ -297,10 +360,7 @@ def build_record(run: Run, command: list[str]) -> dict[str, Any]:
 
     out = run.output_dir
     state = json.loads((out / "trainer_state.json").read_text())
-    segments = []
-    if (out / SEGMENTS).is_file():
-        lines = (out / SEGMENTS).read_text().splitlines()
-        segments = [{k: v for k, v in json.loads(line).items() if k != "command"} for line in lines if line]
+    segments = read_segments(out)
     recipe = yaml.safe_load((out / "recipe.yaml").read_text()) if (out / "recipe.yaml").is_file() else {}
     model = load_icl_model(str(out))
     prompts, task = _eval_prompts(run.spec, model.config)
@@ -335,11 +395,13 @@ def build_record(run: Run, command: list[str]) -> dict[str, Any]:
         "icl_conml_version": __version__,
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
-        # The commit of the last training segment (``segments``: every one, with its time).
-        **(segments[-1] if segments else git_commit()),
+        # The commit of the last training segment (``segments``: every one, with its start and time).
+        **({k: segments[-1][k] for k in ("commit", "dirty")} if segments else git_commit()),
         "segments": segments,
         "finished_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "wall_seconds": sum(segment.get("seconds", 0.0) for segment in segments),
+        "wall_seconds": sum(segment.get("seconds") or 0.0 for segment in segments),
+        # False when a segment was killed before it could write its time: wall_seconds is then a lower bound.
+        "wall_seconds_complete": all(segment.get("seconds") is not None for segment in segments),
         "n_dims": model.config.n_dims,
         "eval": {
             "n_prompts": int(prompts.xs.shape[0]),

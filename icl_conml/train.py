@@ -84,7 +84,25 @@ def build_model(recipe: Recipe) -> ICLModel | PeftModel:
     the result is a ``peft.PeftModel`` training LoRA adapters and read-in/read-out only.
     """
     with _whole_weights(recipe.training):
-        return _build_model(recipe)
+        model = _build_model(recipe)
+    if recipe.model.init_perturbation_std > 0:
+        perturb_initial_weights(model, recipe.model.init_perturbation_std, recipe.training.seed)
+    return model
+
+
+def perturb_initial_weights(model: torch.nn.Module, std: float, seed: int) -> None:
+    """Add N(0, std²) noise to every trainable initial weight, for an A/A control arm.
+
+    The noise comes from a generator of its own (seeded from ``seed``, not from the global RNG), so
+    the run's prompts, probes and views stay those of the unperturbed run with the same seed: the
+    two runs differ only by a rounding-sized change of the starting point.
+    """
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + 0x5EED) % 2**63)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                noise = torch.randn(parameter.shape, generator=generator, dtype=torch.float32)
+                parameter.add_(noise.to(parameter.dtype) * std)
 
 
 def _build_model(recipe: Recipe) -> ICLModel | PeftModel:

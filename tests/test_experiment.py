@@ -80,9 +80,10 @@ def test_a_two_seed_two_arm_study_runs_resumes_and_analyses(tmp_path):
         start_new_session=True,
     )
     records = tmp_path / "records"
+    second_segments = tmp_path / "out" / "conml" / "seed0" / "experiment_segments.jsonl"
     deadline = time.time() + 300
-    while time.time() < deadline and not list(records.glob("*/seed*.json")):
-        time.sleep(0.5)
+    while time.time() < deadline and not (list(records.glob("*/seed*.json")) and second_segments.is_file()):
+        time.sleep(0.2)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     first = list(records.glob("*/seed*.json"))
@@ -104,6 +105,16 @@ def test_a_two_seed_two_arm_study_runs_resumes_and_analyses(tmp_path):
     assert [e["step"] for e in record["eval_history"]] == [25, 50]
     assert record["icl_conml_version"] and record["segments"]
     assert record["commit"] == record["segments"][-1]["commit"] and record["wall_seconds"] > 0
+    assert record["wall_seconds_complete"] is True
+    # The run killed mid-way keeps its first segment's provenance (written when it started), with
+    # its unknown time said so; the resumed segment is complete.
+    killed = json.loads((records / "conml" / "seed0.json").read_text())
+    first_segment, resumed = killed["segments"]
+    assert first_segment["commit"] == resumed["commit"] == killed["commit"] is not None
+    assert first_segment["started_at"] <= resumed["started_at"]
+    assert first_segment["exit"] is None and first_segment["seconds"] is None
+    assert resumed["exit"] == 0 and killed["wall_seconds"] == resumed["seconds"] > 0
+    assert killed["wall_seconds_complete"] is False
 
     # Pairing: the two arms of a seed started from the same weights and prompts, so their first
     # logged ICL losses differ only by what ConML changed in 10 steps (plain seeds 0 and 1 differ more).
