@@ -19,7 +19,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from .run_files import append_line, overwrite_in_place, write_bytes
+from .run_files import LinkInRunFolder, append_line, overwrite_in_place, write_bytes
 
 STATUS_NAME = "run_status.json"
 HISTORY_NAME = "run_history.jsonl"
@@ -112,9 +112,9 @@ class RunRecord:
         details = _finite(details)
         # The status first: on a full disk the history line may not fit, and a status left at
         # "running" would claim a live run (see _write_json's fallback).
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, LinkInRunFolder):
             self._status(status, step=step, **details)
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, LinkInRunFolder):
             self._append({"event": "end", "segment": self.segment, "time": now(), "status": status,
                           "step": step, **details})  # fmt: skip
 
