@@ -189,8 +189,14 @@ def _training_state_files(checkpoint: Path) -> list[Path]:
 def _check_loads(checkpoint: Path) -> str | None:
     """Each optimizer/scheduler/RNG file loads as plain tensors (``weights_only``, as the Trainer
     loads it): a pickle payload or a damaged archive is named here, not as a traceback mid-resume."""
+    import contextlib
+
     import torch
-    from transformers.trainer_pt_utils import safe_globals
+
+    try:
+        from transformers.trainer_pt_utils import safe_globals
+    except ImportError:  # an older transformers: torch's own allowlist
+        safe_globals = contextlib.nullcontext
 
     for path in _training_state_files(checkpoint):
         try:

@@ -4,8 +4,10 @@ The main process holds ``fcntl.flock`` on the folder itself (a descriptor of the
 file a user can delete) and on ``output_dir/.lock``, with its pid, host and start time written
 inside; a second run into the same folder is refused in one line naming the holder. Deleting
 ``.lock`` while a run holds the folder lets no second run in; the holder notices it at its next
-check (``verify``: before the final save and at each checkpoint) and writes its record again. An flock vanishes with its process, so a lock left by a run that was killed
-(``kill -9``, out of memory, a node crash) is *stale*: its record still says "held" but nobody
+check (``verify``: before the final save and at each checkpoint) and writes its record again.
+
+An flock vanishes with its process, so a lock left by a run that was killed (``kill -9``, out
+of memory, a node crash) is *stale*: its record still says "held" but nobody
 holds the flock. On the same host that proves the owner is gone; the new run takes the lock over
 and says so in a warning naming the dead owner (refusing would make every requeue after a hard
 kill need a human). An owner on another host may be alive on a filesystem whose locks do not

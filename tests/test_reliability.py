@@ -997,6 +997,12 @@ def test_an_unfinished_overwrite_leaves_no_old_model_and_the_evaluation_refuses_
         assert not (out / name).exists(), name
     assert not list(out.glob("checkpoint-*")) and read_status(out)["status"] == "failed"
     capsys.readouterr()
+    assert evaluation_main(["--model", str(out), "--output_dir", str(tmp_path / "r")]) == 2
+    [line] = _error_lines(capsys.readouterr().err)
+    assert (
+        f"model {str(out)!r} is a training run that has not finished (run_status.json: failed at step 0)"
+        in line
+    )
 
     # A folder whose run has not finished is refused; --allow_unfinished insists.
     model = tmp_path / "model"
