@@ -1171,6 +1171,6 @@ def test_a_schedule_refused_during_warm_up_names_rates_that_differ(tmp_path, cap
     [line] = _error_lines(capsys.readouterr().err)
     # At step 2 both plans are in their warm-up (0.000133): the first step where they part is named.
     assert (
-        "re-plans the cosine learning-rate schedule from step 2 (the learning rate at step 4 goes from 0 to "
+        "re-plans the cosine learning-rate schedule from step 2 (the learning rate at step 4 goes from 0 to 0.000181)"
         in line
     ), line
