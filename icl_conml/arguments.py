@@ -379,6 +379,11 @@ class ICLTrainingArguments(TrainingArguments):
         "schedule is re-planned over the new max_steps from the checkpoint's step (the learning rate jumps).",
         default=False,
     )
+    resume_allow_changes: list[str] | None = _help(
+        "Keys a resume may change on purpose although they alter the experiment (e.g. learning_rate after a "
+        "divergence); each change is recorded in run_history.jsonl.",
+        default=None,
+    )
 
     def __post_init__(self) -> None:
         from .extras import is_available, message
@@ -495,6 +500,7 @@ RUN_CONTROL_KEYS = (
     "overwrite_output_dir",
     "resume_weights_only",
     "resume_extend_schedule",
+    "resume_allow_changes",
 )
 
 

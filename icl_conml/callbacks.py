@@ -4,25 +4,31 @@ The Trainer's own ``logging_nan_inf_filter`` hides NaN/inf losses from the logs 
 training on poisoned weights. ``NonFiniteLossGuard`` checks every optimizer step twice:
 
 - *before* ``optimizer.step()`` (the ``on_pre_optimizer_step`` event): if the step's loss, one
-  of its components (icl_loss, conml_loss, d_in, d_out) or the gradient norm is not finite, it
-  raises ``NonFiniteLossError``, so the bad update is never applied;
+  of its components (icl_loss, conml_loss, d_in, d_out) or the gradient norm *before clipping*
+  is not finite, it raises ``NonFiniteLossError``, so the bad update is never applied (clipping
+  an infinite norm scales every gradient to 0: the run would go on without ever learning);
 - *after* it (``on_step_end``, which runs before the Trainer logs, evaluates or saves): finite
   gradients can still give a non-finite update (an infinite or enormous learning rate, a NaN
   weight decay or Adam epsilon); if any trainable weight is NaN/inf it raises too.
 
 Raising there means no checkpoint of that step is written, and every checkpoint that was
-written held finite weights, so the newest checkpoint on disk is the last good state.
+written held finite weights. Finite is not enough to be *good*: a checkpoint's weights are
+judged by the loss they gave at the next step. The message names as the last good checkpoint
+the newest one whose next-step loss was finite and not exploding, that is at most
+``EXPLODING_FACTOR`` times the lowest loss of the run segment so far (a checkpoint whose next
+step was not seen in this segment is judged by its own finite weights only).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
 
-from .checkpoints import latest_checkpoint
+from .checkpoints import check_checkpoint, checkpoint_step, checkpoints_newest_first
 from .distributed import reduce_max
 from .errors import EXIT_NON_FINITE, CommandError
 
@@ -33,6 +39,11 @@ class NonFiniteLossError(CommandError, RuntimeError):
     exit_code = EXIT_NON_FINITE
 
 
+#: A checkpoint is not "good" if the loss its weights gave at the next step was above this many
+#: times the lowest loss the run segment had reached (a diverging run, although finite).
+EXPLODING_FACTOR = 100.0
+
+
 class NonFiniteLossGuard(TrainerCallback):
     """Raise ``NonFiniteLossError`` at the first optimizer step with a non-finite loss or gradient.
 
@@ -40,10 +51,24 @@ class NonFiniteLossGuard(TrainerCallback):
         step_losses: returns and clears the loss components recorded since the last optimizer
             step, ``{"loss": [...], "icl_loss": [...], ...}`` with one detached scalar per
             micro-batch (``ConMLTrainer.pop_step_losses``).
+        pre_clip_grad_norm: the gradient norm the Trainer measured before clipping this step
+            (``None`` where it is not known: then the norm of the gradients as they are).
+        inputs_finite: whether the failed step's prompts were finite (asked only after a failure):
+            a NaN in the data does not condemn the weights that met it.
     """
 
-    def __init__(self, step_losses: Callable[[], dict[str, list[torch.Tensor]]]) -> None:
+    def __init__(
+        self,
+        step_losses: Callable[[], dict[str, list[torch.Tensor]]],
+        pre_clip_grad_norm: Callable[[], object] | None = None,
+        inputs_finite: Callable[[], bool] | None = None,
+    ) -> None:
         self.step_losses = step_losses
+        self.pre_clip_grad_norm = pre_clip_grad_norm or (lambda: None)
+        self.inputs_finite = inputs_finite or (lambda: True)
+        #: step N -> the loss (max over processes) that checkpoint-N's weights gave at step N + 1.
+        self.next_loss: dict[int, float] = {}
+        self.lowest_loss = math.inf
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         means = {
@@ -52,11 +77,57 @@ class NonFiniteLossGuard(TrainerCallback):
         # Under ZeRO/FSDP gradients may live outside p.grad: then only the losses are checked.
         grads = [p.grad for p in model.parameters() if p.grad is not None] if model is not None else []
         grad_norm = torch.nn.utils.get_total_norm(grads).float() if grads else torch.zeros(())
+        pre_clip = self.pre_clip_grad_norm()
+        if pre_clip is not None:  # clipping scales an infinite norm's gradients to 0: check the norm before
+            grad_norm = torch.as_tensor(pre_clip).detach().float().to(grad_norm.device).reshape(())
         checked = [value.to(grad_norm.device) for value in means.values()] + [grad_norm]
         bad = (~torch.isfinite(torch.stack(checked))).any().float()
-        if float(reduce_max(bad.to(args.device))) == 0:  # NCCL reduces only device tensors
+        loss = means.get("loss", torch.zeros(())).to(grad_norm.device)
+        loss = torch.where(torch.isfinite(loss), loss, torch.full_like(loss, math.inf))
+        # One reduction (NCCL reduces only device tensors): any process bad, the highest loss.
+        bad_anywhere, highest = reduce_max(torch.stack([bad, loss]).to(args.device)).tolist()
+        if bad_anywhere == 0:
+            self.next_loss[state.global_step] = highest
+            self.lowest_loss = min(self.lowest_loss, highest)
             return control
-        raise NonFiniteLossError(_message(args.output_dir, state.global_step + 1, means, float(grad_norm)))
+        data_bad = torch.tensor(0.0 if self.inputs_finite() else 1.0)
+        data_bad = float(reduce_max(data_bad.to(args.device))) > 0  # every process is here
+        if not data_bad:  # the weights of the step before met finite prompts: they gave this loss
+            self.next_loss[state.global_step] = highest
+        raise NonFiniteLossError(
+            _message(
+                args,
+                state.global_step + 1,
+                means,
+                float(grad_norm),
+                self.last_good(args.output_dir),
+                data_bad,
+            )
+        )
+
+    def last_good(self, output_dir: str | None) -> tuple[str | None, list[str]]:
+        """The newest intact checkpoint whose weights gave a finite, not exploding loss at the next
+        step (see the module docstring), and why each newer one is not good."""
+        if not output_dir:
+            return None, []
+        passed: list[str] = []
+        for checkpoint in checkpoints_newest_first(output_dir):
+            step = checkpoint_step(checkpoint)
+            loss = self.next_loss.get(step) if step is not None else None
+            if loss is not None and not math.isfinite(loss):
+                passed.append(
+                    f"{Path(checkpoint).name} (its weights gave a non-finite loss at step {step + 1})"
+                )
+                continue
+            if loss is not None and loss > EXPLODING_FACTOR * self.lowest_loss:
+                passed.append(
+                    f"{Path(checkpoint).name} (its weights gave loss {loss:.4g} at step {step + 1}, over "
+                    f"{EXPLODING_FACTOR:g}x the run's lowest {self.lowest_loss:.4g}: exploding)"
+                )
+                continue
+            if check_checkpoint(checkpoint) is None:
+                return checkpoint, passed
+        return None, passed
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         # Under ZeRO-3 a parameter's local shard is ds_tensor (p.data is an empty placeholder).
@@ -75,10 +146,29 @@ class NonFiniteLossGuard(TrainerCallback):
             return control
         names = [n for n, _ in named]
         poisoned = [n for n, t in named if t.numel() and not torch.isfinite(t).all()]
-        raise NonFiniteLossError(_update_message(args, state.global_step, poisoned, len(names)))
+        raise NonFiniteLossError(
+            _update_message(args, state.global_step, poisoned, len(names), self.last_good(args.output_dir))
+        )
 
 
-def _update_message(args, step: int, poisoned: list[str], total: int) -> str:
+def _kept(args, last_good: tuple[str | None, list[str]]) -> tuple[str, str]:
+    """``(what is kept, how to go on)``: the last good checkpoint and the exact resume command."""
+    last, passed = last_good
+    not_good = f" ({'; '.join(passed[:2])} {'is' if len(passed) == 1 else 'are'} not)" if passed else ""
+    lower = f"--learning_rate {args.learning_rate / 10:g}"
+    if last is None:
+        return (
+            f"no checkpoint is known to be good{not_good}",
+            f"start over with a lower learning rate ({lower} --overwrite_output_dir true)",
+        )
+    return (
+        f"the last good checkpoint is {last}{not_good}",
+        f"resume with --resume_from_checkpoint {last} {lower} --resume_allow_changes learning_rate (the change is "
+        f"recorded in run_history.jsonl)",
+    )
+
+
+def _update_message(args, step: int, poisoned: list[str], total: int, last_good) -> str:
     shown = ", ".join(poisoned[:3]) + (", ..." if len(poisoned) > 3 else "")
     where = (
         f"{len(poisoned)} of {total} weight tensors ({shown})" if poisoned else "weights on another process"
@@ -87,24 +177,41 @@ def _update_message(args, step: int, poisoned: list[str], total: int) -> str:
         f"learning_rate={args.learning_rate:g}, weight_decay={args.weight_decay:g}, "
         f"adam_epsilon={args.adam_epsilon:g}"
     )
-    last = latest_checkpoint(args.output_dir) if args.output_dir else None
-    kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been saved yet"
+    if not checkpoints_newest_first(args.output_dir or ""):
+        kept, go_on = (
+            "no checkpoint had been saved yet",
+            f"start over with a lower learning rate (--learning_rate {args.learning_rate / 10:g} --overwrite_output_dir true)",
+        )
+    else:
+        kept, go_on = _kept(args, last_good)
     return (
         f"non-finite weights after the update of step {step}: {where} became NaN/inf although the loss and "
         f"gradients were finite ({settings}); nothing from step {step} was saved and {kept}. Lower "
-        f"learning_rate (or fix weight_decay/adam_epsilon), then resume with --resume_from_checkpoint latest"
+        f"learning_rate (or fix weight_decay/adam_epsilon): {go_on}"
     )
 
 
-def _message(output_dir: str | None, step: int, means: dict[str, torch.Tensor], grad_norm: float) -> str:
+def _message(
+    args, step: int, means: dict[str, torch.Tensor], grad_norm: float, last_good, data_bad: bool = False
+) -> str:
     parts = [f"{key}={float(value):.6g}" for key, value in sorted(means.items())]
     parts.append(f"grad_norm={grad_norm:.6g}")
     if all(math.isfinite(float(value)) for value in means.values()) and math.isfinite(grad_norm):
         parts.append("non-finite on another process")
-    last = latest_checkpoint(output_dir) if output_dir else None
-    kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been saved yet"
+    if data_bad:
+        parts.append("the step's prompts hold NaN/inf: check the data")
+    if not checkpoints_newest_first(args.output_dir or ""):
+        kept = "no checkpoint had been saved yet"
+        go_on = f"start over with a lower learning rate (--learning_rate {args.learning_rate / 10:g} --overwrite_output_dir true)"
+    else:
+        kept, go_on = _kept(args, last_good)
+    if data_bad:
+        last = last_good[0]
+        resume = f"resume with --resume_from_checkpoint {last}" if last else "start over"
+        fix = f"Fix the data (or the task's noise/scale settings), then {resume}"
+    else:
+        fix = f"Lower learning_rate, raise warmup_steps or check the task's noise/scale settings: {go_on}"
     return (
         f"non-finite loss at step {step} ({', '.join(parts)}); training stopped before this update, "
-        f"nothing from step {step} was saved and {kept}. Lower learning_rate, raise warmup_steps or "
-        f"check the task's noise/scale settings, then resume with --resume_from_checkpoint latest"
+        f"nothing from step {step} was saved and {kept}. {fix}"
     )

@@ -7,8 +7,13 @@ checkpoint against its manifest (a truncated, bit-flipped, replaced or missing f
 or, for a checkpoint without one (written before manifests existed, or a save cut between
 ``trainer_state.json`` and the manifest), checks its structure: a readable trainer state for
 its own step, complete weight files, readable optimizer and scheduler archives.
-``latest_checkpoint`` returns the newest checkpoint that passes, with a warning naming why
-each newer one was skipped, so a damaged or half-written checkpoint never blocks a resume.
+Every checkpoint's optimizer, scheduler and RNG files must also load as plain tensors
+(``torch.load(weights_only=True)``: a pickle payload is a damaged file, named, never run).
+``latest_checkpoint`` returns the newest *verified* checkpoint (one whose manifest matches),
+and only if there is none the newest unverified one (no manifest: its files cannot be compared
+with what was saved), with a warning naming why each newer one was skipped, so a damaged or
+half-written checkpoint never blocks a resume. Only folders named exactly ``checkpoint-<int>``
+count (``checkpoint-40_backup`` or a file named ``checkpoint-40`` are not checkpoints).
 """
 
 from __future__ import annotations
@@ -17,13 +22,16 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import re
 import zipfile
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .run_files import write_text
 
 logger = logging.getLogger("icl_conml")
 
@@ -36,6 +44,7 @@ NO_RESUME = ("", "false", "False", "no", "none", "None")
 # "latest" if output_dir holds a checkpoint, else a new run (what a requeued job asks for).
 AUTO = ("auto",)
 _CHUNK = 1 << 20
+_CHECKPOINT_NAME = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
 
 
 def _trainer_state(checkpoint: str | Path) -> dict[str, Any] | None:
@@ -65,6 +74,21 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def checkpoint_folders(output_dir: str | Path) -> list[Path]:
+    """The ``checkpoint-<int>`` folders in ``output_dir`` (not links, not files), newest step first."""
+    root = Path(output_dir)
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return []
+    found = [
+        (int(match.group(1)), Path(entry.path))
+        for entry in entries
+        if (match := _CHECKPOINT_NAME.fullmatch(entry.name)) and entry.is_dir(follow_symlinks=False)
+    ]
+    return [path for _, path in sorted(found, key=lambda item: item[0], reverse=True)]
+
+
 def _files(checkpoint: Path) -> list[Path]:
     return sorted(
         p for p in checkpoint.rglob("*") if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
@@ -79,13 +103,14 @@ def write_manifest(checkpoint: str | Path) -> Path:
         for p in _files(checkpoint)
     }
     target = checkpoint / MANIFEST
-    temporary = checkpoint / f".{MANIFEST}.tmp"
-    with open(temporary, "w") as stream:
-        json.dump({"format": 1, "files": files}, stream, indent=1)
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(temporary, target)
+    manifest = {"format": 2, "files": files, "manifest_sha256": _manifest_digest(files)}
+    write_text(target, json.dumps(manifest, indent=1), sync=True)
     return target
+
+
+def _manifest_digest(files: Any) -> str:
+    """The sha256 of the manifest's own file list: a damaged manifest is named as such."""
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
 
 
 def _is_training_state(name: str) -> bool:
@@ -103,7 +128,11 @@ def _check_manifest(checkpoint: Path, *, need_training_state: bool = True) -> st
         assert isinstance(files, dict) and files
     except (OSError, ValueError, KeyError, TypeError, AssertionError):
         return f"{MANIFEST} is unreadable (corrupted)"
+    if "manifest_sha256" in manifest and manifest["manifest_sha256"] != _manifest_digest(files):
+        return f"{MANIFEST} itself is corrupted (its own checksum does not match; the other files were not compared)"
     for name, expected in files.items():
+        if not isinstance(expected, dict):
+            return f"{MANIFEST} is unreadable (corrupted)"
         if not need_training_state and _is_training_state(name):
             continue
         path = checkpoint / name
@@ -142,16 +171,45 @@ def _check_structure(checkpoint: Path, *, need_training_state: bool = True) -> s
     for path in weights:
         if path.suffix == ".safetensors" and (problem := _check_safetensors(path)):
             return problem
-    for name in ("optimizer.pt", "scheduler.pt") if need_training_state else ():
-        path = checkpoint / name
-        if path.is_file():
-            try:
-                with zipfile.ZipFile(path) as archive:
-                    bad = archive.testzip()
-            except (OSError, zipfile.BadZipFile, EOFError, ValueError):
-                return f"{name} is not a readable torch archive (truncated or corrupted)"
-            if bad is not None:
-                return f"{name} is corrupted (entry {bad} fails its CRC)"
+    for path in _training_state_files(checkpoint) if need_training_state else ():
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+        except (OSError, zipfile.BadZipFile, EOFError, ValueError, RuntimeError):
+            return f"{path.name} is not a readable torch archive (truncated or corrupted)"
+        if bad is not None:
+            return f"{path.name} is corrupted (entry {bad} fails its CRC)"
+    return None
+
+
+def _training_state_files(checkpoint: Path) -> list[Path]:
+    return sorted(p for p in checkpoint.iterdir() if p.is_file() and _is_training_state(p.name))
+
+
+def _check_loads(checkpoint: Path) -> str | None:
+    """Each optimizer/scheduler/RNG file loads as plain tensors (``weights_only``, as the Trainer
+    loads it): a pickle payload or a damaged archive is named here, not as a traceback mid-resume."""
+    import contextlib
+
+    import torch
+
+    try:
+        from transformers.trainer_pt_utils import safe_globals
+    except ImportError:  # an older transformers: torch's own allowlist
+        safe_globals = contextlib.nullcontext
+
+    for path in _training_state_files(checkpoint):
+        try:
+            with safe_globals():  # the numpy types of the RNG state, as the Trainer allows them
+                torch.load(path, map_location="cpu", weights_only=True, mmap=path.name == "optimizer.pt")
+        except Exception as error:  # noqa: BLE001 - every failure to load is a damaged file
+            if isinstance(error, pickle.UnpicklingError):
+                return (
+                    f"{path.name} holds more than tensors (torch.load with weights_only refuses it: a pickle "
+                    f"payload or a damaged file); it was not loaded"
+                )
+            first = str(error).strip().splitlines()[0][:120] if str(error).strip() else ""
+            return f"{path.name} cannot be loaded ({type(error).__name__}: {first})"
     return None
 
 
@@ -179,13 +237,20 @@ def check_checkpoint(checkpoint: str | Path, *, need_training_state: bool = True
     if need_training_state and (missing := missing_training_state(checkpoint)):
         return f"holds no {' or '.join(missing)} (optimizer/schedule state)"
     check = _check_manifest if (checkpoint / MANIFEST).exists() else _check_structure
-    return check(checkpoint, need_training_state=need_training_state)
+    problem = check(checkpoint, need_training_state=need_training_state)
+    if problem is None and need_training_state:
+        problem = _check_loads(checkpoint)
+    return problem
+
+
+def is_verified(checkpoint: str | Path) -> bool:
+    """Whether a checkpoint has a manifest (``check_checkpoint`` then compares every file with it)."""
+    return (Path(checkpoint) / MANIFEST).is_file()
 
 
 def checkpoints_newest_first(output_dir: str | Path) -> list[str]:
-    if not Path(output_dir).is_dir():
-        return []
-    return list(reversed(sort_checkpoints(str(output_dir))))
+    """The ``checkpoint-<int>`` folders of ``output_dir``, newest step first (as strings)."""
+    return [str(path) for path in checkpoint_folders(output_dir)]
 
 
 def latest_checkpoint(
@@ -193,19 +258,43 @@ def latest_checkpoint(
 ) -> str | None:
     """The newest intact ``checkpoint-N`` in ``output_dir`` (``None`` if there is none).
 
-    Each newer checkpoint that fails ``check_checkpoint`` is skipped with a warning naming why.
-    ``verify=False`` checks only that ``trainer_state.json`` is readable (no hashing).
+    Verified checkpoints (a manifest that matches) come first; the newest unverified one (no
+    manifest: written before manifests existed, or cut between its last file and the manifest)
+    is taken only when no verified one is intact, with a warning saying it is unverified. Each
+    checkpoint passed over is named in a warning with the reason. ``verify=False`` checks only
+    that ``trainer_state.json`` is readable (no hashing).
     """
+    unverified: list[str] = []
     for checkpoint in checkpoints_newest_first(output_dir):
         if not verify:
             if is_complete(checkpoint):
                 return checkpoint
             continue
         problem = check_checkpoint(checkpoint, need_training_state=need_training_state)
-        if problem is None:
+        if problem is not None:
+            logger.warning("skipping %s: it %s", checkpoint, problem if problem.startswith(("is ", "holds ")) else
+                           f"fails its check: {problem}")  # fmt: skip
+        elif is_verified(checkpoint):
+            for newer in unverified:
+                logger.warning(
+                    "skipping %s: it has no %s (unverified: its files cannot be compared with what was saved); "
+                    "taking the newest verified checkpoint, %s",
+                    newer,
+                    MANIFEST,
+                    checkpoint,
+                )
             return checkpoint
-        logger.warning("skipping %s: it %s", checkpoint, problem if problem.startswith(("is ", "holds ")) else
-                       f"fails its check: {problem}")  # fmt: skip
+        else:
+            unverified.append(checkpoint)
+    if unverified:
+        logger.warning(
+            "%s is unverified: it has no %s (written before manifests existed, or the save was cut before "
+            "its manifest), so a damaged or replaced file cannot be detected; resuming from it as no verified "
+            "checkpoint is intact",
+            unverified[0],
+            MANIFEST,
+        )
+        return unverified[0]
     return None
 
 
@@ -250,7 +339,7 @@ def previous_run(output_dir: str | Path) -> list[str]:
     path = Path(output_dir)
     if not path.is_dir():
         return []
-    found = sorted(p.name for p in path.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir())
+    found = sorted((p.name for p in checkpoint_folders(path)), key=lambda name: int(name.rsplit("-", 1)[1]))
     found += [
         name
         for name in (TRAINER_STATE, "model.safetensors", "adapter_model.safetensors")
@@ -259,13 +348,57 @@ def previous_run(output_dir: str | Path) -> list[str]:
     return found
 
 
-def remove_checkpoints(output_dir: str | Path) -> list[str]:
-    """Delete the ``checkpoint-N`` directories of an earlier run (on --overwrite_output_dir)."""
+def incomplete_checkpoints(output_dir: str | Path) -> list[str] | None:
+    """If every ``checkpoint-N`` of ``output_dir`` was cut short before its ``trainer_state.json``
+    (a kill during the first saves) and no final model was saved: ``checkpoint-N: why`` for each;
+    else ``None`` (the folder holds something to resume, or damage a human should look at)."""
+    folders = checkpoint_folders(output_dir)
+    if not folders or any(is_complete(folder) for folder in folders):
+        return None
+    if set(previous_run(output_dir)) - {folder.name for folder in folders}:
+        return None  # a final model or trainer_state.json: a finished run, not an unstarted one
+    return [f"{folder.name}: {check_checkpoint(folder)}" for folder in folders]
+
+
+#: The files a finished run leaves in output_dir (the Trainer's final save and the run's own).
+FINAL_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "adapter_model.safetensors",
+    "adapter_config.json",
+    "config.json",
+    "generation_config.json",
+    TRAINER_STATE,
+    "training_args.bin",
+    "README.md",
+    "all_results.json",
+    "train_results.json",
+    "eval_results.json",
+)
+
+
+def remove_final_files(output_dir: str | Path) -> list[str]:
+    """Delete an earlier run's final model and state (on --overwrite_output_dir, before training):
+    a new run cut short must never leave the old model beside its own recipe."""
+    path = Path(output_dir)
+    names = [*FINAL_FILES, *(p.name for p in path.glob("model-*-of-*.safetensors"))]
+    removed = []
+    for name in names:
+        target = path / name
+        if target.is_file() or target.is_symlink():
+            target.unlink()  # a link itself, never its target
+            removed.append(name)
+    return removed
+
+
+def remove_checkpoints(output_dir: str | Path, names: list[str] | None = None) -> list[str]:
+    """Delete the ``checkpoint-N`` directories of an earlier run (on --overwrite_output_dir), or
+    only those in ``names``."""
     import shutil
 
     removed = []
-    for checkpoint in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
-        if checkpoint.is_dir():
+    for checkpoint in checkpoint_folders(output_dir):
+        if names is None or checkpoint.name in names:
             shutil.rmtree(checkpoint)
             removed.append(checkpoint.name)
     return sorted(removed)

@@ -30,10 +30,13 @@ from .checkpoints import (
     check_checkpoint,
     checkpoints_newest_first,
     damaged_checkpoints,
+    incomplete_checkpoints,
     latest_checkpoint,
     previous_run,
     remove_checkpoints,
+    remove_final_files,
 )
+from .run_files import refuse_links
 from .run_record import HISTORY_NAME, read_history, recorded_metrics
 
 logger = logging.getLogger("icl_conml")
@@ -69,6 +72,15 @@ def resolve_resume(recipe: Recipe) -> str | None:
                 "resume_from_checkpoint=auto: %s holds no checkpoint; starting the run", training.output_dir
             )
             return None
+        incomplete = incomplete_checkpoints(training.output_dir)
+        if incomplete is not None:  # killed during its first saves: nothing to resume, as if empty
+            logger.warning(
+                "resume_from_checkpoint=auto: every checkpoint in %s was cut short before it was complete "
+                "(%s); starting the run from step 0 and removing them",
+                training.output_dir,
+                "; ".join(incomplete[:3]) + ("; ..." if len(incomplete) > 3 else ""),
+            )
+            return None
         value = "latest"
     if str(value) in LATEST:
         last = latest_checkpoint(training.output_dir, need_training_state=need_state)
@@ -78,6 +90,8 @@ def resolve_resume(recipe: Recipe) -> str | None:
                 shown = "; ".join(damaged[:3]) + ("; ..." if len(damaged) > 3 else "")
                 missing_state = all("optimizer/schedule state" in line for line in damaged)
                 fix = WEIGHTS_ONLY_HINT if missing_state else "start a new run (another output_dir)"
+                if incomplete_checkpoints(training.output_dir) is not None:
+                    fix = "pass --resume_from_checkpoint auto to start the run from step 0 (nothing was saved whole)"
                 raise RecipeError(
                     f"resume_from_checkpoint={value!r} but no checkpoint in output_dir={training.output_dir!r} "
                     f"is intact ({shown}); {fix}"
@@ -157,17 +171,22 @@ def prepare_output_dir(recipe: Recipe, resume: str | None) -> None:
     training = recipe.training
     output_dir = training.output_dir
     make_output_dir(output_dir)
+    refuse_links(output_dir)  # the Trainer writes without O_NOFOLLOW: no link where a run writes
+    main = training.process_index == 0
+    if resume is None and str(training.resume_from_checkpoint) in AUTO:
+        incomplete = incomplete_checkpoints(output_dir)
+        if incomplete is not None and main:
+            remove_checkpoints(output_dir, [line.split(":", 1)[0] for line in incomplete])
     found = previous_run(output_dir) if resume is None else []
-    if not found:
-        return
-    if not training.overwrite_output_dir:
+    if found and not training.overwrite_output_dir:
         shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
         raise RecipeError(
             f"output_dir={output_dir!r} already holds a run ({shown}); pass --resume_from_checkpoint latest "
             f"to continue it, --overwrite_output_dir true to start over, or choose another output_dir"
         )
-    if training.process_index == 0:
-        removed = remove_checkpoints(output_dir)
+    if resume is None and training.overwrite_output_dir and main:
+        # The old final model goes first: a new run cut short must not leave it beside its recipe.
+        removed = remove_final_files(output_dir) + remove_checkpoints(output_dir)
         if removed:
             logger.warning("overwrite_output_dir: removed %s from %s", ", ".join(removed), output_dir)
 
@@ -247,14 +266,28 @@ def check_resume(recipe, checkpoint: str, start_step: int, global_batch_size: in
         for key in settings
         if key in recorded and not _same(recorded[key], settings[key])
     }
-    refused = [key for key in changes if _is_experiment_key(key)]
+    allowed = set(training.resume_allow_changes or ())
+    refused = [key for key in changes if _is_experiment_key(key) and key not in allowed]
+    if "global_batch_size" not in changes:
+        # Another split of the same global batch (another number of processes, per-device size or
+        # accumulation) trains on the same prompts; with ConML the tasks contrasted with each other
+        # are those of one micro-batch over all processes, so its accumulation must stay.
+        split = {"per_device_train_batch_size"}
+        if not _conml_on(recorded, settings):
+            split.add("gradient_accumulation_steps")
+        refused = [key for key in refused if key not in split]
     if refused:
         shown = ", ".join(f"{key} {_show(changes[key][0])} -> {_show(changes[key][1])}" for key in refused)
         raise RecipeError(
-            f"resuming {checkpoint} would change the experiment ({shown}; recorded in {source}); resume with "
+            f"resuming {checkpoint} would change the experiment ({shown}; recorded in {source}); "
+            f"{_batch_hint(recorded, settings, training) if 'global_batch_size' in refused else ''}resume with "
             f"the run's own settings (python -m icl_conml.train {Path(training.output_dir) / 'recipe.yaml'} "
-            f"--resume_from_checkpoint latest) or start a new run in another output_dir"
+            f"--resume_from_checkpoint latest), change {'it' if len(refused) == 1 else 'them'} on purpose with "
+            f"--resume_allow_changes {' '.join(refused)} (recorded in {HISTORY_NAME}), or start a new run in "
+            f"another output_dir"
         )
+    for key in sorted(allowed - set(changes)):
+        logger.warning("resume_allow_changes names %s, which does not change: nothing to allow", key)
     if "max_steps" in changes:
         schedule = str(settings["lr_scheduler_type"])
         if schedule not in STEADY_SCHEDULES and not training.resume_extend_schedule:
@@ -270,6 +303,28 @@ def check_resume(recipe, checkpoint: str, start_step: int, global_batch_size: in
             "resume: %s changes from %s to %s (recorded in %s)", key, _show(old), _show(new), HISTORY_NAME
         )
     return changes
+
+
+def _conml_on(*settings: dict[str, Any]) -> bool:
+    return any(float(entry.get("conml_lambda") or 0) > 0 for entry in settings)
+
+
+def _batch_hint(recorded: dict[str, Any], settings: dict[str, Any], training) -> str:
+    """How to keep the run's global batch on this launch (e.g. another number of processes)."""
+    total = int(recorded["global_batch_size"])
+    accumulation = int(settings["gradient_accumulation_steps"])
+    processes = training.world_size
+    if _conml_on(recorded, settings):
+        accumulation = int(recorded.get("gradient_accumulation_steps") or accumulation)
+    if total % (processes * accumulation):
+        return (
+            f"the run's global batch of {total} prompts (per_device_train_batch_size x processes x "
+            f"gradient_accumulation_steps) cannot be split over {processes} process(es); "
+        )
+    keep = f"--per_device_train_batch_size {total // (processes * accumulation)}"
+    if accumulation != int(settings["gradient_accumulation_steps"]):
+        keep += f" --gradient_accumulation_steps {accumulation}"
+    return f"to keep the run's global batch of {total} prompts on {processes} process(es), pass {keep}; "
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -293,10 +348,20 @@ def _lr_jump(training, old_steps: int, new_steps: int, step: int) -> str:
                 num_training_steps=total,
                 scheduler_specific_kwargs=training.lr_scheduler_kwargs or {},
             )
-            rates.append(training.learning_rate * scheduler.lr_lambdas[0](step))
+            rates.append(
+                [
+                    training.learning_rate * scheduler.lr_lambdas[0](s)
+                    for s in range(step, min(old_steps, new_steps) + 1)
+                ]
+            )
     except Exception:  # noqa: BLE001 - only a detail of the message
         return ""
-    return f" (the learning rate goes from {rates[0]:.3g} to {rates[1]:.3g})"
+    # During warm-up both plans give the same rate at this step: name the first step where they part.
+    for offset, (old_rate, new_rate) in enumerate(zip(*rates, strict=True)):
+        if f"{old_rate:.3g}" != f"{new_rate:.3g}":
+            at = "" if offset == 0 else f" at step {step + offset}"
+            return f" (the learning rate{at} goes from {old_rate:.3g} to {new_rate:.3g})"
+    return ""
 
 
 # ---- after the model is built --------------------------------------------------------------------

@@ -17,6 +17,8 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from transformers import TrainerCallback
+
 from .arguments import RecipeError
 from .checkpoints import latest_checkpoint
 from .distributed import broadcast
@@ -24,7 +26,20 @@ from .errors import EXIT_CTRL_C, EXIT_INTERRUPTED
 from .preemption import RunInterrupted, StopOnSignal, remove_jit_checkpoint
 from .run_lock import OutputDirLock
 from .run_record import RunRecord
-from .storage_errors import storage_error
+from .storage_errors import is_storage_failure, storage_error
+
+
+class LockCheck(TrainerCallback):
+    """``RunGuard.verify_lock`` at each step that saves a checkpoint, before the save (and before
+    the Trainer deletes old checkpoints). Added after the stop callback: sees its ``should_save``."""
+
+    def __init__(self, guard: RunGuard) -> None:
+        self.guard = guard
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save:
+            self.guard.verify_lock()
+        return control
 
 
 class RunGuard:
@@ -64,7 +79,7 @@ class RunGuard:
             if issubclass(kind, KeyboardInterrupt):
                 self.end("interrupted", signal="SIGINT")
                 raise RunInterrupted(self._ctrl_c_message(), EXIT_CTRL_C) from None
-            if issubclass(kind, (OSError, RuntimeError)):
+            if issubclass(kind, Exception) and is_storage_failure(value):  # also safetensors' own error
                 storage = storage_error(value, self.output_dir, self.step)
                 if storage is not None:
                     self.end("failed", error=str(storage))
@@ -77,10 +92,17 @@ class RunGuard:
 
     # ---- wiring -------------------------------------------------------------------------------------
     def attach(self, trainer) -> None:
-        """Add the stop callback to the Trainer (in place of transformers' JIT checkpointing)."""
+        """Add the stop callback to the Trainer (in place of transformers' JIT checkpointing), and
+        the lock check before every checkpoint save."""
         self.trainer = trainer
         remove_jit_checkpoint(trainer)
         trainer.add_callback(self.stop)
+        trainer.add_callback(LockCheck(self))
+
+    def verify_lock(self) -> None:
+        """Before anything is deleted or saved: ``.lock`` is still this run's (``OutputDirLock.verify``)."""
+        if self.main:
+            self.lock.verify()
 
     @property
     def step(self) -> int | None:

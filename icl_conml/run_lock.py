@@ -1,9 +1,13 @@
-"""One run per output_dir: an exclusive lock on ``output_dir/.lock`` for the life of a run.
+"""One run per output_dir: an exclusive lock on the folder for the life of a run.
 
-The main process holds ``fcntl.flock`` on ``output_dir/.lock`` for the whole run, with its pid,
-host and start time written inside; a second run into the same folder is refused in one line
-naming the holder. An flock vanishes with its process, so a lock left by a run that was killed
-(``kill -9``, out of memory, a node crash) is *stale*: its record still says "held" but nobody
+The main process holds ``fcntl.flock`` on the folder itself (a descriptor of the directory: no
+file a user can delete) and on ``output_dir/.lock``, with its pid, host and start time written
+inside; a second run into the same folder is refused in one line naming the holder. Deleting
+``.lock`` while a run holds the folder lets no second run in; the holder notices it at its next
+check (``verify``: before the final save and at each checkpoint) and writes its record again.
+
+An flock vanishes with its process, so a lock left by a run that was killed (``kill -9``, out
+of memory, a node crash) is *stale*: its record still says "held" but nobody
 holds the flock. On the same host that proves the owner is gone; the new run takes the lock over
 and says so in a warning naming the dead owner (refusing would make every requeue after a hard
 kill need a human). An owner on another host may be alive on a filesystem whose locks do not
@@ -27,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .arguments import RecipeError
+from .run_files import open_fd
 from .run_record import now
 
 logger = logging.getLogger("icl_conml")
@@ -46,18 +51,24 @@ class OutputDirLock:
         self.output_dir = Path(output_dir)
         self.path = self.output_dir / LOCK_NAME
         self._fd: int | None = None
+        self._dir_fd: int | None = None
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
 
     def acquire(self) -> None:
         """Take the lock or raise ``RecipeError`` (one line) naming who holds it."""
+        self._lock_folder()
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = open_fd(self.path, os.O_RDWR | os.O_CREAT)
         except OSError as error:
+            self._unlock_folder()
             raise RecipeError(
                 f"output_dir={str(self.output_dir)!r} is not writable ({error.strerror}): cannot create "
                 f"{LOCK_NAME} there; pick a writable folder"
             ) from None
+        except BaseException:
+            self._unlock_folder()
+            raise
         try:
             flock_works = self._flock(fd)
             previous = self._read(fd)
@@ -70,9 +81,96 @@ class OutputDirLock:
         except BaseException:
             os.close(fd)
             self._fd = None
+            self._unlock_folder()
             raise
         self._heartbeat = threading.Thread(target=self._beat, name="icl_conml-lock-heartbeat", daemon=True)
         self._heartbeat.start()
+
+    def _lock_folder(self) -> None:
+        """flock a descriptor of the folder itself: deleting or replacing ``.lock`` cannot free it.
+
+        Where the filesystem cannot lock a directory (some network filesystems), ``.lock`` alone
+        decides, as before, and ``verify`` refuses to go on if ``.lock`` stops being this run's.
+        """
+        try:
+            fd = os.open(self.output_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return  # not there or not readable: creating .lock reports it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            holder = self._read_path()
+            who = _describe(holder) if holder else f"its {LOCK_NAME} record was deleted"
+            raise RecipeError(
+                f"output_dir={str(self.output_dir)!r} is in use by another run ({who}); "
+                f"wait for it to end, stop it, or choose another output_dir"
+            ) from None
+        except OSError as error:
+            os.close(fd)
+            if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.EBADF):
+                raise
+            return
+        self._dir_fd = fd
+
+    def _unlock_folder(self) -> None:
+        if self._dir_fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._dir_fd, fcntl.LOCK_UN)
+            os.close(self._dir_fd)
+            self._dir_fd = None
+
+    def _read_path(self) -> dict[str, Any]:
+        """The record at ``.lock`` read without following a link (empty if none)."""
+        try:
+            fd = open_fd(self.path, os.O_RDONLY)
+        except OSError:
+            return {}
+        try:
+            return self._read(fd)
+        finally:
+            os.close(fd)
+
+    def verify(self) -> None:
+        """Check that ``.lock`` is still this run's record (same file, not deleted or replaced).
+
+        Holding the folder's own lock, the run simply writes its record again (with a warning);
+        without it (a filesystem that cannot lock folders) another run may have taken the folder,
+        so this raises ``RecipeError`` before anything is deleted or saved.
+        """
+        if self._fd is None:
+            return
+        try:
+            same = os.lstat(self.path).st_ino == os.fstat(self._fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return
+        if self._dir_fd is None:
+            raise RecipeError(
+                f"output_dir={str(self.output_dir)!r}: its {LOCK_NAME} was deleted or replaced while this run "
+                f"held it and this filesystem cannot lock the folder itself, so another run may be writing "
+                f"there; stopping before anything is deleted or saved: make sure only one run uses the folder, "
+                f"then resume with --resume_from_checkpoint latest"
+            )
+        logger.warning(
+            "output_dir=%r: its %s was deleted or replaced while this run holds the folder; writing it again "
+            "(no other run can take the folder meanwhile: the lock is on the folder itself)",
+            str(self.output_dir),
+            LOCK_NAME,
+        )
+        record = self._read(self._fd)
+        with contextlib.suppress(OSError):
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+            if os.path.islink(self.path) or os.path.isfile(self.path):
+                os.unlink(self.path)
+        self._fd = open_fd(self.path, os.O_RDWR | os.O_CREAT)
+        with contextlib.suppress(OSError):
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._write_record(record)
 
     def _flock(self, fd: int) -> bool:
         """flock the file; False where the filesystem does not support flock (then the record decides)."""
@@ -156,8 +254,8 @@ class OutputDirLock:
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
-            with contextlib.suppress(OSError):
-                os.utime(self.path)
+            with contextlib.suppress(OSError, TypeError):
+                os.utime(self._fd)  # the file this run holds, never through a link at the path
 
     def release(self) -> None:
         """Mark the record released and drop the flock (the file stays: deleting it races)."""
@@ -170,6 +268,7 @@ class OutputDirLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
         self._fd = None
+        self._unlock_folder()
 
 
 def _pid_alive(pid: int) -> bool:

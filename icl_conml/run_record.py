@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import json
 import math
 import os
 import socket
 from pathlib import Path
 from typing import Any
+
+from .run_files import LinkInRunFolder, append_line, overwrite_in_place, write_bytes
 
 STATUS_NAME = "run_status.json"
 HISTORY_NAME = "run_history.jsonl"
@@ -107,19 +110,19 @@ class RunRecord:
         with contextlib.suppress(Exception):
             details.setdefault("last_checkpoint", latest_checkpoint(self.output_dir, verify=False))
         details = _finite(details)
-        with contextlib.suppress(OSError):
+        # The status first: on a full disk the history line may not fit, and a status left at
+        # "running" would claim a live run (see _write_json's fallback).
+        with contextlib.suppress(OSError, LinkInRunFolder):
+            self._status(status, step=step, **details)
+        with contextlib.suppress(OSError, LinkInRunFolder):
             self._append({"event": "end", "segment": self.segment, "time": now(), "status": status,
                           "step": step, **details})  # fmt: skip
-            self._status(status, step=step, **details)
 
     def _status(self, status: str, **details: Any) -> None:
         _write_json(self.output_dir / STATUS_NAME, {"status": status, **details, "time": now()})
 
     def _append(self, entry: dict[str, Any]) -> None:
-        with open(self.output_dir / HISTORY_NAME, "a") as stream:
-            stream.write(json.dumps(entry, default=str) + "\n")
-            stream.flush()
-            os.fsync(stream.fileno())
+        append_line(self.output_dir / HISTORY_NAME, json.dumps(entry, default=str))
 
 
 def _finite(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -131,10 +134,17 @@ def _finite(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write atomically (a temporary file renamed over the old one): never a half-written file."""
-    temporary = path.with_name(f".{path.name}.tmp")
+    """Write atomically (a temporary file renamed over the old one): never a half-written file.
+
+    On a full disk the temporary file cannot be written; the status is then rewritten inside the
+    blocks the old one holds (a status is far below one block), so that a run that failed for want
+    of space still says so, not "running".
+    """
+    data_bytes = (json.dumps(data, indent=1, default=str) + "\n").encode()
     try:
-        temporary.write_text(json.dumps(data, indent=1, default=str) + "\n")
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+        write_bytes(path, data_bytes)
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT) or not path.is_file():
+            raise
+        compact = (json.dumps(data, separators=(",", ":"), default=str) + "\n").encode()
+        overwrite_in_place(path, compact)

@@ -1,14 +1,17 @@
 """A failed write to output_dir (disk full, quota, read-only filesystem, I/O error) as one line.
 
-The disk filling up surfaces as ``OSError(ENOSPC)`` from Python writes, or as torch's
-``[enforce fail at inline_container.cc] unexpected pos`` from ``torch.save``, which never says
-"no space"; ``storage_error`` recognises both and explains them with the free space, the newest
-complete checkpoint and what to do (``StorageError``: exit status ``EXIT_STORAGE``, 74).
+The disk filling up surfaces as ``OSError(ENOSPC)`` from Python writes, as safetensors'
+``SafetensorError`` ("... (os error 28)"), or as torch's ``[enforce fail at inline_container.cc]
+unexpected pos`` from ``torch.save``, which never says "no space"; ``storage_error`` recognises
+each and explains it with the free space, the newest complete checkpoint and what to do
+(``StorageError``: exit status ``EXIT_STORAGE``, 74); ``results_storage_error`` does the same
+for the evaluation's results.
 """
 
 from __future__ import annotations
 
 import errno
+import re
 import shutil
 from pathlib import Path
 
@@ -30,44 +33,100 @@ class StorageError(CommandError):
     exit_code = EXIT_STORAGE
 
 
-def storage_error(error: BaseException, output_dir: str | Path, step: int | None) -> StorageError | None:
-    """A ``StorageError`` explaining ``error`` if it is a failed write (else ``None``).
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS}
+#: How Rust libraries (safetensors' ``SafetensorError``) spell an OS error in their message.
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 
-    The disk filling up surfaces as ``OSError(ENOSPC)`` from Python writes, or as torch's
-    ``[enforce fail at inline_container.cc] unexpected pos`` from ``torch.save``, which never
-    says "no space"; both are reported with the free space and what to do.
-    """
+
+def _failed_write(error: BaseException) -> tuple[str, str] | None:
+    """``(what failed, free-space phrase needed)`` if ``error`` is a failed write, else ``None``."""
     chain = _chain(error)
     texts = [str(e) for e in chain]
     errnos = {getattr(e, "errno", None) for e in chain}
+    errnos |= {int(m) for t in texts for m in _RUST_OS_ERROR.findall(t)}
     torch_write = isinstance(error, RuntimeError) and any(
         m in t for t in texts for m in _TORCH_WRITE_FAILURES
     )
-    if not (errnos & {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS} or torch_write):
+    if not (errnos & _STORAGE_ERRNOS or torch_write):
         return None
-    try:
-        usage = shutil.disk_usage(output_dir)
-        free = f"{usage.free / 1e6:,.1f} MB free of {usage.total / 1e6:,.1f} MB"
-        full = usage.free < max(64e6, 0.001 * usage.total)
-    except OSError:
-        free, full = "free space unknown", False
     if errno.EDQUOT in errnos:
-        what = "the disk quota is exceeded"
-    elif errno.ENOSPC in errnos or (torch_write and full):
-        what = "no space left on device"
-    elif errno.EROFS in errnos:
-        what = "the filesystem is read-only"
-    else:
-        what = f"a write failed ({texts[0].splitlines()[0][:120] if texts[0] else type(error).__name__})"
+        return "the disk quota is exceeded", ""
+    if errno.ENOSPC in errnos:
+        return "no space left on device", ""
+    if errno.EROFS in errnos:
+        return "the filesystem is read-only", ""
+    if torch_write:
+        return "", "torch"  # no space if the disk is (nearly) full, else an I/O error
+    return f"a write failed ({texts[0].splitlines()[0][:120] if texts[0] else type(error).__name__})", ""
+
+
+def _free_space(folder: str | Path) -> tuple[str, bool]:
+    try:
+        usage = shutil.disk_usage(folder)
+    except OSError:
+        return "free space unknown", False
+    return (
+        f"{usage.free / 1e6:,.1f} MB free of {usage.total / 1e6:,.1f} MB",
+        usage.free < max(64e6, 0.001 * usage.total),
+    )
+
+
+def _describe(error: BaseException, folder: str | Path) -> tuple[str, str] | None:
+    failed = _failed_write(error)
+    if failed is None:
+        return None
+    what, kind = failed
+    free, full = _free_space(folder)
+    if kind == "torch":
+        what = "no space left on device" if full else f"a write failed ({str(error).splitlines()[0][:120]})"
+    return what, free
+
+
+def storage_error(error: BaseException, output_dir: str | Path, step: int | None) -> StorageError | None:
+    """A ``StorageError`` explaining ``error`` if it is a failed write (else ``None``).
+
+    The disk filling up surfaces as ``OSError(ENOSPC)`` from Python writes, as safetensors'
+    ``SafetensorError`` ("... (os error 28)") when the weights are written, or as torch's
+    ``[enforce fail at inline_container.cc] unexpected pos`` from ``torch.save``, which never
+    says "no space"; each is reported with the free space and what to do.
+    """
+    described = _describe(error, output_dir)
+    if described is None:
+        return None
+    what, free = described
     from .checkpoints import latest_checkpoint
 
     last = latest_checkpoint(output_dir, verify=False)
-    kept = f"the newest complete checkpoint is {last}" if last else "no checkpoint was saved"
     at = f" at step {step}" if step is not None else ""
+    if last:
+        kept, again = (
+            f"the newest complete checkpoint is {last}",
+            "resume with --resume_from_checkpoint latest",
+        )
+    else:  # auto starts over past checkpoints cut short by the full disk
+        kept, again = "no checkpoint was saved", "start it again with --resume_from_checkpoint auto"
     return StorageError(
         f"{what} in output_dir={str(output_dir)!r} ({free}) while writing the run's files{at}; {kept}. "
-        f"Free some space (or move output_dir), then resume with --resume_from_checkpoint latest"
+        f"Free some space (or move output_dir), then {again}"
     )
+
+
+def results_storage_error(error: BaseException, folder: str | Path) -> StorageError | None:
+    """``storage_error`` for a command writing results (the evaluation): the same one line, exit 74."""
+    described = _describe(error, folder)
+    if described is None:
+        return None
+    what, free = described
+    return StorageError(
+        f"{what} in --output_dir {str(folder)!r} ({free}) while writing the results; no partial results file "
+        f"was left. Free some space (or pass another --output_dir) and run the command again"
+    )
+
+
+def is_storage_failure(error: BaseException) -> bool:
+    """Whether ``error`` is (or wraps) a failed write: an ``OSError``, torch's write failure, or a
+    library error carrying an OS error code (safetensors)."""
+    return _failed_write(error) is not None
 
 
 def _chain(error: BaseException) -> list[BaseException]:

@@ -39,6 +39,7 @@ from .resume import (
     resolve_resume,
     weights_only,
 )
+from .run_files import write_text
 from .run_guard import RunGuard
 from .tasks import task_reference
 
@@ -240,6 +241,7 @@ def _run(recipe: Recipe, guard: RunGuard) -> dict[str, float]:
 
     training = recipe.training
     resume = resolve_resume(recipe)
+    guard.verify_lock()  # .lock still ours before an overwrite deletes anything
     prepare_output_dir(recipe, resume)  # every check happens before the model is built
     start_step = checkpoint_step(resume) if resume is not None else 0
     global_batch = (
@@ -267,7 +269,7 @@ def _run(recipe: Recipe, guard: RunGuard) -> dict[str, float]:
     settings = recipe.to_dict()
     if trainer.is_world_process_zero():
         Path(training.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(training.output_dir) / "recipe.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
+        write_text(Path(training.output_dir) / "recipe.yaml", yaml.safe_dump(settings, sort_keys=False))
     guard.start(settings, start_step, resume, world_size=training.world_size, global_batch_size=global_batch,
                 changes=changes)  # fmt: skip
     tracking.attach(recipe)  # after recipe.yaml: every report_to backend records every recipe key
@@ -280,6 +282,7 @@ def _run(recipe: Recipe, guard: RunGuard) -> dict[str, float]:
     if result.global_step == start_step and resume is not None:
         nothing_trained(trainer, metrics, resume)
     guard.trained(metrics)  # kept in run_history.jsonl: a kill during the final save loses nothing
+    guard.verify_lock()
     trainer.save_state()
     with push_errors_explained(training, trained=True):
         trainer.save_model()  # the final model and its card; pushed when push_to_hub

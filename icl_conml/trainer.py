@@ -12,10 +12,13 @@ checkpoint, the final model, what ``push_to_hub`` uploads) also gets the run's o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import pickle
 import shutil
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -24,17 +27,33 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from . import conml
-from .arguments import ConMLArguments
+from .arguments import ConMLArguments, RecipeError
 from .callbacks import NonFiniteLossGuard
 from .data import PromptSampler, TrainingPrompts
 from .hub import push_repo_id
 from .lora import record_repo_id
 from .model_card import RECIPE_NAME, write_model_card
+from .run_files import write_bytes
 
 logger = logging.getLogger(__name__)
 
 #: Batch keys that stay float32 whatever the training precision (see ``_prepare_inputs``).
 FLOAT32_INPUTS = ("ys", "probes")
+
+
+@contextlib.contextmanager
+def _unsafe_file_named(checkpoint: str | None, files: str) -> Iterator[None]:
+    """A load that ``torch.load(weights_only=True)`` refuses (a pickle payload) as one line naming
+    the checkpoint's file (``checkpoints.check_checkpoint`` names it before the resume; this covers
+    a file replaced in between)."""
+    try:
+        yield
+    except pickle.UnpicklingError:
+        raise RecipeError(
+            f"resume_from_checkpoint={checkpoint!r}: {files} holds more than tensors (torch.load with "
+            f"weights_only refuses it: a pickle payload or a damaged file) and was not loaded; resume from "
+            f"another checkpoint-N, or pass --resume_weights_only true"
+        ) from None
 
 
 def _single(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -60,13 +79,78 @@ class ConMLTrainer(Trainer):
         self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
         # This optimizer step's losses, per micro-batch: checked for NaN/inf before the update.
         self._step_losses: dict[str, list[torch.Tensor]] = defaultdict(list)
-        self.add_callback(NonFiniteLossGuard(self.pop_step_losses))
+        self._pre_clip_grad_norm = None  # this step's gradient norm before clipping (_get_grad_norm)
+        self._step_inputs: list[dict[str, torch.Tensor]] = []  # references only: judged after a failure
+        self.add_callback(
+            NonFiniteLossGuard(
+                self.pop_step_losses, lambda: self._pre_clip_grad_norm, self.step_inputs_finite
+            )
+        )
         self.add_callback(CheckpointCardOnPush())
 
+    def _get_grad_norm(self, model, grad_norm=None):
+        """The Trainer's gradient norm (before clipping), kept for ``NonFiniteLossGuard``: after
+        clipping, an infinite norm leaves gradients of 0 that look finite."""
+        self._pre_clip_grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        return self._pre_clip_grad_norm
+
+    # ---- resuming: a file that cannot be loaded safely is named, not a traceback --------------------
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        with _unsafe_file_named(checkpoint, "optimizer.pt or scheduler.pt"):
+            super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            self._apply_allowed_changes()
+
+    def _apply_allowed_changes(self) -> None:
+        """``resume_allow_changes``: the optimizer and schedule states just loaded carry the old
+        run's learning rate, betas, epsilon and weight decay; put the recipe's values in their place
+        (else the change would be recorded but never take effect)."""
+        allowed = set(getattr(self.args, "resume_allow_changes", None) or ())
+        args, groups = self.args, self.optimizer.param_groups
+        if "learning_rate" in allowed:
+            scheduler = self.lr_scheduler
+            if hasattr(scheduler, "base_lrs") and hasattr(scheduler, "lr_lambdas"):
+                scheduler.base_lrs = [args.learning_rate] * len(groups)
+                for group, schedule in zip(groups, scheduler.lr_lambdas, strict=True):
+                    group["initial_lr"] = args.learning_rate
+                    group["lr"] = args.learning_rate * schedule(scheduler.last_epoch)
+                scheduler._last_lr = [group["lr"] for group in groups]
+            else:
+                for group in groups:
+                    group["lr"] = args.learning_rate
+        for key, name in (("adam_epsilon", "eps"), ("weight_decay", "weight_decay")):
+            if key in allowed:
+                for group in groups:
+                    if name in group and (name != "weight_decay" or group[name] != 0):
+                        group[name] = getattr(args, key)  # (parameters without decay keep 0)
+        for index, key in enumerate(("adam_beta1", "adam_beta2")):
+            if key in allowed:
+                for group in groups:
+                    if "betas" in group:
+                        betas = list(group["betas"])
+                        betas[index] = getattr(args, key)
+                        group["betas"] = tuple(betas)
+
+    def _load_rng_state(self, checkpoint):
+        with _unsafe_file_named(checkpoint, "rng_state*.pth"):
+            return super()._load_rng_state(checkpoint)
+
     def pop_step_losses(self) -> dict[str, list[torch.Tensor]]:
-        """The loss components recorded since the last optimizer step (and forget them)."""
+        """The loss components recorded since the last optimizer step (and forget them); the step's
+        inputs are kept until the next step's first micro-batch (``step_inputs_finite``)."""
         losses, self._step_losses = self._step_losses, defaultdict(list)
+        self._step_inputs, self._last_step_inputs = [], self._step_inputs
         return losses
+
+    def step_inputs_finite(self) -> bool:
+        """Whether every float input of the last checked step was finite (only asked after a
+        non-finite loss: a NaN in the prompts says nothing about the weights)."""
+        return all(
+            bool(torch.isfinite(value).all())
+            for inputs in getattr(self, "_last_step_inputs", [])
+            for value in inputs.values()
+            if isinstance(value, torch.Tensor) and value.is_floating_point()
+        )
 
     def _prepare_inputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Move the batch to the device; the regression targets and probes keep their dtype.
@@ -100,6 +184,8 @@ class ConMLTrainer(Trainer):
     # ---- loss ------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         xs, ys = inputs["xs"], inputs["ys"]
+        if model.training:
+            self._step_inputs.append(inputs)
         settings = self.conml_args
         weight = settings.lambda_at(self.state.global_step)
         if not (weight > 0 and model.training and "probes" in inputs):
@@ -181,7 +267,7 @@ class ConMLTrainer(Trainer):
                 record_repo_id(folder, self.hub_model_id or push_repo_id(self.args))
         recipe = Path(self.args.output_dir) / RECIPE_NAME
         if recipe.is_file() and recipe.resolve() != (folder / RECIPE_NAME).resolve():
-            shutil.copy(recipe, folder / RECIPE_NAME)
+            write_bytes(folder / RECIPE_NAME, recipe.read_bytes())  # never through a link
         self.write_card(folder)
 
     def write_card(self, folder: Path) -> None:

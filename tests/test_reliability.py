@@ -4,6 +4,7 @@ exactly, only finite weights on disk, checkpoints checked before a resume."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -713,14 +714,15 @@ def test_launch_slurm_stops_on_usr1_requeues_and_the_next_attempt_resumes(tmp_pa
 
 # ---- 8. a full disk --------------------------------------------------------------------------------------
 @pytest.fixture
-def small_disk(tmp_path):
-    """A real 200 kB filesystem (tmpfs): the run fills it while saving checkpoints."""
+def small_disk(tmp_path, request):
+    """A real small filesystem (tmpfs, ``request.param`` big, 200k by default): the run fills it."""
     folder = tmp_path / "small"
     folder.mkdir()
+    size = getattr(request, "param", "200k")
     mounted = (
         os.geteuid() == 0
         and subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(folder)], capture_output=True
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True
         ).returncode
         == 0
     )
@@ -732,25 +734,57 @@ def small_disk(tmp_path):
         subprocess.run(["umount", str(folder)], capture_output=True)
 
 
+# 100k fills up in torch.save (optimizer.pt), 150k in safetensors' own writer of checkpoint-2's
+# weights, which raised SafetensorError (a traceback, exit 1) instead of OSError (issue 22.11).
+@pytest.mark.parametrize("small_disk", ["100k", "150k", "200k"], indirect=True)
 def test_a_full_disk_is_one_line_and_the_run_resumes_once_space_is_freed(small_disk, capsys):
     out = small_disk / "run"
     args = [*TINY, "--max_steps", "6", "--output_dir", str(out)]
-    done = subprocess.run(
-        [sys.executable, "-m", "icl_conml.train", *args], cwd=REPO, env=_env(), capture_output=True, text=True,
-        timeout=300,
-    )  # fmt: skip
-    assert done.returncode == EXIT_STORAGE, done.stderr[-3000:]
-    assert "Traceback" not in done.stderr
-    [line] = _error_lines(done.stderr)
+    assert main(args) == EXIT_STORAGE
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    [line] = _error_lines(err)
     assert line.startswith(
         f"icl_conml: error: no space left on device in output_dir={str(out)!r} (0.0 MB free"
     ), line
-    assert "then resume with --resume_from_checkpoint latest" in line
-    assert read_status(out)["status"] in ("running", "failed")  # (its own record may not fit either)
+    assert line.endswith(
+        "then resume with --resume_from_checkpoint latest"
+        if "the newest complete checkpoint is" in line
+        else "no checkpoint was saved. Free some space (or move output_dir), then start it again with "
+        "--resume_from_checkpoint auto"
+    ), line
+    status = read_status(out)  # a final state even when the disk is full (it stayed "running")
+    assert status["status"] == "failed" and status["error"] == line.removeprefix("icl_conml: error: ")
 
     subprocess.run(["mount", "-o", "remount,size=20m", str(small_disk)], check=True)  # space freed
-    assert main([*args, "--resume_from_checkpoint", "latest"]) == 0
+    assert main([*args, "--resume_from_checkpoint", "auto"]) == 0
     assert read_status(out)["status"] == "finished" and (out / "model.safetensors").is_file()
+
+
+def _fill(folder: Path) -> None:
+    """Fill the filesystem of ``folder`` to the last byte."""
+    with open(folder / "filler", "wb", buffering=0) as stream:
+        with contextlib.suppress(OSError):
+            while True:
+                stream.write(b"\0" * 4096)
+                stream.flush()
+
+
+@pytest.mark.parametrize("small_disk", ["200k"], indirect=True)
+def test_the_evaluation_on_a_full_disk_is_one_line_and_leaves_no_empty_results(
+    small_disk, eval_folders, capsys
+):
+    from icl_conml.evaluation import main as evaluation_main
+
+    _fill(small_disk)
+    argv = ["--model", str(eval_folders / "model"), "--n_prompts", "16", "--bootstrap_samples", "10",
+            "--baselines", "--output_dir", str(small_disk)]  # fmt: skip
+    assert evaluation_main(argv) == EXIT_STORAGE
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    [line] = _error_lines(captured.err)
+    assert line.startswith(f"icl_conml: error: no space left on device in --output_dir {str(small_disk)!r}")
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]  # no 0-byte results.json/.md
 
 
 # ---- 6. the evaluation refuses what it cannot evaluate truthfully --------------------------------------
@@ -847,3 +881,296 @@ def test_an_intact_eval_set_is_evaluated(eval_folders, tmp_path, capsys):
             "noisy_linear_regression", "--baselines", "--output_dir", str(tmp_path)]  # fmt: skip
     assert evaluation_main(argv) == 0, capsys.readouterr().err[-2000:]
     assert (tmp_path / "results.json").is_file()
+
+
+# ---- issue 22: run folders from others, lost locks, clobbered finals, silent failures ---------------------
+def test_a_run_never_writes_through_a_symbolic_link_in_its_folder(finished_run, tmp_path, capsys):
+    """Links planted where a run writes (its own files and the Trainer's) are refused in one line
+    naming the link, before anything is written; their targets stay as they were."""
+    import shutil
+
+    victim = tmp_path / "victim.txt"
+    cases = {  # where the link is planted: the run's lock and recipe, its record, a Trainer file
+        ".lock": [],
+        "recipe.yaml": [],
+        "run_history.jsonl": ["--resume_from_checkpoint", "latest"],
+        "checkpoint-3/trainer_state.json": [
+            "--resume_from_checkpoint",
+            "latest",
+            "--max_steps",
+            "4",
+            "--lr_scheduler_type",
+            "constant",
+        ],  # fmt: skip
+        "model.safetensors": ["--overwrite_output_dir", "true"],
+    }
+    for name, extra in cases.items():
+        out = tmp_path / name.replace("/", "_")
+        if name.startswith(("run_", "checkpoint-", "model.")):
+            shutil.copytree(finished_run, out)
+            (out / name).unlink()
+        else:
+            out.mkdir()
+        victim.write_text("precious\n")
+        (out / name).symlink_to(victim)
+        assert main([*CKPT_ARGS, "--output_dir", str(out), *extra]) == 2, name
+        [line] = _error_lines(capsys.readouterr().err)
+        assert line.startswith(
+            f"icl_conml: error: {str(out / name)!r} is a symbolic link (to {str(victim)!r})"
+        )
+        assert line.endswith(
+            "never writes through a link in a run folder: remove the link (or choose another output_dir)"
+        )
+        assert victim.read_text() == "precious\n", name
+
+
+def test_the_project_writes_open_no_link(tmp_path):
+    """The writers themselves, where a link appears after the folder was checked."""
+    from icl_conml import run_files
+    from icl_conml.checkpoints import write_manifest
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (tmp_path / "history.jsonl").symlink_to(victim)
+    with pytest.raises(run_files.LinkInRunFolder, match="history.jsonl' is a symbolic link"):
+        run_files.append_line(tmp_path / "history.jsonl", "{}")
+    (tmp_path / ".status.json.tmp").symlink_to(victim)  # the temporary file of an atomic write
+    run_files.write_text(tmp_path / "status.json", "{}")
+    checkpoint = tmp_path / "checkpoint-1"
+    checkpoint.mkdir()
+    (checkpoint / "weights").write_bytes(b"w")
+    (checkpoint / ".manifest.json.tmp").symlink_to(victim)
+    write_manifest(checkpoint)
+    assert victim.read_text() == "precious\n"
+    assert (tmp_path / "status.json").read_text() == "{}" and not (tmp_path / "status.json").is_symlink()
+
+
+def test_deleting_the_lock_of_a_live_run_lets_no_second_run_in(tmp_path, capsys, caplog):
+    """The lock is on the folder itself: deleting .lock used to let an --overwrite_output_dir run
+    delete a live run's checkpoints (both exited 0). The live run writes its record again."""
+    import re
+
+    out = tmp_path / "run"
+    log = tmp_path / "first.log"
+    first = _start([*LONG, "--output_dir", str(out), "--save_steps", "2"], log)
+    try:
+        _wait_for(lambda: (out / "checkpoint-2" / MANIFEST).is_file(), first, "checkpoint-2")
+        (out / ".lock").unlink()
+        for extra in (["--overwrite_output_dir", "true"], ["--resume_from_checkpoint", "auto"]):
+            assert main([*TINY, "--output_dir", str(out), *extra]) == 2
+            [line] = _error_lines(capsys.readouterr().err)
+            # (the record is gone until the live run's next checkpoint writes it again)
+            assert re.fullmatch(
+                rf"icl_conml: error: output_dir={re.escape(repr(str(out)))} is in use by another run "
+                rf"\((its \.lock record was deleted|pid {first.pid} on host .*)\); wait for it to end, stop it, "
+                rf"or choose another output_dir",
+                line,
+            ), line
+        assert (out / "checkpoint-2" / MANIFEST).is_file()
+        _wait_for(lambda: _held(out), first, "the live run to write its lock record again")
+    finally:
+        if first.poll() is None:
+            first.send_signal(signal.SIGTERM)
+        code = _finish(first)
+    assert code == EXIT_INTERRUPTED, log.read_text()[-3000:]
+    assert "was deleted or replaced while this run holds the folder; writing it again" in log.read_text()
+    assert json.loads((out / ".lock").read_text())["state"] == "released"
+
+
+def test_an_unfinished_overwrite_leaves_no_old_model_and_the_evaluation_refuses_it(
+    finished_run, eval_folders, tmp_path, capsys
+):
+    import shutil
+
+    from icl_conml.evaluation import main as evaluation_main
+
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    # The new run fails at its first step (exit 3): the old run's final files went before it trained.
+    assert (
+        main(
+            [*CKPT_ARGS, "--output_dir", str(out), "--overwrite_output_dir", "true", "--conml_lambda", "1e30"]
+        )
+        == 3
+    )
+    for name in ("model.safetensors", "trainer_state.json", "config.json", "README.md", "training_args.bin"):
+        assert not (out / name).exists(), name
+    assert not list(out.glob("checkpoint-*")) and read_status(out)["status"] == "failed"
+    capsys.readouterr()
+    assert evaluation_main(["--model", str(out), "--output_dir", str(tmp_path / "r")]) == 2
+    [line] = _error_lines(capsys.readouterr().err)
+    assert (
+        f"model {str(out)!r} is a training run that has not finished (run_status.json: failed at step 0)"
+        in line
+    )
+
+    # A folder whose run has not finished is refused; --allow_unfinished insists.
+    model = tmp_path / "model"
+    shutil.copytree(eval_folders / "model", model)
+    (model / "run_status.json").write_text(json.dumps({"status": "interrupted", "step": 40}))
+    argv = ["--model", str(model), "--n_prompts", "16", "--bootstrap_samples", "10", "--baselines",
+            "--output_dir", str(tmp_path / "results")]  # fmt: skip
+    assert evaluation_main(argv) == 2
+    [line] = _error_lines(capsys.readouterr().err)
+    assert line == (
+        f"icl_conml: error: model {str(model)!r} is a training run that has not finished (run_status.json: "
+        f"interrupted at step 40): its final model may be missing or an earlier run's; evaluate one of its "
+        f"checkpoint-N folders, finish the run (--resume_from_checkpoint latest), or pass --allow_unfinished "
+        f"true to evaluate it anyway"
+    )
+    assert not (tmp_path / "results" / "results.json").exists()
+    assert evaluation_main([*argv, "--allow_unfinished", "true"]) == 0
+    assert (tmp_path / "results" / "results.json").is_file()
+
+
+def test_auto_starts_a_run_whose_only_checkpoints_were_cut_short(finished_run, tmp_path, caplog):
+    """kill -9 while the first checkpoint was written: a requeue with auto used to fail for ever."""
+    import shutil
+
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copytree(finished_run / "checkpoint-1", out / "checkpoint-1")
+    (out / "checkpoint-1" / "trainer_state.json").unlink()  # the last file of a save
+    (out / "checkpoint-1" / MANIFEST).unlink()
+    with caplog.at_level(logging.INFO, logger="icl_conml"):
+        assert main([*CKPT_ARGS, "--output_dir", str(out), "--resume_from_checkpoint", "auto"]) == 0
+    assert (
+        f"resume_from_checkpoint=auto: every checkpoint in {out} was cut short before it was complete "
+        f"(checkpoint-1: holds no trainer_state.json (the save was cut short)); starting the run from step 0"
+        in caplog.text
+    )
+    [start] = [e for e in read_history(out) if e["event"] == "start"]
+    assert start["start_step"] == 0 and start["resumed_from"] is None
+    _assert_identical(_weights(finished_run), _weights(out))
+
+
+def test_latest_prefers_verified_checkpoints_and_counts_only_checkpoint_folders(run_copy, capsys, caplog):
+    # Only folders named exactly checkpoint-<int>: a file and a backup folder are not checkpoints.
+    import shutil
+
+    from icl_conml.checkpoints import latest_checkpoint
+
+    (run_copy / "checkpoint-40").write_text("not a checkpoint")
+    shutil.copytree(run_copy / "checkpoint-3", run_copy / "checkpoint-40_backup")
+    assert latest_checkpoint(run_copy) == str(run_copy / "checkpoint-3")
+
+    # A newer checkpoint without a manifest comes after the verified ones, and is said to be unverified.
+    (run_copy / "checkpoint-3" / MANIFEST).unlink()
+    assert latest_checkpoint(run_copy) == str(run_copy / "checkpoint-2")
+    assert f"skipping {run_copy / 'checkpoint-3'}: it has no manifest.json (unverified" in caplog.text
+    for step in (1, 2):
+        (run_copy / f"checkpoint-{step}" / MANIFEST).unlink()
+    caplog.clear()
+    assert latest_checkpoint(run_copy) == str(run_copy / "checkpoint-3")
+    assert f"{run_copy / 'checkpoint-3'} is unverified: it has no manifest.json" in caplog.text
+
+    # Without a manifest, a damaged RNG state used to give a traceback on every resume: skipped now.
+    rng = run_copy / "checkpoint-3" / "rng_state.pth"
+    data = bytearray(rng.read_bytes())
+    data[len(data) // 2] ^= 0x10  # inside the saved CPU generator state
+    rng.write_bytes(bytes(data))
+    caplog.clear()
+    (run_copy / "model.safetensors").unlink()
+    with caplog.at_level(logging.INFO, logger="icl_conml"):
+        assert main([*CKPT_ARGS, "--output_dir", str(run_copy), "--resume_from_checkpoint", "latest"]) == 0
+    assert f"skipping {run_copy / 'checkpoint-3'}: it fails its check: rng_state.pth" in caplog.text
+    assert f"resuming from {run_copy / 'checkpoint-2'}" in caplog.text
+
+
+def test_an_infinite_gradient_norm_stops_the_run_although_clipping_hides_it(tmp_path, capsys):
+    """conml_lambda=1e30: grad_norm inf at every step, clipped to gradients of 0: nothing was ever
+    learned and the run exited 0 "finished"."""
+    assert main([*TINY, "--conml_lambda", "1e30", "--output_dir", str(tmp_path)]) == 3
+    [line] = _error_lines(capsys.readouterr().err)
+    assert line.startswith("icl_conml: error: non-finite loss at step 1 (") and "grad_norm=inf" in line
+    assert not list(tmp_path.glob("checkpoint-*")) and read_status(tmp_path)["status"] == "failed"
+
+
+def test_a_diverged_checkpoint_is_not_called_good_and_the_advice_is_accepted(tmp_path, capsys):
+    """lr=1e30 after a warm-up step: checkpoint-1 (the warm-up's lr 0) is good; checkpoint-2 holds
+    finite but diverged weights, whose loss at step 3 is NaN. The advice used to be refused."""
+    args = [*TINY, "--max_steps", "4", "--learning_rate", "1e30", "--warmup_steps", "1",
+            "--lr_scheduler_type", "constant_with_warmup", "--output_dir", str(tmp_path)]  # fmt: skip
+    assert main(args) == 3
+    [line] = _error_lines(capsys.readouterr().err)
+    good, bad = tmp_path / "checkpoint-1", "checkpoint-2"
+    assert (
+        f"the last good checkpoint is {good} ({bad} (its weights gave a non-finite loss at step 3) is not)"
+        in line
+    )
+    assert line.endswith(
+        f"resume with --resume_from_checkpoint {good} --learning_rate 1e+29 --resume_allow_changes learning_rate "
+        f"(the change is recorded in run_history.jsonl)"
+    )
+    resume = [*args, "--resume_from_checkpoint", str(good), "--learning_rate", "0.001"]
+    assert main(resume) == 2
+    [line] = _error_lines(capsys.readouterr().err)
+    assert "would change the experiment (learning_rate 1e+30 -> 0.001;" in line
+    assert (
+        "change it on purpose with --resume_allow_changes learning_rate (recorded in run_history.jsonl)"
+        in line
+    )
+    assert main([*resume, "--resume_allow_changes", "learning_rate"]) == 0
+    start = [e for e in read_history(tmp_path) if e["event"] == "start"][-1]
+    assert start["start_step"] == 1 and start["changes"]["learning_rate"] == [1e30, 0.001]
+    assert read_status(tmp_path)["status"] == "finished"
+
+
+def test_the_same_global_batch_split_otherwise_resumes(tmp_path, capsys):
+    """Another split of the run's global batch (what another number of processes needs) resumes;
+    another global batch is refused with the per-device size that keeps it."""
+    args = [*TINY, "--max_steps", "4", "--save_steps", "2", "--lr_scheduler_type", "constant",
+            "--output_dir", str(tmp_path)]  # fmt: skip
+    assert main([*args, "--conml_lambda", "0", "--max_steps", "2"]) == 0
+    resume = [*args, "--conml_lambda", "0", "--resume_from_checkpoint", "latest"]
+    assert main([*resume, "--per_device_train_batch_size", "4"]) == 2
+    [line] = _error_lines(capsys.readouterr().err)
+    assert "(per_device_train_batch_size 8 -> 4, global_batch_size 8 -> 4;" in line
+    assert (
+        "to keep the run's global batch of 8 prompts on 1 process(es), pass --per_device_train_batch_size 8;"
+        in line
+    )
+    assert main([*resume, "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2"]) == 0
+    start = [e for e in read_history(tmp_path) if e["event"] == "start"][-1]
+    assert start["changes"]["per_device_train_batch_size"] == [8, 4] and start["global_batch_size"] == 8
+
+
+def test_damaged_manifests_and_pickles_are_named(run_copy, capsys):
+    from icl_conml.checkpoints import write_manifest
+
+    # A flipped digit in the manifest is the manifest's problem, not the weights'.
+    manifest = run_copy / "checkpoint-3" / MANIFEST
+    text = manifest.read_text()
+    digest = json.loads(text)["files"]["model.safetensors"]["sha256"]
+    manifest.write_text(text.replace(digest, ("0" if digest[0] != "0" else "1") + digest[1:]))
+    assert check_checkpoint(run_copy / "checkpoint-3") == (
+        "manifest.json itself is corrupted (its own checksum does not match; the other files were not compared)"
+    )
+
+    # A pickle payload (with a manifest written for it) is one line naming the file, never run.
+    class Payload:
+        def __reduce__(self):
+            return (os.getcwd, ())
+
+    checkpoint = run_copy / "checkpoint-2"
+    torch.save({"state": Payload()}, checkpoint / "optimizer.pt")
+    write_manifest(checkpoint)
+    assert main([*CKPT_ARGS, "--output_dir", str(run_copy), "--resume_from_checkpoint", str(checkpoint)]) == 2
+    [line] = _error_lines(capsys.readouterr().err)
+    assert line.startswith(
+        f"icl_conml: error: resume_from_checkpoint={str(checkpoint)!r} fails its integrity check: optimizer.pt "
+        f"holds more than tensors (torch.load with weights_only refuses it"
+    ), line
+
+
+def test_a_schedule_refused_during_warm_up_names_rates_that_differ(tmp_path, capsys):
+    args = [*TINY, "--max_steps", "4", "--save_steps", "2", "--warmup_steps", "3", "--lr_scheduler_type",
+            "cosine", "--learning_rate", "0.0002", "--output_dir", str(tmp_path)]  # fmt: skip
+    assert main(args) == 0
+    assert main([*args, "--max_steps", "8", "--resume_from_checkpoint", str(tmp_path / "checkpoint-2")]) == 2
+    [line] = _error_lines(capsys.readouterr().err)
+    # At step 2 both plans are in their warm-up (0.000133): the first step where they part is named.
+    assert (
+        "re-plans the cosine learning-rate schedule from step 2 (the learning rate at step 4 goes from 0 to 0.000181)"
+        in line
+    ), line

@@ -141,7 +141,9 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
     assert "non-finite loss at step 5" in message
     for component in ("icl_loss=nan", "conml_loss=", "d_in=", "d_out=", "loss=nan", "grad_norm=nan"):
         assert component in message
-    assert f"the last good checkpoint is {tmp_path / 'checkpoint-4'}" in message
+    # The NaN came from the prompts, not the weights: checkpoint-4, which met them, is still good.
+    assert "the step's prompts hold NaN/inf: check the data" in message
+    assert f"the last good checkpoint is {tmp_path / 'checkpoint-4'}. Fix the data" in message
     assert "\n" not in message
     # Nothing of step 5 reached a checkpoint, and the weights in memory are still those of step 4.
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
@@ -164,7 +166,15 @@ def test_diverging_run_exits_with_one_line_naming_step_and_components(tmp_path):
     assert "non-finite loss at step 2 (" in line
     for component in ("icl_loss=", "conml_loss=", "d_in=", "d_out=", "grad_norm=nan"):
         assert component in line
-    assert f"the last good checkpoint is {tmp_path / 'checkpoint-1'}" in line
+    # checkpoint-1 is finite but diverged (its loss at step 2 is ~1e18): it is not called good.
+    assert re.search(
+        r"no checkpoint is known to be good \(checkpoint-1 \(its weights gave loss [0-9.e+]+ at step 2, over "
+        r"100x the run's lowest [0-9.]+: exploding\) is not\)",
+        line,
+    ), line
+    assert line.endswith(
+        "start over with a lower learning rate (--learning_rate 1000 --overwrite_output_dir true)"
+    )
     assert not (tmp_path / "checkpoint-2").exists() and not (tmp_path / "model.safetensors").exists()
 
 
@@ -229,7 +239,9 @@ def test_loading_never_unpickles(tmp_path, monkeypatch, capsys):
     shutil.rmtree(tmp_path / "checkpoint-2")
     assert main([*TINY, "--output_dir", str(tmp_path), "--resume_from_checkpoint", str(checkpoint)]) == 0
     names = sorted(Path(f).name for f, _ in loads)
-    assert names == ["optimizer.pt", "rng_state.pth", "scheduler.pt"], names
+    # Each once by the checkpoint check (checkpoints.check_checkpoint), once by the Trainer.
+    assert names == ["optimizer.pt", "optimizer.pt", "rng_state.pth", "rng_state.pth", "scheduler.pt",
+                     "scheduler.pt"], names  # fmt: skip
     assert all(weights_only is True for _, weights_only in loads), loads
 
 

@@ -42,6 +42,11 @@ class CommonArguments:
         "Device of the model (the CLI's default: cuda when available, else cpu).", default="cpu"
     )
     dtype: Literal["float32", "bfloat16"] = _help("Model forward precision (autocast).", default="float32")
+    allow_unfinished: bool = _help(
+        "Evaluate a training output_dir whose run_status.json says the run has not finished (running, "
+        "interrupted, failed): its final files may be missing or an earlier run's.",
+        default=False,
+    )
 
 
 @dataclass

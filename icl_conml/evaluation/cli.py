@@ -7,7 +7,9 @@ bare ``--debug``) shows the stack."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +100,19 @@ def check_output_dir(output_dir: str) -> None:
         ) from None
 
 
+@contextlib.contextmanager
+def results_written(output_dir: str) -> Iterator[None]:
+    """A full disk (or quota, read-only filesystem) while the results are written: one line, exit 74."""
+    from ..storage_errors import is_storage_failure, results_storage_error
+
+    try:
+        yield
+    except Exception as error:
+        if is_storage_failure(error):
+            raise results_storage_error(error, output_dir) from None
+        raise
+
+
 def _quiet_progress_bars() -> None:
     """The CLI shows its own bars (model forwards, estimators); weight-loading and dataset bars
     would clutter stderr."""
@@ -112,7 +127,8 @@ def _evaluate(selection: EvaluatedModel, args: EvaluationArguments, output: Outp
     results = evaluate_model(selection.model, args, progress=False if output.quiet else None)
     for note in results["metadata"]["notes"]:
         print(f"icl_conml: note: {note}", file=sys.stderr)
-    out = write_results(results, output.output_dir, output.log_scale)
+    with results_written(output.output_dir):
+        out = write_results(results, output.output_dir, output.log_scale)
     print(results_table(results))
     print(f"wrote {out / 'results.json'}, results.md" + (", curves.png" * is_available("matplotlib")))
 
@@ -121,7 +137,8 @@ def _compare(selection: ComparedModels, args: CompareArguments, output: OutputAr
     result = compare_models(
         selection.models, selection.against, args, progress=False if output.quiet else None
     )
-    out = write_comparison(result, output.output_dir, output.log_scale)
+    with results_written(output.output_dir):
+        out = write_comparison(result, output.output_dir, output.log_scale)
     print(comparison_table(result))
     print(f"wrote {out / 'compare.json'}, compare.md" + (", compare.png" * is_available("matplotlib")))
 

@@ -21,16 +21,20 @@ def _first_line(error: Exception) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
-def load_model(name_or_path: str, device: str | torch.device = "cpu"):
+def load_model(name_or_path: str, device: str | torch.device = "cpu", allow_unfinished: bool = False):
     """An ``ICLModel`` from a local directory or a Hub id (the cache is used when offline).
 
-    Refused in one line: a folder of another kind of model (``config.json``'s ``model_type``),
-    weights that do not hold every tensor of the model (``from_pretrained`` would initialise the
-    missing ones at random and evaluate them), and NaN/inf weights (every error would be NaN).
+    Refused in one line: a training output_dir whose run has not finished (``run_status.json``;
+    ``allow_unfinished`` evaluates it anyway), a folder of another kind of model (``config.json``'s
+    ``model_type``), weights that do not hold every tensor of the model (``from_pretrained`` would
+    initialise the missing ones at random and evaluate them), and NaN/inf weights (every error
+    would be NaN).
     """
     from ..lora import is_lora_checkpoint, merge
     from ..modeling import ICLModel
 
+    if not allow_unfinished:
+        _check_run_finished(name_or_path)
     _check_model_folder(name_or_path, ICLModel.config_class.model_type)
     try:
         if _is_lora(name_or_path, is_lora_checkpoint):  # adapters merged onto their backbone
@@ -59,6 +63,25 @@ def load_model(name_or_path: str, device: str | torch.device = "cpu"):
             f"({', '.join(poisoned[:3])}); every error would be NaN: evaluate an earlier checkpoint of the run"
         )
     return model.to(device).eval()
+
+
+def _check_run_finished(name_or_path: str) -> None:
+    """A training output_dir whose ``run_status.json`` is not ``finished`` holds no final model of
+    that run: the files there may be an earlier run's (an interrupted overwrite) or missing."""
+    from ..run_record import STATUS_NAME, read_status
+
+    if not (Path(name_or_path) / STATUS_NAME).is_file():
+        return  # a checkpoint-N folder, a Hub model, a run from before run_status.json
+    status = read_status(name_or_path)
+    state = status.get("status", "unreadable")
+    if state == "finished":
+        return
+    at = f" at step {status['step']}" if isinstance(status.get("step"), int) else ""
+    raise EvaluationError(
+        f"model {name_or_path!r} is a training run that has not finished ({STATUS_NAME}: {state}{at}): its "
+        f"final model may be missing or an earlier run's; evaluate one of its checkpoint-N folders, finish the "
+        f"run (--resume_from_checkpoint latest), or pass --allow_unfinished true to evaluate it anyway"
+    )
 
 
 def _check_model_folder(name_or_path: str, model_type: str) -> None:

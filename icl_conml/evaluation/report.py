@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import sys
@@ -11,6 +12,7 @@ from typing import Any
 
 from ..extras import is_available, require
 from ..extras import message as missing_message
+from ..run_files import write_bytes, write_text
 
 
 def fmt(value: float | None) -> str:
@@ -127,8 +129,10 @@ def plot_curves(
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(path)
+    image = io.BytesIO()
+    figure.savefig(image, format=Path(path).suffix.lstrip(".") or "png")
     plt.close(figure)
+    write_bytes(path, image.getvalue())  # atomic: a full disk leaves no half-written image
 
 
 def can_plot(name: str) -> bool:
@@ -145,8 +149,8 @@ def write_results(results: dict[str, Any], output_dir: str | Path, log_scale: bo
     """results.json, results.md and curves.png in ``output_dir``."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(results_table(results))
+    write_text(out / "results.json", json.dumps(results, indent=2) + "\n")  # atomic: never half a file
+    write_text(out / "results.md", results_table(results))
     meta = results["metadata"]
     series = {
         name: {"mean": curve, **results["intervals"][name]} for name, curve in results["curves"].items()
@@ -164,8 +168,8 @@ def write_comparison(result: dict[str, Any], output_dir: str | Path, log_scale: 
     """compare.json, compare.md and compare.png (every model's curve, seed means with bands)."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "compare.md").write_text(comparison_table(result))
+    write_text(out / "compare.json", json.dumps(result, indent=2) + "\n")  # atomic: never half a file
+    write_text(out / "compare.md", comparison_table(result))
     a, b = result["metadata"]["labels"]
     curves = result["curves"]
     series: dict[str, dict[str, list[float]]] = {
