@@ -216,8 +216,8 @@ class TaskArguments:
                 ) from None
         require(mapping is None or isinstance(mapping, dict), f"task_kwargs={mapping!r} must be a mapping")
         mapping = dict(mapping or {})
-        try:
-            accepted = hyperparameter_names(resolve_task_class(self.task))
+        try:  # a recipe is the user's own code: an import path in it is imported
+            accepted = hyperparameter_names(resolve_task_class(self.task, allow_import=True))
         except ValueError as error:
             raise RecipeError(str(error).splitlines()[0]) from None
         unknown = sorted(set(mapping) - set(accepted))
@@ -243,7 +243,7 @@ class TaskArguments:
 
     def function_class(self) -> FunctionClass:
         """The function class this section describes (defaults from the class itself)."""
-        return get_task(self.task, self.n_dims, **self.task_kwargs)
+        return get_task(self.task, self.n_dims, allow_import=True, **self.task_kwargs)
 
     def hyperparameters(self) -> dict[str, Any]:
         """Every hyper-parameter of the function class, defaults included (recorded in the model config)."""

@@ -28,11 +28,21 @@ from typing import Any, ClassVar, TypeVar
 import torch
 import torch.nn.functional as F
 
+from .errors import UserError
+
 Params = dict[str, torch.Tensor]
 TaskT = TypeVar("TaskT", bound="type[FunctionClass]")
 
 # Every registered function class by name (built-ins and ``@register_task`` classes).
 TASK_REGISTRY: dict[str, type[FunctionClass]] = {}
+# Import paths this process resolves without importing anything: those of registered classes
+# and those the user's own recipe or command line named (resolved with ``allow_import=True``).
+_KNOWN_PATHS: dict[str, type[FunctionClass]] = {}
+
+
+class RemoteCodeError(UserError, ValueError):
+    """An import path read from a file (a model's config.json, an eval set, an experiment record)
+    that nobody allowed: importing it would run code shipped with that file (one line, exit 2)."""
 
 
 def register_task(name: str) -> Callable[[TaskT], TaskT]:
@@ -47,20 +57,35 @@ def register_task(name: str) -> Callable[[TaskT], TaskT]:
             )
         cls.name = name
         TASK_REGISTRY[name] = cls
+        _KNOWN_PATHS[f"{cls.__module__}:{cls.__qualname__}"] = cls
         return cls
 
     return register
 
 
-def resolve_task_class(name: str) -> type[FunctionClass]:
-    """The class a recipe's ``task`` names: a registry name or ``package.module:ClassName``."""
+def resolve_task_class(name: str, *, allow_import: bool = False) -> type[FunctionClass]:
+    """The class ``name`` gives: a registry name or ``package.module:ClassName``.
+
+    An import path is imported only with ``allow_import`` (a recipe or command line the user
+    runs: their own code; ``trust_remote_code=True`` for a name read from a file). Without it,
+    only the paths of registered classes and of those the user already named resolve; anything
+    else is a ``RemoteCodeError`` before any import.
+    """
     if name in TASK_REGISTRY:
         return TASK_REGISTRY[name]
+    if name in _KNOWN_PATHS:
+        return _KNOWN_PATHS[name]
     module_name, colon, attribute = name.partition(":")
     if not colon:
         raise ValueError(
             f"unknown task {name!r}; choose one of {sorted(TASK_REGISTRY)} or name your own class as "
             f"'package.module:ClassName'"
+        )
+    if not allow_import:
+        raise RemoteCodeError(
+            f"task {name!r} is an import path read from a file (a model's config.json, an eval set or a "
+            f"record): importing it would run code that came with that file; pass trust_remote_code=True "
+            f"(--trust_remote_code) if you trust it, or use a registered task ({', '.join(TASK_REGISTRY)})"
         )
     try:
         module = importlib.import_module(module_name)
@@ -71,6 +96,7 @@ def resolve_task_class(name: str) -> type[FunctionClass]:
     cls = getattr(module, attribute, None)
     if not (isinstance(cls, type) and issubclass(cls, FunctionClass)):
         raise ValueError(f"task {name!r}: {module_name} has no FunctionClass subclass named {attribute!r}")
+    _KNOWN_PATHS[name] = cls
     return cls
 
 
@@ -360,10 +386,11 @@ class DecisionTree(FunctionClass):
         return 1.0
 
 
-def get_task(name: str, n_dims: int, **kwargs: Any) -> FunctionClass:
-    """Build a function class by registry name or import path; keyword arguments that are not
+def get_task(name: str, n_dims: int, *, allow_import: bool = False, **kwargs: Any) -> FunctionClass:
+    """Build a function class by registry name or import path (imported only with
+    ``allow_import``: see ``resolve_task_class``); keyword arguments that are not
     hyper-parameters of the class are ignored (recipes carry every built-in's flat keys)."""
-    cls = resolve_task_class(name)
+    cls = resolve_task_class(name, allow_import=allow_import)
     accepted = hyperparameter_names(cls)
     task = cls(n_dims=n_dims, **{key: value for key, value in kwargs.items() if key in accepted})
     if TASK_REGISTRY.get(name) is not cls:

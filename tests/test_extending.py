@@ -84,10 +84,11 @@ def test_an_import_path_trains_evaluates_and_reloads_in_fresh_processes(user_mod
     state = json.loads((out / "trainer_state.json").read_text())
     assert any("eval_error_at_k/0" in entry for entry in state["log_history"])  # compute_metrics ran
 
-    evaluated = _python(
-        user_module, "-m", "icl_conml.evaluation", "--model", str(out), "--output_dir", str(tmp_path / "ev"),
-        "--n_prompts", "32", "--bootstrap_samples", "10", "--quiet",
-    )  # fmt: skip
+    evaluate = ["-m", "icl_conml.evaluation", "--model", str(out), "--output_dir", str(tmp_path / "ev")]
+    evaluate += ["--n_prompts", "32", "--bootstrap_samples", "10", "--quiet"]
+    refused = _python(user_module, *evaluate)  # the config's import path is code from a file
+    assert refused.returncode == 2 and "--trust_remote_code" in refused.stderr, refused.stderr[-2000:]
+    evaluated = _python(user_module, *evaluate, "--trust_remote_code")
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     results = json.loads((tmp_path / "ev" / "results.json").read_text())
     assert results["metadata"]["task"] == "my_icl_tasks:ScaledSign"
@@ -95,13 +96,16 @@ def test_an_import_path_trains_evaluates_and_reloads_in_fresh_processes(user_mod
     reloaded = _python(
         user_module, "-c",
         "import sys; from transformers import AutoModel; import icl_conml; "
-        f"m = AutoModel.from_pretrained({str(out)!r}); print(type(m.task_class).__name__, m.task_class.scale)",
+        f"m = AutoModel.from_pretrained({str(out)!r}, trust_remote_code=True); "
+        "print(type(m.task_class).__name__, m.task_class.scale)",
     )  # fmt: skip
     assert reloaded.returncode == 0, reloaded.stderr[-2000:]
     assert reloaded.stdout.split()[-2:] == ["ScaledSign", "3.0"]
 
 
-def test_a_registered_class_trains_by_name_and_its_model_reloads_without_the_import(user_module, tmp_path):
+def test_a_registered_class_trains_by_name_and_its_model_reloads_with_trust_remote_code(
+    user_module, tmp_path
+):
     import my_icl_tasks  # noqa: F401  (registers "scaled_sign")
 
     from icl_conml.train import main
@@ -109,13 +113,15 @@ def test_a_registered_class_trains_by_name_and_its_model_reloads_without_the_imp
     out = tmp_path / "run"
     assert main([*TINY, "--task", "scaled_sign", "--output_dir", str(out)]) == 0
     config = json.loads((out / "config.json").read_text())
-    # Recorded by import path, so another process (that never imported it) can rebuild the class.
+    # Recorded by import path, so another process (that never imported it) can rebuild the class,
+    # with trust_remote_code (it imports code named by a file), or after importing it itself.
     assert config["task"] == "my_icl_tasks:ScaledSign" and config["task_kwargs"] == {"scale": 2.0}
-    reloaded = _python(
-        user_module, "-c",
-        f"from transformers import AutoModel; import icl_conml; print(AutoModel.from_pretrained({str(out)!r}).task_class.name)",
-    )  # fmt: skip
-    assert reloaded.returncode == 0, reloaded.stderr[-2000:]
+    load = f"from transformers import AutoModel; import icl_conml; AutoModel.from_pretrained({str(out)!r}"
+    refused = _python(user_module, "-c", load + ")")
+    assert refused.returncode == 1 and "RemoteCodeError" in refused.stderr, refused.stderr[-2000:]
+    for code in (load + ", trust_remote_code=True)", "import my_icl_tasks; " + load + ")"):
+        reloaded = _python(user_module, "-c", code)
+        assert reloaded.returncode == 0, reloaded.stderr[-2000:]
 
 
 def test_the_class_validates_its_own_hyperparameters(user_module):

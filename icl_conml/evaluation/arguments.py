@@ -42,6 +42,11 @@ class CommonArguments:
         "Device of the model (the CLI's default: cuda when available, else cpu).", default="cpu"
     )
     dtype: Literal["float32", "bfloat16"] = _help("Model forward precision (autocast).", default="float32")
+    trust_remote_code: bool = _help(
+        "Import a task that a model's config.json or an eval set names by import path (module:Class): "
+        "runs code that came with those files, so only for files you trust.",
+        default=False,
+    )
 
 
 @dataclass

@@ -59,7 +59,8 @@ def resolve_setting(config, args: CommonArguments) -> Setting:
     check_arguments(args)
     task_name = args.task or config.task
     try:
-        resolve_task_class(task_name)
+        # --task is the user's own choice; the model's task was checked when the model was loaded
+        resolve_task_class(task_name, allow_import=args.task is not None)
     except ValueError as error:
         raise EvaluationError(str(error).replace("unknown task", "unknown --task", 1)) from None
     kwargs = dict(config.task_kwargs if task_name == config.task else {})
@@ -100,7 +101,7 @@ def _eval_set_setting(
             "--ood and --eval_set exclude each other: an eval set holds its prompts; "
             "build a shifted one with `icl_conml make-eval-sets --ood`"
         )
-    prompts, meta = load_eval_set(eval_set)
+    prompts, meta = load_eval_set(eval_set, trust_remote_code=args.trust_remote_code)
     if meta["task"] != task_name or meta["n_dims"] != dims:
         raise EvaluationError(
             f"eval set {eval_set!r} holds {meta['task']} prompts of dimension {meta['n_dims']}, but the "
