@@ -20,7 +20,7 @@ import torch
 
 from . import conml
 from .errors import UserError
-from .tasks import TASK_REGISTRY, FunctionClass, Params, index_params
+from .tasks import TASKS, FunctionClass, Params, index_params
 
 # Distinct streams derived from one seed: the same seed never feeds two purposes.
 _TRAIN_STREAM, _POOL_STREAM, _EVAL_STREAM, _CONML_STREAM = 1, 2, 3, 4
@@ -403,6 +403,6 @@ def sample_prompts(
     """
     shift = parse_ood(ood)
     if shift is not None and not task.linear:
-        linear = ", ".join(name for name, cls in TASK_REGISTRY.items() if cls.linear)
+        linear = ", ".join(name for name, cls in TASKS.items() if cls.linear)
         raise PromptError(f"--ood applies to linear function classes ({linear}), not {task.name!r}")
     return Prompts.sample(task, n_prompts, n_points, seed, EVALUATION_STREAM, shift)

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from . import __version__
 from .data import sample_prompts
 from .errors import OneLineParser, UserError, command_name, entry_point
-from .tasks import TASK_REGISTRY, FunctionClass, get_task, resolve_task_class
+from .tasks import TASKS, FunctionClass, get_task, resolve_task_class
 
 if TYPE_CHECKING:
     import datasets
@@ -49,7 +49,7 @@ def task_hyperparameters(task: FunctionClass) -> dict[str, Any]:
 def hyperparameter_fields() -> dict[str, type]:
     """Every hyper-parameter of a registered function class, with its type (for command-line flags)."""
     found: dict[str, type] = {}
-    for cls in TASK_REGISTRY.values():
+    for _, cls in TASKS.items():
         if dataclasses.is_dataclass(cls):
             for f in dataclasses.fields(cls):
                 if f.init and f.name != "n_dims" and f.default is not dataclasses.MISSING:
@@ -315,7 +315,7 @@ def main(argv: list[str]) -> int:
         "--tasks",
         nargs="+",
         default=["linear_regression"],
-        help=f"{', '.join(TASK_REGISTRY)}, or your own as package.module:ClassName",
+        help=f"{', '.join(TASKS)}, or your own as package.module:ClassName",
     )
     parser.add_argument("--n_dims", type=int, default=20)
     parser.add_argument("--n_points", type=int, default=41)

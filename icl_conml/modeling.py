@@ -39,7 +39,7 @@ _TRUST_REMOTE_CODE: ContextVar[bool] = ContextVar("icl_conml_trust_remote_code",
 def trusting_remote_code(trust: bool) -> Iterator[None]:
     """Within it, an ``ICLModel`` whose config names its task by an import path not yet known to
     this process imports that module when ``trust`` is True (transformers' ``trust_remote_code``);
-    otherwise it is refused (``tasks.RemoteCodeError``) before anything is imported."""
+    otherwise it is refused (``registry.RemoteCodeError``) before anything is imported."""
     token = _TRUST_REMOTE_CODE.set(bool(trust))
     try:
         yield

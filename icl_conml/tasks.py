@@ -19,7 +19,6 @@ makes exactly the generator calls it always made, so data without a curriculum i
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -28,76 +27,34 @@ from typing import Any, ClassVar, TypeVar
 import torch
 import torch.nn.functional as F
 
-from .errors import UserError
+from .registry import Registry, import_path
 
 Params = dict[str, torch.Tensor]
 TaskT = TypeVar("TaskT", bound="type[FunctionClass]")
 
-# Every registered function class by name (built-ins and ``@register_task`` classes).
-TASK_REGISTRY: dict[str, type[FunctionClass]] = {}
-# Import paths this process resolves without importing anything: those of registered classes
-# and those the user's own recipe or command line named (resolved with ``allow_import=True``).
-_KNOWN_PATHS: dict[str, type[FunctionClass]] = {}
-
-
-class RemoteCodeError(UserError, ValueError):
-    """An import path read from a file (a model's config.json, an eval set, an experiment record)
-    that nobody allowed: importing it would run code shipped with that file (one line, exit 2)."""
+#: Every function class by name (built-ins and ``@register_task`` classes); a recipe may also
+#: name one by import path (``registry.Registry.resolve``).
+TASKS: Registry[type[FunctionClass]] = Registry(
+    "task", lambda obj: isinstance(obj, type) and issubclass(obj, FunctionClass), "a FunctionClass subclass"
+)
 
 
 def register_task(name: str) -> Callable[[TaskT], TaskT]:
     """Class decorator: make a ``FunctionClass`` available to recipes as ``task: name``."""
 
     def register(cls: TaskT) -> TaskT:
-        if not (isinstance(cls, type) and issubclass(cls, FunctionClass)):
-            raise TypeError(f"@register_task({name!r}) decorates a FunctionClass subclass, not {cls!r}")
-        if TASK_REGISTRY.get(name, cls) is not cls and TASK_REGISTRY[name].__qualname__ != cls.__qualname__:
-            raise ValueError(
-                f"task name {name!r} is already registered for {TASK_REGISTRY[name].__qualname__}"
-            )
+        TASKS.add(name, cls)
         cls.name = name
-        TASK_REGISTRY[name] = cls
-        _KNOWN_PATHS[f"{cls.__module__}:{cls.__qualname__}"] = cls
         return cls
 
     return register
 
 
 def resolve_task_class(name: str, *, allow_import: bool = False) -> type[FunctionClass]:
-    """The class ``name`` gives: a registry name or ``package.module:ClassName``.
-
-    An import path is imported only with ``allow_import`` (a recipe or command line the user
-    runs: their own code; ``trust_remote_code=True`` for a name read from a file). Without it,
-    only the paths of registered classes and of those the user already named resolve; anything
-    else is a ``RemoteCodeError`` before any import.
-    """
-    if name in TASK_REGISTRY:
-        return TASK_REGISTRY[name]
-    if name in _KNOWN_PATHS:
-        return _KNOWN_PATHS[name]
-    module_name, colon, attribute = name.partition(":")
-    if not colon:
-        raise ValueError(
-            f"unknown task {name!r}; choose one of {sorted(TASK_REGISTRY)} or name your own class as "
-            f"'package.module:ClassName'"
-        )
-    if not allow_import:
-        raise RemoteCodeError(
-            f"task {name!r} is an import path read from a file (a model's config.json, an eval set or a "
-            f"record): importing it would run code that came with that file; pass trust_remote_code=True "
-            f"(--trust_remote_code) if you trust it, or use a registered task ({', '.join(TASK_REGISTRY)})"
-        )
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise ValueError(
-            f"task {name!r}: cannot import {module_name!r} ({error}); is it on PYTHONPATH?"
-        ) from None
-    cls = getattr(module, attribute, None)
-    if not (isinstance(cls, type) and issubclass(cls, FunctionClass)):
-        raise ValueError(f"task {name!r}: {module_name} has no FunctionClass subclass named {attribute!r}")
-    _KNOWN_PATHS[name] = cls
-    return cls
+    """The class ``name`` gives: a registry name or ``package.module:ClassName``, imported only
+    with ``allow_import`` (a recipe or command line the user runs; ``trust_remote_code`` for a
+    name read from a file): see ``registry.Registry.resolve``."""
+    return TASKS.resolve(name, allow_import=allow_import)
 
 
 def hyperparameter_names(cls: type[FunctionClass]) -> tuple[str, ...]:
@@ -112,7 +69,7 @@ def task_reference(task: FunctionClass) -> str:
     cls = type(task)
     if cls.__module__ == __name__ or ":" in task.name:
         return task.name
-    return f"{cls.__module__}:{cls.__qualname__}"
+    return import_path(cls)
 
 
 @dataclass
@@ -393,7 +350,7 @@ def get_task(name: str, n_dims: int, *, allow_import: bool = False, **kwargs: An
     cls = resolve_task_class(name, allow_import=allow_import)
     accepted = hyperparameter_names(cls)
     task = cls(n_dims=n_dims, **{key: value for key, value in kwargs.items() if key in accepted})
-    if TASK_REGISTRY.get(name) is not cls:
+    if name not in TASKS:
         task.name = name  # an import path names the class wherever it is used (config, evaluation)
     return task
 

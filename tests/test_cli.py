@@ -160,11 +160,12 @@ def test_training_help_shows_the_recipe_groups_and_choices():
         "ConML:",
         "training (transformers.TrainingArguments; defaults: the quickstart):",
     ]
-    for choices in ("{probe_output,probe_hidden}", "{difference,infonce}", "{both,in,out}",
+    for choices in ("{difference,infonce}", "{both,in,out}",
                     "{probe_mask,extra_sequence}", "{eager,sdpa,flash_attention_2,flash_attention_3}"):  # fmt: skip
         assert choices in text, choices
     words = " ".join(text.split())  # the help is wrapped
     assert "prefix_half | random_subset | shuffle | shuffled_subset" in words  # registered views, by name
+    assert "probe_output | probe_hidden" in words  # registered representations
 
 
 @pytest.mark.parametrize(

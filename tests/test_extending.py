@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from icl_conml.config import RecipeError, parse_recipe
-from icl_conml.tasks import TASK_REGISTRY
+from icl_conml.tasks import TASKS
 
 USER_MODULE = textwrap.dedent(
     '''
@@ -58,7 +58,7 @@ def user_module(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(folder))
     yield folder
     sys.modules.pop("my_icl_tasks", None)
-    TASK_REGISTRY.pop("scaled_sign", None)
+    TASKS.remove("scaled_sign")
 
 
 def _env(folder: Path) -> dict[str, str]:
@@ -148,7 +148,7 @@ def test_a_registered_view_distance_and_baseline_train_and_evaluate(tmp_path):
     import torch
 
     from icl_conml import conml
-    from icl_conml.baselines import ESTIMATORS, parse_baseline, register_baseline
+    from icl_conml.baselines import BASELINES, parse_baseline, register_baseline
     from icl_conml.evaluation import baseline_predictions
     from icl_conml.train import main
 
@@ -175,12 +175,93 @@ def test_a_registered_view_distance_and_baseline_train_and_evaluate(tmp_path):
         xs, ys = torch.randn(4, 6, 3), torch.randn(4, 6)
         assert baseline_predictions(parse_baseline("zero"), _prompts(xs, ys)).abs().sum() == 0
     finally:
-        conml.VIEWS.pop("every_other", None)
-        conml.DISTANCES.pop("abs", None)
-        ESTIMATORS.pop("zero", None)
+        conml.VIEWS.remove("every_other")
+        conml.DISTANCES.remove("abs")
+        BASELINES.remove("zero")
 
 
 def _prompts(xs, ys):
     from icl_conml.evaluation import Prompts
 
     return Prompts(xs, ys)
+
+
+USER_EXTENSIONS = textwrap.dedent(
+    '''
+    """A user's view, distance, representation and baseline, named by import path (not registered)."""
+    import torch
+
+
+    def every_other(n_tasks, n_points, num_views, generator, subset_min=0.5, subset_max=0.5):
+        index = torch.arange(0, n_points, 2)
+        return index.expand(n_tasks, num_views, -1).contiguous()
+
+
+    def absolute(a, b):
+        return (a - b).abs().mean(-1)
+
+
+    def mean_hidden(appended_outputs, appended_hidden):
+        return appended_hidden.mean(-1, keepdim=True)
+
+
+    def constant(xs, ys, queries=None, level=0.0):
+        return torch.full_like(ys, level)
+
+
+    not_a_view = 3
+    '''
+)
+
+
+def test_a_view_distance_representation_and_baseline_by_import_path_in_fresh_processes(tmp_path):
+    folder = tmp_path / "user_code"
+    folder.mkdir()
+    (folder / "my_extensions.py").write_text(USER_EXTENSIONS)
+    out = tmp_path / "run"
+    conml_args = ["--conml_lambda", "0.1", "--conml_views", "my_extensions:every_other"]
+    conml_args += [
+        "--conml_distance",
+        "my_extensions:absolute",
+        "--conml_representation",
+        "my_extensions:mean_hidden",
+    ]
+    trained = _python(folder, "-m", "icl_conml.train", *TINY, *conml_args, "--output_dir", str(out))
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert [entry for entry in state["log_history"] if "d_in" in entry]
+
+    evaluated = _python(
+        folder, "-m", "icl_conml.evaluation", "--model", str(out), "--output_dir", str(tmp_path / "ev"),
+        "--n_prompts", "16", "--bootstrap_samples", "10", "--quiet",
+        "--baselines", "my_extensions:constant:level=2.0", "averaging",
+    )  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    results = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert "my_extensions:constant:level=2.0" in json.dumps(results)
+
+    wrong = _python(folder, "-m", "icl_conml.train", *TINY, "--conml_views", "my_extensions:not_a_view")
+    assert wrong.returncode == 2
+    assert wrong.stderr.strip().splitlines() == [
+        "icl_conml: error: conml_views='my_extensions:not_a_view': conml_views 'my_extensions:not_a_view': "
+        "my_extensions.not_a_view is not a view sampler "
+        "f(n_tasks, n_points, num_views, generator, subset_min, subset_max)"
+    ]
+
+
+def test_a_registry_refuses_a_taken_name_and_objects_of_another_kind():
+    from icl_conml import conml
+    from icl_conml.baselines import register_baseline
+
+    with pytest.raises(
+        ValueError, match="conml_views name 'shuffle' is already registered for icl_conml.conml:shuffle"
+    ):
+        conml.register_view("shuffle")(lambda n_tasks, n_points, num_views, generator, lo, hi: None)
+    conml.register_view("shuffle")(conml.shuffle)  # the same object again: a no-op
+    with pytest.raises(ValueError, match="is not a distance f"):
+        conml.register_distance("nothing")(lambda a: a)
+    with pytest.raises(ValueError, match="is not a FunctionClass subclass"):
+        TASKS.add("not_a_task", dict)
+    with pytest.raises(ValueError, match="42 is not an estimator"):
+        register_baseline("bad")(42)
+    assert "nothing" not in conml.DISTANCES and "not_a_task" not in TASKS and "bad" not in TASKS

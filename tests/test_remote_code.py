@@ -71,7 +71,7 @@ def test_a_model_folder_runs_no_code_without_trust_remote_code(attacker):
         import icl_conml
         from transformers import AutoModel
         from icl_conml import ICLModel
-        from icl_conml.tasks import RemoteCodeError
+        from icl_conml.registry import RemoteCodeError
         for load in (AutoModel.from_pretrained, ICLModel.from_pretrained):
             try:
                 load("evm")

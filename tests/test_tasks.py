@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from icl_conml.data import Curriculum, PromptSampler, Schedule
-from icl_conml.tasks import TASK_REGISTRY, get_task
+from icl_conml.tasks import TASKS, get_task
 
 N_TASKS, N_POINTS, D = 2000, 8, 10
 
@@ -17,7 +17,7 @@ def sample(name: str, **kwargs):
     return task, params, xs, task.evaluate(params, xs, gen)
 
 
-@pytest.mark.parametrize("name", sorted(TASK_REGISTRY))
+@pytest.mark.parametrize("name", sorted(TASKS.names()))
 def test_shapes_and_determinism(name):
     task, params, xs, ys = sample(name)
     assert xs.shape == (N_TASKS, N_POINTS, D) and ys.shape == (N_TASKS, N_POINTS)

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 
 from ..data import Prompts
-from ..tasks import RemoteCodeError, get_task
+from ..registry import RemoteCodeError
+from ..tasks import get_task
 from .arguments import EvaluationError
 from .prompts import error_scale
 

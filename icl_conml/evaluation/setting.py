@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..baselines import BaselineError, BaselineSpec, default_baselines, parse_baseline, sklearn_available
+from ..baselines import BaselineError, BaselineSpec, parse_baseline, sklearn_available
 from ..data import Prompts
 from ..memory import evaluation_memory, task_parameters_per_task, too_large
 from ..tasks import FunctionClass, get_task, resolve_task_class
@@ -129,7 +129,7 @@ def resolve_baselines(
     """Specs for ``names`` (default: the task's); scikit-learn ones are skipped, with a note,
     when they are defaults and scikit-learn is missing, and are an error when asked for."""
     notes = []
-    requested = list(names) if names is not None else list(default_baselines(task.name))
+    requested = list(names) if names is not None else list(task.default_baselines)
     specs = []
     try:
         for name in requested:
