@@ -306,24 +306,33 @@ BASELINES: Registry[Estimator] = Registry(
 
 
 def register_baseline(
-    name: str, needs_sklearn: bool = False, max_prompts: int | None = None
+    name: str,
+    needs_sklearn: bool = False,
+    max_prompts: int | None = None,
+    task_options: Callable[[FunctionClass], dict[str, Any]] | None = None,
 ) -> Callable[[Estimator], Estimator]:
     """Register an estimator ``f(xs, ys, queries=None, **options) -> predictions (B, n)`` as
     ``--baselines name[:option=value...]`` (an unregistered one is named by import path,
-    ``--baselines package.module:function[:option=value...]``). A function class lists the ones
+    ``--baselines package.module:function[:option=value...]``). ``task_options(task)`` gives
+    defaults of its options for the evaluated function class. A function class lists the ones
     that fit it in its ``default_baselines``; any registered one can be asked for by name."""
-    return BASELINES.register(name, needs_sklearn=needs_sklearn, max_prompts=max_prompts)
+    return BASELINES.register(
+        name, needs_sklearn=needs_sklearn, max_prompts=max_prompts, task_options=task_options
+    )
 
 
-for _name, _function in (
-    ("least_squares", least_squares),
-    ("ridge", ridge),
-    ("averaging", averaging),
-    ("knn", nearest_neighbours),
-    ("lasso", lasso),
-    ("mlp_gd", mlp_gd),
-):
-    register_baseline(_name)(_function)
+def _bayes_ridge(task: FunctionClass) -> dict[str, Any]:
+    """Ridge's α = noise_std² (the Bayes posterior mean) on a class with label noise."""
+    noise_std = getattr(task, "noise_std", 0)
+    return {"alpha": float(noise_std) ** 2} if noise_std > 0 else {}
+
+
+register_baseline("least_squares")(least_squares)
+register_baseline("ridge", task_options=_bayes_ridge)(ridge)
+register_baseline("averaging")(averaging)
+register_baseline("knn")(nearest_neighbours)
+register_baseline("lasso")(lasso)
+register_baseline("mlp_gd")(mlp_gd)
 register_baseline("decision_tree", needs_sklearn=True)(decision_tree)
 register_baseline("gradient_boosting", needs_sklearn=True, max_prompts=256)(gradient_boosting)
 
@@ -354,8 +363,8 @@ def parse_baseline(spec: str, task: FunctionClass | None = None) -> BaselineSpec
         raise BaselineError(str(error).splitlines()[0]) from None
     registered = BASELINES.options(name)
     kwargs: dict[str, Any] = {}
-    if name == "ridge" and task is not None and getattr(task, "noise_std", 0) > 0:
-        kwargs["alpha"] = float(task.noise_std) ** 2
+    if task is not None and registered.get("task_options") is not None:
+        kwargs.update(registered["task_options"](task))
     for option in options:
         key, sep, value = option.partition("=")
         if not sep or not key:

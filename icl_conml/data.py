@@ -285,10 +285,6 @@ class Prompts(torch.utils.data.Dataset):
         return {"xs": self.xs[index], "ys": self.ys[index]}
 
 
-#: The former name of ``Prompts`` (the same class).
-FixedPrompts = Prompts
-
-
 # ---- Garg et al.'s distribution shifts (the evaluation's --ood) and fresh evaluation prompts ----------------
 
 OOD_KINDS = ("scale_x", "scale_y", "noisy_y", "skewed", "orthant", "orthogonal_query", "repeated_query")
@@ -347,7 +343,7 @@ class OODShift(PromptShift):
 
     def error_scale(self, task: FunctionClass) -> float:
         """Scaled prompts are normalised back by the factor² (labels of a classifier are signs)."""
-        if self.kind not in _OOD_NEEDS_VALUE or task.name == "linear_classification":
+        if self.kind not in _OOD_NEEDS_VALUE or task.sign_labels:
             return 1.0
         return float(self.value) ** 2
 

@@ -89,6 +89,8 @@ class FunctionClass:
     default_baselines: ClassVar[tuple[str, ...]] = ("least_squares", "averaging", "knn")
     # Whether Garg et al.'s distribution shifts of x and w (evaluation --ood) apply.
     linear: ClassVar[bool] = False
+    # Whether labels are signs (±1): a scaled shift (--ood scale_x/scale_y) leaves their error as is.
+    sign_labels: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if self.n_dims < 1:
@@ -229,6 +231,8 @@ class NoisyLinearRegression(LinearRegression):
 @dataclass
 class LinearClassification(LinearRegression):
     """y = sign(w·x) in {-1, +1}; trained with logistic loss, evaluated by 0-1 error."""
+
+    sign_labels: ClassVar[bool] = True
 
     def evaluate(
         self, params: Params, xs: torch.Tensor, generator: torch.Generator | None = None

@@ -18,7 +18,8 @@ import pytest
 from transformers.debug_utils import DebugOption
 
 from icl_conml import cli, errors
-from icl_conml.config import RecipeError, build_parser, parse_recipe
+from icl_conml.arguments import RecipeError
+from icl_conml.recipe_parser import build_parser, parse_recipe
 from icl_conml.resources import ResourceNotFound
 from icl_conml.train import main as train_main
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from icl_conml.config import RecipeError, parse_recipe
+from icl_conml.arguments import RecipeError
+from icl_conml.recipe_parser import parse_recipe
 from icl_conml.tasks import TASKS
 
 USER_MODULE = textwrap.dedent(

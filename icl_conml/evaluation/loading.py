@@ -9,11 +9,10 @@ from typing import Any
 
 import torch
 
-from ..data import Prompts
+from ..data import PromptError, Prompts, ood_error_scale
 from ..registry import RemoteCodeError
 from ..tasks import get_task
 from .arguments import EvaluationError
-from .prompts import error_scale
 
 logger = logging.getLogger("icl_conml")
 
@@ -160,11 +159,15 @@ def load_eval_set(name: str, trust_remote_code: bool = False) -> tuple[Prompts, 
         )
     except RemoteCodeError as error:
         raise EvaluationError(f"eval set {name!r}: {error}") from None
+    try:
+        scale = ood_error_scale(task, metadata["ood"])
+    except PromptError as error:
+        raise EvaluationError(f"eval set {name!r}: {error}") from None
     prompts = Prompts(
         table["xs"].float(),
         table["ys"].float(),
         table["query_xs"].float() if "query_xs" in table else None,
         table["query_ys"].float() if "query_ys" in table else None,
-        error_scale(task, metadata["ood"]),
+        scale,
     )
     return prompts, metadata

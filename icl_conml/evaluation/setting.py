@@ -9,12 +9,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..baselines import BaselineError, BaselineSpec, parse_baseline, sklearn_available
-from ..data import Prompts
+from ..data import PromptError, Prompts, sample_prompts
 from ..memory import evaluation_memory, task_parameters_per_task, too_large
 from ..tasks import FunctionClass, get_task, resolve_task_class
 from .arguments import CommonArguments, EvaluationError, check_arguments
 from .loading import load_eval_set
-from .prompts import sample_prompts
 
 
 @dataclass
@@ -87,7 +86,10 @@ def resolve_setting(config, args: CommonArguments) -> Setting:
     problem = too_large(evaluation_memory(args.n_prompts, length, dims, per_task))
     if problem is not None:
         raise EvaluationError(f"this evaluation {problem}; lower --n_prompts")
-    prompts = sample_prompts(function_class, args.n_prompts, length, args.seed, args.ood)
+    try:
+        prompts = sample_prompts(function_class, args.n_prompts, length, args.seed, args.ood)
+    except PromptError as error:  # a bad --ood: the evaluation's own error type, same line
+        raise EvaluationError(str(error)) from None
     source = {"eval_set": None, "seed": args.seed, "ood": args.ood}
     return Setting(function_class, kwargs, prompts.xs.shape[1], prompts, source)
 
