@@ -33,7 +33,7 @@ def worker(args: argparse.Namespace, extra: list[str]) -> None:
     import torch
     from transformers import TrainerCallback
 
-    from icl_conml.config import parse_recipe
+    from icl_conml.recipe_parser import parse_recipe
     from icl_conml.train import build_model, build_sampler
     from icl_conml.trainer import ConMLTrainer
 

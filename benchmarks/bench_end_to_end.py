@@ -46,7 +46,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import torch  # noqa: E402
 
 from icl_conml import conml  # noqa: E402
-from icl_conml.config import parse_recipe  # noqa: E402
+from icl_conml.recipe_parser import parse_recipe  # noqa: E402
 from icl_conml.train import build_model, build_sampler  # noqa: E402
 from icl_conml.trainer import ConMLTrainer  # noqa: E402
 

@@ -24,8 +24,8 @@ import torch
 
 from icl_conml import ICLConfig, ICLModel
 from icl_conml.baselines import parse_baseline
+from icl_conml.data import sample_prompts
 from icl_conml.evaluation.predictions import baseline_predictions, model_predictions
-from icl_conml.evaluation.prompts import sample_prompts
 from icl_conml.tasks import get_task
 
 

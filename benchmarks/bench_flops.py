@@ -37,7 +37,7 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from icl_conml.config import parse_recipe  # noqa: E402
+from icl_conml.recipe_parser import parse_recipe  # noqa: E402
 from icl_conml.train import build_model, build_sampler  # noqa: E402
 from icl_conml.trainer import ConMLTrainer  # noqa: E402
 

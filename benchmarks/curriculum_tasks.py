@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from icl_conml.config import parse_recipe
 from icl_conml.data import _TRAIN_STREAM, step_generator
+from icl_conml.recipe_parser import parse_recipe
 from icl_conml.train import build_sampler
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"

@@ -27,7 +27,8 @@ from transformers import TrainingArguments
 
 from . import conml
 from .errors import UserError
-from .tasks import TASK_REGISTRY, FunctionClass, get_task, hyperparameter_names, resolve_task_class
+from .registry import Registry
+from .tasks import TASKS, FunctionClass, get_task, hyperparameter_names, resolve_task_class
 
 
 class RecipeError(UserError, ValueError):
@@ -50,6 +51,19 @@ def check_choice(key: str, value: str, allowed: tuple[str, ...] | list[str]) -> 
         close = difflib.get_close_matches(str(value), list(allowed), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise RecipeError(f"{key}={value!r} is not allowed{hint}; choose one of: {', '.join(allowed)}")
+
+
+def check_registered(key: str, value: str, registry: Registry) -> None:
+    """A registered name (a typo gets ``check_choice``'s did-you-mean) or the user's own import path
+    ``package.module:name``: a recipe is the user's code, so it is imported now and checked to be of
+    the registry's kind (a one-line ``RecipeError`` otherwise), before anything is built."""
+    if ":" not in str(value):
+        check_choice(key, value, registry.names())
+        return
+    try:
+        registry.resolve(value, allow_import=True)
+    except ValueError as error:
+        raise RecipeError(f"{key}={value!r}: {str(error).splitlines()[0]}") from None
 
 
 #: Attention kernels a recipe may name; the flash kernels take no attention mask (plain ICL only).
@@ -129,7 +143,7 @@ class TaskArguments:
     _argument_group_name = "task"
 
     task: str = _help(
-        f"Function class: one of {', '.join(TASK_REGISTRY)}, or your own as 'package.module:ClassName' "
+        f"Function class: one of {', '.join(TASKS)}, or your own as 'package.module:ClassName' "
         f"(a FunctionClass subclass; see docs/extending.md).",
         default="linear_regression",
     )
@@ -177,8 +191,7 @@ class TaskArguments:
     )
 
     def __post_init__(self) -> None:
-        if self.task not in TASK_REGISTRY and ":" not in self.task:
-            check_choice("task", self.task, tuple(TASK_REGISTRY))  # a typo of a built-in: suggest one
+        check_registered("task", self.task, TASKS)
         require(self.n_dims >= 1, f"n_dims={self.n_dims} must be >= 1")
         require(self.n_points >= 1, f"n_points={self.n_points} must be >= 1")
         self.task_kwargs = self._task_kwargs_mapping()
@@ -216,8 +229,8 @@ class TaskArguments:
                 ) from None
         require(mapping is None or isinstance(mapping, dict), f"task_kwargs={mapping!r} must be a mapping")
         mapping = dict(mapping or {})
-        try:
-            accepted = hyperparameter_names(resolve_task_class(self.task))
+        try:  # a recipe is the user's own code: an import path in it is imported
+            accepted = hyperparameter_names(resolve_task_class(self.task, allow_import=True))
         except ValueError as error:
             raise RecipeError(str(error).splitlines()[0]) from None
         unknown = sorted(set(mapping) - set(accepted))
@@ -243,7 +256,7 @@ class TaskArguments:
 
     def function_class(self) -> FunctionClass:
         """The function class this section describes (defaults from the class itself)."""
-        return get_task(self.task, self.n_dims, **self.task_kwargs)
+        return get_task(self.task, self.n_dims, allow_import=True, **self.task_kwargs)
 
     def hyperparameters(self) -> dict[str, Any]:
         """Every hyper-parameter of the function class, defaults included (recorded in the model config)."""
@@ -258,9 +271,10 @@ FLAT_TASK_KEYS = ("sparsity", "noise_std", "hidden_size", "depth")
 class ConMLArguments:
     """The ConML contrastive meta-objective (see icl_conml/conml.py).
 
-    The fixed choices are ``Literal`` types (``--help`` lists them, the parser checks them); views
-    and distances are registries that a user extends (``conml.register_view``/``register_distance``),
-    so they are names checked against the registry when the recipe is built.
+    The fixed choices are ``Literal`` types (``--help`` lists them, the parser checks them); the
+    representation, views and distance are registries that a user extends
+    (``conml.register_view`` / ``register_distance`` / ``register_representation``, or an import
+    path ``package.module:function``), checked against the registry when the recipe is built.
     """
 
     _argument_group_name = "ConML"
@@ -273,13 +287,15 @@ class ConMLArguments:
     conml_lambda_warmup: int = _help(
         "Steps over which λ then rises linearly from 0 to conml_lambda (0: at once).", default=0
     )
-    conml_representation: conml.Representation = _help(
-        "What a probe reads: the model's prediction at the probe (paper) or its last hidden state.",
+    conml_representation: str = _help(
+        f"What a probe reads, a registered name: {' | '.join(conml.REPRESENTATIONS)} (the model's "
+        f"prediction at the probe, the paper's, or its last hidden state), or package.module:function.",
         default="probe_output",
     )
     conml_num_probes: int = _help("Probes M per step (M > 1 gives a vector representation).", default=1)
     conml_views: str = _help(
-        f"View sampler, a registered name: {' | '.join(conml.VIEWS)} (conml.register_view adds one).",
+        f"View sampler, a registered name: {' | '.join(conml.VIEWS)} (conml.register_view adds one), "
+        f"or package.module:function.",
         default="prefix_half",
     )
     conml_num_views: int = _help("Views K per task.", default=1)
@@ -288,7 +304,8 @@ class ConMLArguments:
     )
     conml_subset_max: float = _help("Largest view, as a fraction of the context (subset views).", default=0.5)
     conml_distance: str = _help(
-        f"Distance φ, a registered name: {' | '.join(conml.DISTANCES)} (conml.register_distance adds one).",
+        f"Distance φ, a registered name: {' | '.join(conml.DISTANCES)} (conml.register_distance adds "
+        f"one), or package.module:function.",
         default="sigmoid_sq",
     )
     conml_loss: conml.Loss = _help(
@@ -306,9 +323,9 @@ class ConMLArguments:
 
     def __post_init__(self) -> None:
         require(self.conml_lambda >= 0, f"conml_lambda={self.conml_lambda} must be >= 0 (0 = plain ICL)")
-        check_choice("conml_representation", self.conml_representation, conml.REPRESENTATIONS)
-        check_choice("conml_views", self.conml_views, conml.VIEWS)
-        check_choice("conml_distance", self.conml_distance, conml.DISTANCES)
+        check_registered("conml_representation", self.conml_representation, conml.REPRESENTATIONS)
+        check_registered("conml_views", self.conml_views, conml.VIEWS)
+        check_registered("conml_distance", self.conml_distance, conml.DISTANCES)
         check_choice("conml_loss", self.conml_loss, conml.LOSSES)
         check_choice("conml_terms", self.conml_terms, conml.TERMS)
         check_choice("conml_prefix_mode", self.conml_prefix_mode, conml.PREFIX_MODES)

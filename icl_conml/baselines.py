@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from .errors import UserError
+from .registry import Registry, takes_positional
 from .tasks import FunctionClass
 
 Estimator = Callable[..., torch.Tensor]
@@ -297,39 +298,41 @@ class BaselineSpec:
             return self.function(xs, ys, queries, **self.kwargs)
 
 
-ESTIMATORS: dict[str, Estimator] = {}
-SKLEARN_ESTIMATORS: set[str] = set()
-# scikit-learn fits one prompt and prefix at a time: by default the slowest sees fewer prompts.
-DEFAULT_MAX_PROMPTS: dict[str, int] = {}
+#: The estimators by name, with their options: ``needs_sklearn`` and ``max_prompts`` (scikit-learn
+#: fits one prompt and prefix at a time: by default the slowest sees fewer prompts).
+BASELINES: Registry[Estimator] = Registry(
+    "baseline", takes_positional(3), "an estimator f(xs, ys, queries=None, **options)"
+)
 
 
 def register_baseline(
-    name: str, needs_sklearn: bool = False, max_prompts: int | None = None
+    name: str,
+    needs_sklearn: bool = False,
+    max_prompts: int | None = None,
+    task_options: Callable[[FunctionClass], dict[str, Any]] | None = None,
 ) -> Callable[[Estimator], Estimator]:
     """Register an estimator ``f(xs, ys, queries=None, **options) -> predictions (B, n)`` as
-    ``--baselines name[:option=value...]``. A function class lists the ones that fit it in its
-    ``default_baselines``; any registered one can be asked for by name."""
-
-    def register(function: Estimator) -> Estimator:
-        ESTIMATORS[name] = function
-        if needs_sklearn:
-            SKLEARN_ESTIMATORS.add(name)
-        if max_prompts is not None:
-            DEFAULT_MAX_PROMPTS[name] = max_prompts
-        return function
-
-    return register
+    ``--baselines name[:option=value...]`` (an unregistered one is named by import path,
+    ``--baselines package.module:function[:option=value...]``). ``task_options(task)`` gives
+    defaults of its options for the evaluated function class. A function class lists the ones
+    that fit it in its ``default_baselines``; any registered one can be asked for by name."""
+    return BASELINES.register(
+        name, needs_sklearn=needs_sklearn, max_prompts=max_prompts, task_options=task_options
+    )
 
 
-for _name, _function in (
-    ("least_squares", least_squares),
-    ("ridge", ridge),
-    ("averaging", averaging),
-    ("knn", nearest_neighbours),
-    ("lasso", lasso),
-    ("mlp_gd", mlp_gd),
-):
-    register_baseline(_name)(_function)
+def _bayes_ridge(task: FunctionClass) -> dict[str, Any]:
+    """Ridge's α = noise_std² (the Bayes posterior mean) on a class with label noise."""
+    noise_std = getattr(task, "noise_std", 0)
+    return {"alpha": float(noise_std) ** 2} if noise_std > 0 else {}
+
+
+register_baseline("least_squares")(least_squares)
+register_baseline("ridge", task_options=_bayes_ridge)(ridge)
+register_baseline("averaging")(averaging)
+register_baseline("knn")(nearest_neighbours)
+register_baseline("lasso")(lasso)
+register_baseline("mlp_gd")(mlp_gd)
 register_baseline("decision_tree", needs_sklearn=True)(decision_tree)
 register_baseline("gradient_boosting", needs_sklearn=True, max_prompts=256)(gradient_boosting)
 
@@ -344,33 +347,40 @@ def _parse_value(text: str) -> Any:
 
 
 def parse_baseline(spec: str, task: FunctionClass | None = None) -> BaselineSpec:
-    """``name`` or ``name:key=value[:key=value]``, e.g. ``lasso:alpha=0.1`` or ``knn:n_neighbors=5``.
+    """``name`` or ``name:key=value[:key=value]``, e.g. ``lasso:alpha=0.1`` or ``knn:n_neighbors=5``;
+    ``name`` may be an import path ``package.module:function`` (the user's own, imported here and
+    checked to be an estimator before it is called).
 
     ``ridge`` defaults to α = noise_std² (the Bayes posterior mean) on noisy linear regression.
     ``max_prompts=N`` limits how many prompts the estimator is evaluated on.
     """
     name, *options = spec.split(":")
-    if name not in ESTIMATORS:
-        raise BaselineError(f"unknown baseline {name!r}; choose from {', '.join(ESTIMATORS)}")
+    if options and "=" not in options[0] and name not in BASELINES:  # package.module:function, options
+        name, options = f"{name}:{options[0]}", options[1:]
+    try:
+        function = BASELINES.resolve(name, allow_import=True)
+    except ValueError as error:
+        raise BaselineError(str(error).splitlines()[0]) from None
+    registered = BASELINES.options(name)
     kwargs: dict[str, Any] = {}
-    if name == "ridge" and task is not None and getattr(task, "noise_std", 0) > 0:
-        kwargs["alpha"] = float(task.noise_std) ** 2
+    if task is not None and registered.get("task_options") is not None:
+        kwargs.update(registered["task_options"](task))
     for option in options:
         key, sep, value = option.partition("=")
         if not sep or not key:
             raise BaselineError(f"baseline option {option!r} in {spec!r} must look like key=value")
         kwargs[key] = _parse_value(value)
-    max_prompts = kwargs.pop("max_prompts", DEFAULT_MAX_PROMPTS.get(name))
+    max_prompts = kwargs.pop("max_prompts", registered.get("max_prompts"))
     import inspect
 
-    accepted = set(inspect.signature(ESTIMATORS[name]).parameters) - {"xs", "ys", "queries"}
+    accepted = set(inspect.signature(function).parameters) - {"xs", "ys", "queries"}
     unknown = sorted(set(kwargs) - accepted)
     if unknown:
         raise BaselineError(
             f"baseline {name!r} has no option {unknown[0]!r}; it accepts {', '.join(sorted(accepted)) or 'none'}"
             f" and max_prompts"
         )
-    return BaselineSpec(spec, ESTIMATORS[name], kwargs, max_prompts, name in SKLEARN_ESTIMATORS)
+    return BaselineSpec(spec, function, kwargs, max_prompts, registered.get("needs_sklearn", False))
 
 
 def sklearn_available() -> bool:
@@ -379,10 +389,3 @@ def sklearn_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def default_baselines(task_name: str) -> tuple[str, ...]:
-    """The estimators a function class declares (``FunctionClass.default_baselines``)."""
-    from .tasks import resolve_task_class
-
-    return resolve_task_class(task_name).default_baselines

@@ -48,46 +48,48 @@ from typing import Any, Literal, get_args
 import torch
 import torch.nn.functional as F
 
-# The fixed choices, as types (recipes check them and --help lists them: config.ConMLArguments).
-Representation = Literal["probe_output", "probe_hidden"]
+from .registry import Registry, takes_positional
+
+# The fixed choices, as types (recipes check them and --help lists them: arguments.ConMLArguments).
 Loss = Literal["difference", "infonce"]
 Terms = Literal["both", "in", "out"]
 PrefixMode = Literal["probe_mask", "extra_sequence"]
-REPRESENTATIONS: tuple[str, ...] = get_args(Representation)
 LOSSES: tuple[str, ...] = get_args(Loss)
 TERMS: tuple[str, ...] = get_args(Terms)
 PREFIX_MODES: tuple[str, ...] = get_args(PrefixMode)
 
+# The extension points: each a registry, named in a recipe by registered name or import path.
 # A view sampler: (n_tasks, n_points, num_views, generator, subset_min, subset_max) -> pair
 # indices (B, K, s) in the order the view presents them, s the same for every task and view.
 ViewSampler = Callable[[int, int, int, torch.Generator, float, float], torch.Tensor]
-VIEWS: dict[str, ViewSampler] = {}
-# Views that are the first s pairs in order: probed by masked probe tokens, no extra tokens.
-PREFIX_VIEWS: set[str] = set()
+VIEWS: Registry[ViewSampler] = Registry(
+    "conml_views",
+    takes_positional(6),
+    "a view sampler f(n_tasks, n_points, num_views, generator, subset_min, subset_max)",
+)
 # A distance φ(a, b) over the last dimension, broadcasting the others.
-DISTANCES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
+Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+DISTANCES: Registry[Distance] = Registry("conml_distance", takes_positional(2), "a distance f(a, b)")
+# A representation: (appended_outputs (B, P), appended_hidden (B, P, E)) -> (B, P, D), read at the probes.
+Representation = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+REPRESENTATIONS: Registry[Representation] = Registry(
+    "conml_representation", takes_positional(2), "a representation f(appended_outputs, appended_hidden)"
+)
 
 
 def register_view(name: str, prefix: bool = False) -> Callable[[ViewSampler], ViewSampler]:
     """Register a view sampler as ``conml_views: name`` (``prefix=True``: it returns leading pairs)."""
-
-    def register(sampler: ViewSampler) -> ViewSampler:
-        VIEWS[name] = sampler
-        if prefix:
-            PREFIX_VIEWS.add(name)
-        return sampler
-
-    return register
+    return VIEWS.register(name, prefix=prefix)
 
 
-def register_distance(name: str):
+def register_distance(name: str) -> Callable[[Distance], Distance]:
     """Register φ as ``conml_distance: name``; it must broadcast over leading dimensions."""
+    return DISTANCES.register(name)
 
-    def register(function):
-        DISTANCES[name] = function
-        return function
 
-    return register
+def register_representation(name: str) -> Callable[[Representation], Representation]:
+    """Register what a probe reads as ``conml_representation: name``."""
+    return REPRESENTATIONS.register(name)
 
 
 # ---- sampling --------------------------------------------------------------------------------
@@ -143,10 +145,10 @@ def sample_views(
     subset_min: float = 0.5,
     subset_max: float = 0.5,
 ) -> torch.Tensor:
-    """Pair indices of each view, shape (B, K, s), from the registered sampler ``kind``."""
-    if kind not in VIEWS:
-        raise ValueError(f"unknown conml_views {kind!r}; choose one of {', '.join(VIEWS)}")
-    return VIEWS[kind](n_tasks, n_points, num_views, generator, subset_min, subset_max)
+    """Pair indices of each view, shape (B, K, s), from the sampler ``kind`` names (a registered
+    name, or an import path the recipe already resolved)."""
+    sampler = VIEWS.resolve(kind, allow_import=False)
+    return sampler(n_tasks, n_points, num_views, generator, subset_min, subset_max)
 
 
 # ---- tokens ------------------------------------------------------------------------------------
@@ -298,7 +300,7 @@ def build_layout(
     batch, n_points, width = xs.shape
     num_views, size = view_index.shape[1], view_index.shape[2]
     num_probes = probes.shape[1]
-    masked_prefix = view_kind in PREFIX_VIEWS and prefix_mode == "probe_mask"
+    masked_prefix = VIEWS.options(view_kind).get("prefix", False) and prefix_mode == "probe_mask"
     structure = _layout_structure(n_points, size, num_probes, num_views, masked_prefix, view_rows, xs.device)
 
     probes = probes.to(xs.dtype)
@@ -328,20 +330,24 @@ def representations(
     layout: ProbeLayout,
     kind: str = "probe_output",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Anchor (B, D) and view (B, K, D) representations read at the probe tokens.
-
-    ``probe_output``: the read-out prediction at each of the M probes (D = M).
-    ``probe_hidden``: the last hidden state at each probe, concatenated (D = M · n_embd).
-    """
-    if kind == "probe_output":
-        source = appended_outputs.unsqueeze(-1)
-    elif kind == "probe_hidden":
-        source = appended_hidden
-    else:
-        raise ValueError(f"unknown conml_representation {kind!r}; choose one of {REPRESENTATIONS}")
+    """Anchor (B, D) and view (B, K, D) representations read at the probe tokens, by the
+    representation ``kind`` names (a registered name, or an import path the recipe resolved)."""
+    source = REPRESENTATIONS.resolve(kind, allow_import=False)(appended_outputs, appended_hidden)
     anchor = source[:, layout.anchor_slots].flatten(1)
     views = source[:, layout.view_slots].flatten(2)
     return anchor.float(), views.float()
+
+
+@register_representation("probe_output")
+def probe_output(appended_outputs: torch.Tensor, appended_hidden: torch.Tensor) -> torch.Tensor:
+    """The read-out prediction at each of the M probes (D = M): the paper's."""
+    return appended_outputs.unsqueeze(-1)
+
+
+@register_representation("probe_hidden")
+def probe_hidden(appended_outputs: torch.Tensor, appended_hidden: torch.Tensor) -> torch.Tensor:
+    """The last hidden state at each probe, concatenated (D = M · n_embd)."""
+    return appended_hidden
 
 
 # ---- distances and the objective ---------------------------------------------------------------
@@ -364,10 +370,9 @@ def sq_euclidean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def distance(a: torch.Tensor, b: torch.Tensor, kind: str = "sigmoid_sq") -> torch.Tensor:
-    """φ(a, b) over the last dimension (broadcasting the others), by registered name."""
-    if kind not in DISTANCES:
-        raise ValueError(f"unknown conml_distance {kind!r}; choose one of {', '.join(DISTANCES)}")
-    return DISTANCES[kind](a, b)
+    """φ(a, b) over the last dimension (broadcasting the others), by registered name (or an import
+    path the recipe already resolved)."""
+    return DISTANCES.resolve(kind, allow_import=False)(a, b)
 
 
 def gather_across_processes(local: torch.Tensor) -> tuple[torch.Tensor, int]:

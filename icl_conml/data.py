@@ -20,7 +20,7 @@ import torch
 
 from . import conml
 from .errors import UserError
-from .tasks import TASK_REGISTRY, FunctionClass, Params, index_params
+from .tasks import TASKS, FunctionClass, Params, index_params
 
 # Distinct streams derived from one seed: the same seed never feeds two purposes.
 _TRAIN_STREAM, _POOL_STREAM, _EVAL_STREAM, _CONML_STREAM = 1, 2, 3, 4
@@ -285,10 +285,6 @@ class Prompts(torch.utils.data.Dataset):
         return {"xs": self.xs[index], "ys": self.ys[index]}
 
 
-#: The former name of ``Prompts`` (the same class).
-FixedPrompts = Prompts
-
-
 # ---- Garg et al.'s distribution shifts (the evaluation's --ood) and fresh evaluation prompts ----------------
 
 OOD_KINDS = ("scale_x", "scale_y", "noisy_y", "skewed", "orthant", "orthogonal_query", "repeated_query")
@@ -347,7 +343,7 @@ class OODShift(PromptShift):
 
     def error_scale(self, task: FunctionClass) -> float:
         """Scaled prompts are normalised back by the factor² (labels of a classifier are signs)."""
-        if self.kind not in _OOD_NEEDS_VALUE or task.name == "linear_classification":
+        if self.kind not in _OOD_NEEDS_VALUE or task.sign_labels:
             return 1.0
         return float(self.value) ** 2
 
@@ -403,6 +399,6 @@ def sample_prompts(
     """
     shift = parse_ood(ood)
     if shift is not None and not task.linear:
-        linear = ", ".join(name for name, cls in TASK_REGISTRY.items() if cls.linear)
+        linear = ", ".join(name for name, cls in TASKS.items() if cls.linear)
         raise PromptError(f"--ood applies to linear function classes ({linear}), not {task.name!r}")
     return Prompts.sample(task, n_prompts, n_points, seed, EVALUATION_STREAM, shift)

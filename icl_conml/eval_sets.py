@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from . import __version__
 from .data import sample_prompts
 from .errors import OneLineParser, UserError, command_name, entry_point
-from .tasks import TASK_REGISTRY, FunctionClass, get_task
+from .tasks import TASKS, FunctionClass, get_task, resolve_task_class
 
 if TYPE_CHECKING:
     import datasets
@@ -49,7 +49,7 @@ def task_hyperparameters(task: FunctionClass) -> dict[str, Any]:
 def hyperparameter_fields() -> dict[str, type]:
     """Every hyper-parameter of a registered function class, with its type (for command-line flags)."""
     found: dict[str, type] = {}
-    for cls in TASK_REGISTRY.values():
+    for _, cls in TASKS.items():
         if dataclasses.is_dataclass(cls):
             for f in dataclasses.fields(cls):
                 if f.init and f.name != "n_dims" and f.default is not dataclasses.MISSING:
@@ -57,13 +57,19 @@ def hyperparameter_fields() -> dict[str, type]:
     return found
 
 
+def task_class(task_name: str) -> type[FunctionClass]:
+    """The class a registry name or an import path (``package.module:ClassName``: the user's own
+    command names it, so it is imported) gives; else one line."""
+    try:
+        return resolve_task_class(task_name, allow_import=True)
+    except ValueError as error:
+        raise EvalSetError(str(error).splitlines()[0]) from None
+
+
 def resolve_task(task_name: str, n_dims: int, **overrides: Any) -> FunctionClass:
     """The function class with ``overrides`` for the hyper-parameters it has (others are ignored:
     one command can serve several tasks) and its own defaults for the rest, as a recipe builds it."""
-    try:
-        cls = TASK_REGISTRY[task_name]
-    except KeyError:
-        raise EvalSetError(f"unknown task {task_name!r}; choose from {', '.join(TASK_REGISTRY)}") from None
+    cls = task_class(task_name)
     accepted = {f.name for f in dataclasses.fields(cls) if f.init and f.name != "n_dims"}
     try:
         return get_task(
@@ -74,7 +80,8 @@ def resolve_task(task_name: str, n_dims: int, **overrides: Any) -> FunctionClass
 
 
 def set_name(task: str, n_dims: int, n_points: int, seed: int, ood: str | None) -> str:
-    name = f"{task}_d{n_dims}_n{n_points}_s{seed}"
+    """The set's folder and Hub config name (an import path's ``:`` becomes ``-``)."""
+    name = f"{task.replace(':', '-')}_d{n_dims}_n{n_points}_s{seed}"
     return name + (f"_{ood.replace('=', '')}" if ood else "")
 
 
@@ -304,7 +311,12 @@ def main(argv: list[str]) -> int:
         prog=command_name("python data_scripts/make_eval_sets.py", "icl_conml make-eval-sets"),
         description="Write fixed evaluation prompt sets (datasets, with a dataset card).",
     )
-    parser.add_argument("--tasks", nargs="+", default=["linear_regression"], help=", ".join(TASK_REGISTRY))
+    parser.add_argument(
+        "--tasks",
+        nargs="+",
+        default=["linear_regression"],
+        help=f"{', '.join(TASKS)}, or your own as package.module:ClassName",
+    )
     parser.add_argument("--n_dims", type=int, default=20)
     parser.add_argument("--n_points", type=int, default=41)
     parser.add_argument("--n_prompts", type=int, default=1280)
@@ -338,10 +350,7 @@ def main(argv: list[str]) -> int:
         overrides.update(
             {key: getattr(args, key) for key in hyperparameter_fields() if getattr(args, key) is not None}
         )
-        for task in args.tasks:
-            if task not in TASK_REGISTRY:
-                raise EvalSetError(f"unknown task {task!r}; choose from {', '.join(TASK_REGISTRY)}")
-        taken = {f.name for task in args.tasks for f in dataclasses.fields(TASK_REGISTRY[task])}
+        taken = {f.name for task in args.tasks for f in dataclasses.fields(task_class(task))}
         unknown = sorted(set(overrides) - taken)
         if unknown:
             raise EvalSetError(f"{', '.join(args.tasks)} take no hyper-parameter {', '.join(unknown)}")

@@ -65,7 +65,10 @@ def _experiment_settings(recipe: dict[str, Any], ignored: set[str]) -> dict[str,
 
     try:
         hyperparameters = set(
-            hyperparameter_names(resolve_task_class(recipe.get("task", "linear_regression")))
+            # a record is data: an import path it names is not imported (RemoteCodeError is a ValueError)
+            hyperparameter_names(
+                resolve_task_class(recipe.get("task", "linear_regression"), allow_import=False)
+            )
         )
     except ValueError:
         hyperparameters = set()

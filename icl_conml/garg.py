@@ -32,7 +32,7 @@ from transformers import GPT2Config
 
 from .errors import OneLineParser, UserError, command_name, entry_point
 from .modeling import ICLConfig, ICLModel
-from .tasks import TASK_REGISTRY
+from .tasks import TASKS
 
 #: Garg et al.'s task names → ours (the same name where absent).
 TASK_NAMES = {"relu_2nn_regression": "relu_2nn"}
@@ -67,10 +67,8 @@ def read_config(path: str | Path) -> dict[str, Any]:
     training = config.get("training") or {}
     their_task = training.get("task", "linear_regression")
     task = TASK_NAMES.get(their_task, their_task)
-    if task not in TASK_REGISTRY:
-        raise GargConversionError(
-            f"{path}: task {their_task!r} has no counterpart here ({', '.join(TASK_REGISTRY)})"
-        )
+    if task not in TASKS:
+        raise GargConversionError(f"{path}: task {their_task!r} has no counterpart here ({', '.join(TASKS)})")
     kwargs = {TASK_KWARG_NAMES.get(k, k): v for k, v in (training.get("task_kwargs") or {}).items()}
     scale = kwargs.pop("scale", 1)
     if scale != 1:

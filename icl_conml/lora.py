@@ -32,7 +32,7 @@ from .arguments import ModelArguments, Recipe, RecipeError
 from .errors import OneLineParser, UserError, command_name, entry_point
 from .extras import require
 from .model_card import write_model_card
-from .modeling import ICLConfig, ICLModel
+from .modeling import ICLConfig, ICLModel, trusting_remote_code
 from .tasks import task_reference
 
 if TYPE_CHECKING:  # peft is an extra (pip install 'icl_conml[peft]'): imported where LoRA is used
@@ -176,6 +176,7 @@ def load_lora_model(
     is_trainable: bool = False,
     attn_implementation: str = "sdpa",
     backbone_name_or_path: str | None = None,
+    trust_remote_code: bool = False,
     **hub_kwargs,
 ) -> PeftModel:
     """A saved LoRA run (folder or Hub id) on its pretrained backbone, adapters attached.
@@ -183,6 +184,7 @@ def load_lora_model(
     The backbone loads from the name recorded in ``config.json`` unless
     ``backbone_name_or_path`` points at the same pretrained model elsewhere (a moved folder).
     ``hub_kwargs`` (revision, token, cache_dir, local_files_only, ...) apply to the run's repository.
+    A task named by import path in ``config.json`` is imported only with ``trust_remote_code``.
     """
     name_or_path = str(name_or_path)
     config = ICLConfig.from_pretrained(name_or_path, **hub_kwargs)
@@ -193,15 +195,16 @@ def load_lora_model(
             f"it is not a LoRA run of icl_conml; load it with ICLModel.from_pretrained"
         )
     try:
-        base = ICLModel.from_pretrained_backbone(
-            backbone,
-            attn_implementation=attn_implementation,
-            n_dims=config.n_dims,
-            n_positions=config.n_positions,
-            task=config.task,
-            task_kwargs=config.task_kwargs,
-            dropout=config.dropout,
-        )
+        with trusting_remote_code(trust_remote_code):
+            base = ICLModel.from_pretrained_backbone(
+                backbone,
+                attn_implementation=attn_implementation,
+                n_dims=config.n_dims,
+                n_positions=config.n_positions,
+                task=config.task,
+                task_kwargs=config.task_kwargs,
+                dropout=config.dropout,
+            )
     except OSError as error:
         first = (str(error).strip().splitlines() or [""])[0]
         raise OSError(
@@ -217,6 +220,7 @@ def merge(
     output_dir: str | Path | None = None,
     *,
     attn_implementation: str = "sdpa",
+    trust_remote_code: bool = False,
     **hub_kwargs,
 ) -> ICLModel:
     """Fold the LoRA adapters into the backbone: a plain ``ICLModel`` (saved to ``output_dir`` if given).
@@ -227,7 +231,9 @@ def merge(
     if hasattr(source, "merge_and_unload"):  # a PeftModel
         model = source
     else:
-        model = load_lora_model(source, attn_implementation=attn_implementation, **hub_kwargs)
+        model = load_lora_model(
+            source, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code, **hub_kwargs
+        )
     merged = model.merge_and_unload()
     if output_dir is not None:
         output_dir = Path(output_dir)
@@ -250,6 +256,11 @@ def main(argv: list[str]) -> int:
     merge_cmd = commands.add_parser("merge", help="export a LoRA run as a plain ICLModel")
     merge_cmd.add_argument("adapter", help="folder or Hub id of the LoRA run (adapter_config.json)")
     merge_cmd.add_argument("output_dir", help="where the merged model goes")
+    merge_cmd.add_argument(
+        "--trust_remote_code",
+        action="store_true",
+        help="import the task its config.json names by import path (runs that code)",
+    )
     args = parser.parse_args(argv)
     try:
         found = is_lora_checkpoint(args.adapter)
@@ -260,7 +271,9 @@ def main(argv: list[str]) -> int:
             f"{args.adapter} holds no adapter_config.json; pass the folder (or Hub id) of a run trained "
             f"with lora_r > 0"
         )
-    merge(args.adapter, args.output_dir)  # MissingExtra (no peft): one line, exit 2
+    merge(
+        args.adapter, args.output_dir, trust_remote_code=args.trust_remote_code
+    )  # MissingExtra (no peft): one line, exit 2
     print(f"merged {args.adapter} into {args.output_dir}")
     return 0
 

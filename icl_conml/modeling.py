@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +28,23 @@ from .tasks import get_task
 
 #: ``from_pretrained`` arguments that locate files (used to look for a LoRA run's adapter config).
 HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "force_download", "subfolder")
+
+
+#: Whether the model being built may import the task its config names by import path: only
+#: while ``from_pretrained(..., trust_remote_code=True)`` (or ``trusting_remote_code(True)``) runs.
+_TRUST_REMOTE_CODE: ContextVar[bool] = ContextVar("icl_conml_trust_remote_code", default=False)
+
+
+@contextmanager
+def trusting_remote_code(trust: bool) -> Iterator[None]:
+    """Within it, an ``ICLModel`` whose config names its task by an import path not yet known to
+    this process imports that module when ``trust`` is True (transformers' ``trust_remote_code``);
+    otherwise it is refused (``registry.RemoteCodeError``) before anything is imported."""
+    token = _TRUST_REMOTE_CODE.set(bool(trust))
+    try:
+        yield
+    finally:
+        _TRUST_REMOTE_CODE.reset(token)
 
 
 class LoRARunError(UserError, ValueError):
@@ -137,8 +157,12 @@ class ICLModel(ICLPreTrainedModel):
         self.read_in = nn.Linear(config.n_dims, config.hidden_size)
         self.backbone = backbone if backbone is not None else AutoModel.from_config(config.backbone_config)
         self.read_out = nn.Linear(config.hidden_size, 1)
-        # The function class gives the training loss; built once, not on every forward.
-        self.task_class = get_task(config.task, config.n_dims, **config.task_kwargs)
+        # The function class gives the training loss; built once, not on every forward. A config
+        # is data: its import path is imported only under trust_remote_code (or when this process
+        # already knows it: a registered class, or the one the user's recipe named).
+        self.task_class = get_task(
+            config.task, config.n_dims, allow_import=_TRUST_REMOTE_CODE.get(), **config.task_kwargs
+        )
         use_exact_new_gelu(self.backbone)
         self.post_init()
 
@@ -149,6 +173,8 @@ class ICLModel(ICLPreTrainedModel):
         A LoRA run (``adapter_config.json`` next to ``config.json``; also what ``AutoModel``
         finds there) is refused with a ``LoRARunError`` naming ``icl_conml.lora.load_lora_model``
         and ``icl_conml.lora.merge``, the calls that load it onto its pretrained backbone.
+        A task named by import path in ``config.json`` is imported only with
+        ``trust_remote_code=True`` (which ``AutoModel.from_pretrained`` passes on).
         """
         adapter = (kwargs.get("adapter_kwargs") or {}).get("_adapter_model_path")
         if adapter is None and pretrained_model_name_or_path is not None:
@@ -161,7 +187,8 @@ class ICLModel(ICLPreTrainedModel):
                 f"icl_conml.lora.load_lora_model({str(adapter)!r}) (the peft model) or "
                 f"icl_conml.lora.merge({str(adapter)!r}) (a plain ICLModel)"
             )
-        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        with trusting_remote_code(kwargs.get("trust_remote_code") is True):
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     @classmethod
     def from_pretrained_backbone(

@@ -19,7 +19,6 @@ makes exactly the generator calls it always made, so data without a curriculum i
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -28,50 +27,34 @@ from typing import Any, ClassVar, TypeVar
 import torch
 import torch.nn.functional as F
 
+from .registry import Registry, import_path
+
 Params = dict[str, torch.Tensor]
 TaskT = TypeVar("TaskT", bound="type[FunctionClass]")
 
-# Every registered function class by name (built-ins and ``@register_task`` classes).
-TASK_REGISTRY: dict[str, type[FunctionClass]] = {}
+#: Every function class by name (built-ins and ``@register_task`` classes); a recipe may also
+#: name one by import path (``registry.Registry.resolve``).
+TASKS: Registry[type[FunctionClass]] = Registry(
+    "task", lambda obj: isinstance(obj, type) and issubclass(obj, FunctionClass), "a FunctionClass subclass"
+)
 
 
 def register_task(name: str) -> Callable[[TaskT], TaskT]:
     """Class decorator: make a ``FunctionClass`` available to recipes as ``task: name``."""
 
     def register(cls: TaskT) -> TaskT:
-        if not (isinstance(cls, type) and issubclass(cls, FunctionClass)):
-            raise TypeError(f"@register_task({name!r}) decorates a FunctionClass subclass, not {cls!r}")
-        if TASK_REGISTRY.get(name, cls) is not cls and TASK_REGISTRY[name].__qualname__ != cls.__qualname__:
-            raise ValueError(
-                f"task name {name!r} is already registered for {TASK_REGISTRY[name].__qualname__}"
-            )
+        TASKS.add(name, cls)
         cls.name = name
-        TASK_REGISTRY[name] = cls
         return cls
 
     return register
 
 
-def resolve_task_class(name: str) -> type[FunctionClass]:
-    """The class a recipe's ``task`` names: a registry name or ``package.module:ClassName``."""
-    if name in TASK_REGISTRY:
-        return TASK_REGISTRY[name]
-    module_name, colon, attribute = name.partition(":")
-    if not colon:
-        raise ValueError(
-            f"unknown task {name!r}; choose one of {sorted(TASK_REGISTRY)} or name your own class as "
-            f"'package.module:ClassName'"
-        )
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise ValueError(
-            f"task {name!r}: cannot import {module_name!r} ({error}); is it on PYTHONPATH?"
-        ) from None
-    cls = getattr(module, attribute, None)
-    if not (isinstance(cls, type) and issubclass(cls, FunctionClass)):
-        raise ValueError(f"task {name!r}: {module_name} has no FunctionClass subclass named {attribute!r}")
-    return cls
+def resolve_task_class(name: str, *, allow_import: bool = False) -> type[FunctionClass]:
+    """The class ``name`` gives: a registry name or ``package.module:ClassName``, imported only
+    with ``allow_import`` (a recipe or command line the user runs; ``trust_remote_code`` for a
+    name read from a file): see ``registry.Registry.resolve``."""
+    return TASKS.resolve(name, allow_import=allow_import)
 
 
 def hyperparameter_names(cls: type[FunctionClass]) -> tuple[str, ...]:
@@ -86,7 +69,7 @@ def task_reference(task: FunctionClass) -> str:
     cls = type(task)
     if cls.__module__ == __name__ or ":" in task.name:
         return task.name
-    return f"{cls.__module__}:{cls.__qualname__}"
+    return import_path(cls)
 
 
 @dataclass
@@ -106,6 +89,8 @@ class FunctionClass:
     default_baselines: ClassVar[tuple[str, ...]] = ("least_squares", "averaging", "knn")
     # Whether Garg et al.'s distribution shifts of x and w (evaluation --ood) apply.
     linear: ClassVar[bool] = False
+    # Whether labels are signs (±1): a scaled shift (--ood scale_x/scale_y) leaves their error as is.
+    sign_labels: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if self.n_dims < 1:
@@ -247,6 +232,8 @@ class NoisyLinearRegression(LinearRegression):
 class LinearClassification(LinearRegression):
     """y = sign(w·x) in {-1, +1}; trained with logistic loss, evaluated by 0-1 error."""
 
+    sign_labels: ClassVar[bool] = True
+
     def evaluate(
         self, params: Params, xs: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
@@ -360,13 +347,14 @@ class DecisionTree(FunctionClass):
         return 1.0
 
 
-def get_task(name: str, n_dims: int, **kwargs: Any) -> FunctionClass:
-    """Build a function class by registry name or import path; keyword arguments that are not
+def get_task(name: str, n_dims: int, *, allow_import: bool = False, **kwargs: Any) -> FunctionClass:
+    """Build a function class by registry name or import path (imported only with
+    ``allow_import``: see ``resolve_task_class``); keyword arguments that are not
     hyper-parameters of the class are ignored (recipes carry every built-in's flat keys)."""
-    cls = resolve_task_class(name)
+    cls = resolve_task_class(name, allow_import=allow_import)
     accepted = hyperparameter_names(cls)
     task = cls(n_dims=n_dims, **{key: value for key, value in kwargs.items() if key in accepted})
-    if TASK_REGISTRY.get(name) is not cls:
+    if name not in TASKS:
         task.name = name  # an import path names the class wherever it is used (config, evaluation)
     return task
 

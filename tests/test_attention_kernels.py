@@ -14,8 +14,10 @@ import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from icl_conml import ICLConfig, ICLModel
-from icl_conml.config import RecipeError, parse_recipe, validate
+from icl_conml.arguments import RecipeError
 from icl_conml.modeling import MASK_KERNELS
+from icl_conml.recipe_checks import validate
+from icl_conml.recipe_parser import parse_recipe
 
 # Every registered kernel, plus the paged forms transformers resolves by prefix.
 KERNELS = sorted({"eager", *ALL_ATTENTION_FUNCTIONS.valid_keys(), "paged|sdpa", "paged|flash_attention_2"})

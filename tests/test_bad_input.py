@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import icl_conml.train as train_module
-from icl_conml.config import parse_recipe
+from icl_conml.recipe_parser import parse_recipe
 from icl_conml.train import main
 
 REPO = Path(__file__).resolve().parents[1]

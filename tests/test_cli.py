@@ -18,7 +18,8 @@ import pytest
 from transformers.debug_utils import DebugOption
 
 from icl_conml import cli, errors
-from icl_conml.config import RecipeError, build_parser, parse_recipe
+from icl_conml.arguments import RecipeError
+from icl_conml.recipe_parser import build_parser, parse_recipe
 from icl_conml.resources import ResourceNotFound
 from icl_conml.train import main as train_main
 
@@ -160,11 +161,12 @@ def test_training_help_shows_the_recipe_groups_and_choices():
         "ConML:",
         "training (transformers.TrainingArguments; defaults: the quickstart):",
     ]
-    for choices in ("{probe_output,probe_hidden}", "{difference,infonce}", "{both,in,out}",
+    for choices in ("{difference,infonce}", "{both,in,out}",
                     "{probe_mask,extra_sequence}", "{eager,sdpa,flash_attention_2,flash_attention_3}"):  # fmt: skip
         assert choices in text, choices
     words = " ".join(text.split())  # the help is wrapped
     assert "prefix_half | random_subset | shuffle | shuffled_subset" in words  # registered views, by name
+    assert "probe_output | probe_hidden" in words  # registered representations
 
 
 @pytest.mark.parametrize(

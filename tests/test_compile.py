@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import TINY_TRAIN_ARGS
 
-from icl_conml.config import parse_recipe
+from icl_conml.recipe_parser import parse_recipe
 from icl_conml.train import run
 
 

@@ -25,7 +25,8 @@ import torch
 import yaml
 
 from icl_conml import ICLModel
-from icl_conml.config import ICLTrainingArguments, parse_recipe
+from icl_conml.arguments import ICLTrainingArguments
+from icl_conml.recipe_parser import parse_recipe
 from icl_conml.train import build_eval_prompts, build_model
 from icl_conml.train import main as train_main
 

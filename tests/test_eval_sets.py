@@ -16,7 +16,7 @@ D, N, SEED = 5, 12, 4  # the conftest tiny model: n_dims 5, n_positions 12
 
 
 def test_every_task_builds_with_the_class_defaults():
-    for name in tasks.TASK_REGISTRY:
+    for name in tasks.TASKS:
         dataset = eval_sets.build_eval_set(name, D, N, 8, SEED)
         recorded = json.loads(dataset[0]["task_kwargs"])
         defaults = eval_sets.task_hyperparameters(tasks.get_task(name, D))
@@ -40,9 +40,10 @@ class ScaledLinear(tasks.LinearRegression):
         return self.scale * super().evaluate(params, xs)
 
 
-def test_a_new_task_hyperparameter_needs_no_change(monkeypatch, tmp_path):
+def test_a_new_task_hyperparameter_needs_no_change(monkeypatch, tmp_path, request):
     """The old script raised KeyError for any hyper-parameter missing from its copy of the defaults."""
-    monkeypatch.setitem(tasks.TASK_REGISTRY, "scaled_linear", ScaledLinear)
+    tasks.TASKS.add("scaled_linear", ScaledLinear)
+    request.addfinalizer(lambda: tasks.TASKS.remove("scaled_linear"))
     if hasattr(tasks, "TASK_KWARGS"):  # before hyper-parameters were read from the class's fields
         monkeypatch.setitem(tasks.TASK_KWARGS, "scaled_linear", ("scale",))
     dataset = eval_sets.build_eval_set("scaled_linear", D, N, 4, SEED)

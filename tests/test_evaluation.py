@@ -159,16 +159,18 @@ def test_ood_prompts_against_least_squares_theory():
 
 
 def test_ood_flags_are_checked():
-    with pytest.raises(ev.EvaluationError, match="linear function classes"):
-        ev.sample_prompts(get_task("relu_2nn", 3), 4, 5, seed=0, ood="orthant")
-    with pytest.raises(ev.EvaluationError, match="needs a factor"):
-        ev.parse_ood("scale_x")
-    with pytest.raises(ev.EvaluationError, match="unknown --ood 'rotated'"):
-        ev.parse_ood("rotated")
     # data.py owns the shifts (eval sets use them without the evaluation): its own one-line error, exit 2.
+    with pytest.raises(PromptError, match="linear function classes"):
+        ev.sample_prompts(get_task("relu_2nn", 3), 4, 5, seed=0, ood="orthant")
+    with pytest.raises(PromptError, match="needs a factor"):
+        ev.parse_ood("scale_x")
     with pytest.raises(PromptError, match="unknown --ood 'rotated'") as raised:
         data.sample_prompts(get_task("linear_regression", 3), 4, 5, seed=0, ood="rotated")
     assert isinstance(raised.value, UserError) and raised.value.exit_code == 2
+    # The evaluation reports it as its own error (same line).
+    model = ICLModel(ICLConfig(n_dims=3, n_positions=5, n_embd=16, n_layer=1, n_head=2, task="relu_2nn"))
+    with pytest.raises(ev.EvaluationError, match="linear function classes"):
+        ev.resolve_setting(model.config, ev.EvaluationArguments(ood="orthant", n_prompts=4))
 
 
 # ---- CLI, eval sets, compare --------------------------------------------------------------------------

@@ -9,7 +9,6 @@ import pytest
 import torch
 from conftest import TINY_TRAIN_ARGS
 
-from icl_conml.config import parse_recipe
 from icl_conml.data import (
     ConMLSampling,
     Curriculum,
@@ -18,6 +17,7 @@ from icl_conml.data import (
     Schedule,
     distinct_indices,
 )
+from icl_conml.recipe_parser import parse_recipe
 from icl_conml.tasks import get_task
 from icl_conml.train import build_sampler, main
 

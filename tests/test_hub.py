@@ -23,12 +23,13 @@ from transformers import AutoModel, GPT2Config, GPT2Model
 
 import icl_conml  # noqa: F401  (registers the Auto classes)
 from icl_conml import ICLConfig, ICLModel
-from icl_conml.config import ModelArguments, parse_recipe
+from icl_conml.arguments import ModelArguments
 from icl_conml.evaluation import EvaluationArguments, evaluate_model, results_table, write_results
 from icl_conml.hub import HubPushError, explain_push_error, push_folder
 from icl_conml.hub import main as hub_main
 from icl_conml.lora import prepare_model
 from icl_conml.model_card import build_model_card, write_model_card
+from icl_conml.recipe_parser import parse_recipe
 from icl_conml.train import main, run
 
 TINY = [

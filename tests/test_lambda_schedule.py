@@ -7,7 +7,8 @@ import json
 import pytest
 from conftest import TINY_TRAIN_ARGS
 
-from icl_conml.config import ConMLArguments, RecipeError, parse_recipe
+from icl_conml.arguments import ConMLArguments, RecipeError
+from icl_conml.recipe_parser import parse_recipe
 from icl_conml.train import main
 
 

@@ -17,10 +17,11 @@ from transformers import AutoModel, GPT2Config, GPT2Model
 
 import icl_conml  # noqa: F401  (registers the Auto classes)
 from icl_conml import ICLModel
-from icl_conml.config import RecipeError, parse_recipe
+from icl_conml.arguments import RecipeError
 from icl_conml.lora import is_lora_checkpoint, load_lora_model, merge
 from icl_conml.lora import main as lora_main
 from icl_conml.modeling import LoRARunError
+from icl_conml.recipe_parser import parse_recipe
 from icl_conml.train import build_model, build_sampler
 from icl_conml.trainer import ConMLTrainer
 

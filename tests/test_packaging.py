@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from icl_conml import resources
-from icl_conml.config import RecipeError, parse_recipe
+from icl_conml.arguments import RecipeError
+from icl_conml.recipe_parser import parse_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 EXTRA_MODULES = ["deepspeed", "peft", "tensorboard", "wandb", "sklearn", "matplotlib", "evaluate"]

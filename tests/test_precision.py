@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 RECORDING_SCRIPT = """
 import json, sys
 import torch
-from icl_conml.config import parse_recipe
+from icl_conml.recipe_parser import parse_recipe
 from icl_conml.train import build_eval_prompts, build_model, build_sampler
 from icl_conml.trainer import ConMLTrainer
 

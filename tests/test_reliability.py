@@ -21,8 +21,8 @@ from test_resume import RESUME_ARGS, TINY, _assert_identical, _env, _weights
 from transformers import TrainerCallback
 
 from icl_conml import run_lock
+from icl_conml.arguments import RecipeError
 from icl_conml.checkpoints import MANIFEST, check_checkpoint
-from icl_conml.config import RecipeError
 from icl_conml.errors import EXIT_CTRL_C, EXIT_INTERRUPTED
 from icl_conml.run_record import read_history, read_status
 from icl_conml.storage_errors import EXIT_STORAGE
@@ -247,7 +247,7 @@ def test_an_update_that_poisons_the_weights_is_stopped_before_it_is_saved(tmp_pa
 
 
 def test_every_saved_checkpoint_is_finite_when_the_update_fails_later(tmp_path, capsys):
-    from icl_conml.config import parse_recipe
+    from icl_conml.recipe_parser import parse_recipe
     from icl_conml.train import build_model, build_sampler
     from icl_conml.trainer import ConMLTrainer
 
@@ -544,7 +544,7 @@ def test_safe_changes_are_allowed_and_recorded(tmp_path, capsys):
     assert starts[0]["settings"]["logging_steps"] == 100 and starts[1]["settings"]["logging_steps"] == 1
     assert read_status(out)["step"] == 6
     # recipe.yaml is the current segment's settings and loads back to the same recipe.
-    from icl_conml.config import parse_recipe
+    from icl_conml.recipe_parser import parse_recipe
 
     saved = parse_recipe([str(out / "recipe.yaml")]).to_dict()
     assert saved == starts[1]["settings"]

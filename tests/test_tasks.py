@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from icl_conml.data import Curriculum, PromptSampler, Schedule
-from icl_conml.tasks import TASK_REGISTRY, get_task
+from icl_conml.tasks import TASKS, get_task
 
 N_TASKS, N_POINTS, D = 2000, 8, 10
 
@@ -17,7 +17,7 @@ def sample(name: str, **kwargs):
     return task, params, xs, task.evaluate(params, xs, gen)
 
 
-@pytest.mark.parametrize("name", sorted(TASK_REGISTRY))
+@pytest.mark.parametrize("name", sorted(TASKS.names()))
 def test_shapes_and_determinism(name):
     task, params, xs, ys = sample(name)
     assert xs.shape == (N_TASKS, N_POINTS, D) and ys.shape == (N_TASKS, N_POINTS)
@@ -101,3 +101,19 @@ def test_task_pool_draws_from_a_fixed_set_of_functions():
         w = torch.linalg.lstsq(batch["xs"], batch["ys"].unsqueeze(-1)).solution.squeeze(-1)
         ws.update(tuple(round(v, 3) for v in row.tolist()) for row in w)
     assert len(ws) == 3
+
+
+def test_a_scaled_shift_leaves_the_error_of_sign_labels_as_is():
+    """Whether labels are signs is a property of the class (``sign_labels``), not of its name."""
+    from dataclasses import dataclass
+
+    from icl_conml.data import ood_error_scale
+    from icl_conml.tasks import LinearClassification
+
+    @dataclass
+    class Renamed(LinearClassification):  # a user's subclass, never registered
+        pass
+
+    assert ood_error_scale(get_task("linear_regression", 3), "scale_x=3") == 9.0
+    assert ood_error_scale(get_task("linear_classification", 3), "scale_x=3") == 1.0
+    assert ood_error_scale(Renamed(3), "scale_y=0.5") == 1.0

@@ -9,7 +9,8 @@ import pytest
 from conftest import TINY_TRAIN_ARGS
 
 from icl_conml import __version__
-from icl_conml.config import ConMLArguments, ModelArguments, TaskArguments, parse_recipe
+from icl_conml.arguments import ConMLArguments, ModelArguments, TaskArguments
+from icl_conml.recipe_parser import parse_recipe
 from icl_conml.tracking import git_commit
 from icl_conml.train import main
 

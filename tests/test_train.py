@@ -10,7 +10,8 @@ import pytest
 import yaml
 from conftest import TINY_TRAIN_ARGS
 
-from icl_conml.config import known_keys, parse_recipe
+from icl_conml.arguments import known_keys
+from icl_conml.recipe_parser import parse_recipe
 from icl_conml.train import main
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,8 +13,8 @@ The modules, in the order data flows through them:
 
 - ``arguments``: what is asked (``EvaluationArguments``, ``CompareArguments``, the CLI's
   model and output arguments) and ``EvaluationError``, the one-line user error;
-- ``prompts``: fresh prompts and Garg et al.'s distribution shifts (``data.sample_prompts``,
-  ``data.parse_ood``; ``data.Prompts`` is the type), raising ``EvaluationError``;
+- fresh prompts and Garg et al.'s distribution shifts come from ``data`` (``sample_prompts``,
+  ``parse_ood``, ``Prompts``; a bad shift is its one-line ``PromptError``);
 - ``loading``: a model (folder or Hub id) and a fixed eval set;
 - ``setting``: the task, prompts and reference estimators one evaluation runs;
 - ``predictions``: the model's and the estimators' predictions, and their errors;
@@ -26,7 +26,7 @@ The modules, in the order data flows through them:
 - ``cli``: the two command lines (``__main__`` runs it).
 """
 
-from ..data import Prompts
+from ..data import OODShift, PromptError, Prompts, parse_ood, sample_prompts
 from .arguments import (
     OOD_KINDS,
     CommonArguments,
@@ -42,7 +42,6 @@ from .compare import compare_errors, compare_models
 from .curves import NUMERICAL_ZERO, evaluate_model, summarise
 from .loading import load_eval_set, load_model
 from .predictions import baseline_predictions, errors_of, model_predictions, progress_bar
-from .prompts import OODShift, parse_ood, sample_prompts
 from .report import comparison_table, plot_curves, results_table, write_comparison, write_results
 from .setting import Setting, resolve_baselines, resolve_setting
 from .statistics import (
@@ -66,6 +65,7 @@ __all__ = [
     "EvaluationError",
     "OODShift",
     "OutputArguments",
+    "PromptError",
     "Prompts",
     "Setting",
     "baseline_predictions",

@@ -47,6 +47,11 @@ class CommonArguments:
         "interrupted, failed): its final files may be missing or an earlier run's.",
         default=False,
     )
+    trust_remote_code: bool = _help(
+        "Import a task that a model's config.json or an eval set names by import path (module:Class): "
+        "runs code that came with those files, so only for files you trust.",
+        default=False,
+    )
 
 
 @dataclass

@@ -110,7 +110,9 @@ def compare_models(
     ids_a = [_model_id(m, f"A{i}") for i, m in enumerate(models_a)]
     ids_b = [_model_id(m, f"B{i}") for i, m in enumerate(models_b)]
     loaded = [
-        load_model(m, args.device, args.allow_unfinished) if isinstance(m, str | Path) else m.eval()
+        load_model(m, args.device, args.allow_unfinished, trust_remote_code=args.trust_remote_code)
+        if isinstance(m, str | Path)
+        else m.eval()
         for m in [*models_a, *models_b]
     ]
     config = loaded[0].config

@@ -36,7 +36,9 @@ def evaluate_model(
     args = EvaluationArguments() if args is None else args
     if isinstance(model, str | Path):
         model_id = model_id or str(model)
-        model = load_model(str(model), args.device, args.allow_unfinished)
+        model = load_model(
+            str(model), args.device, args.allow_unfinished, trust_remote_code=args.trust_remote_code
+        )
     model.eval()
     setting = resolve_setting(model.config, args)
     specs, notes = resolve_baselines(args.baselines, setting.task)

@@ -9,10 +9,10 @@ from typing import Any
 
 import torch
 
-from ..data import Prompts
+from ..data import PromptError, Prompts, ood_error_scale
+from ..registry import RemoteCodeError
 from ..tasks import get_task
 from .arguments import EvaluationError
-from .prompts import error_scale
 
 logger = logging.getLogger("icl_conml")
 
@@ -21,8 +21,16 @@ def _first_line(error: Exception) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
-def load_model(name_or_path: str, device: str | torch.device = "cpu", allow_unfinished: bool = False):
+def load_model(
+    name_or_path: str,
+    device: str | torch.device = "cpu",
+    allow_unfinished: bool = False,
+    trust_remote_code: bool = False,
+):
     """An ``ICLModel`` from a local directory or a Hub id (the cache is used when offline).
+
+    A task that ``config.json`` names by import path is imported only with ``trust_remote_code``
+    (transformers' convention); otherwise one line says what to pass, before anything is imported.
 
     Refused in one line: a training output_dir whose run has not finished (``run_status.json``;
     ``allow_unfinished`` evaluates it anyway), a folder of another kind of model (``config.json``'s
@@ -38,9 +46,13 @@ def load_model(name_or_path: str, device: str | torch.device = "cpu", allow_unfi
     _check_model_folder(name_or_path, ICLModel.config_class.model_type)
     try:
         if _is_lora(name_or_path, is_lora_checkpoint):  # adapters merged onto their backbone
-            model, info = merge(name_or_path), {}
+            model, info = merge(name_or_path, trust_remote_code=trust_remote_code), {}
         else:
-            model, info = ICLModel.from_pretrained(name_or_path, output_loading_info=True)
+            model, info = ICLModel.from_pretrained(
+                name_or_path, output_loading_info=True, trust_remote_code=trust_remote_code
+            )
+    except RemoteCodeError as error:
+        raise EvaluationError(f"model {name_or_path!r}: {error}") from None
     except Exception as error:  # transformers/huggingface_hub raise many types for "not found"
         where = "local directory" if Path(name_or_path).exists() else "local path or Hub id"
         raise EvaluationError(
@@ -138,10 +150,11 @@ def _check_fingerprint(name: str, dataset, table: dict[str, torch.Tensor], metad
         )
 
 
-def load_eval_set(name: str) -> tuple[Prompts, dict[str, Any]]:
+def load_eval_set(name: str, trust_remote_code: bool = False) -> tuple[Prompts, dict[str, Any]]:
     """Prompts and metadata from a ``datasets`` eval set: a ``save_to_disk`` folder, or
     ``REPO`` / ``REPO:CONFIG`` on the Hub, from the HF cache when offline (written by
-    ``data_scripts/make_eval_sets.py``; see ``eval_sets.load``)."""
+    ``data_scripts/make_eval_sets.py``; see ``eval_sets.load``). A task its metadata names by
+    import path is imported only with ``trust_remote_code`` (or when this process knows it)."""
     from .. import eval_sets
 
     try:
@@ -168,12 +181,21 @@ def load_eval_set(name: str) -> tuple[Prompts, dict[str, Any]]:
     columns = [c for c in ("xs", "ys", "query_xs", "query_ys") if c in dataset.column_names]
     table = dataset.with_format("torch", columns=columns)[:]
     _check_fingerprint(name, dataset, table, metadata)
-    task = get_task(metadata["task"], metadata["n_dims"], **metadata["task_kwargs"])
+    try:
+        task = get_task(
+            metadata["task"], metadata["n_dims"], allow_import=trust_remote_code, **metadata["task_kwargs"]
+        )
+    except RemoteCodeError as error:
+        raise EvaluationError(f"eval set {name!r}: {error}") from None
+    try:
+        scale = ood_error_scale(task, metadata["ood"])
+    except PromptError as error:
+        raise EvaluationError(f"eval set {name!r}: {error}") from None
     prompts = Prompts(
         table["xs"].float(),
         table["ys"].float(),
         table["query_xs"].float() if "query_xs" in table else None,
         table["query_ys"].float() if "query_ys" in table else None,
-        error_scale(task, metadata["ood"]),
+        scale,
     )
     return prompts, metadata

@@ -8,13 +8,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..baselines import BaselineError, BaselineSpec, default_baselines, parse_baseline, sklearn_available
-from ..data import Prompts
+from ..baselines import BaselineError, BaselineSpec, parse_baseline, sklearn_available
+from ..data import PromptError, Prompts, sample_prompts
 from ..memory import evaluation_memory, task_parameters_per_task, too_large
 from ..tasks import FunctionClass, get_task, resolve_task_class
 from .arguments import CommonArguments, EvaluationError, check_arguments
 from .loading import load_eval_set
-from .prompts import sample_prompts
 
 
 @dataclass
@@ -59,7 +58,8 @@ def resolve_setting(config, args: CommonArguments) -> Setting:
     check_arguments(args)
     task_name = args.task or config.task
     try:
-        resolve_task_class(task_name)
+        # --task is the user's own choice; the model's task was checked when the model was loaded
+        resolve_task_class(task_name, allow_import=args.task is not None)
     except ValueError as error:
         raise EvaluationError(str(error).replace("unknown task", "unknown --task", 1)) from None
     kwargs = dict(config.task_kwargs if task_name == config.task else {})
@@ -86,7 +86,10 @@ def resolve_setting(config, args: CommonArguments) -> Setting:
     problem = too_large(evaluation_memory(args.n_prompts, length, dims, per_task))
     if problem is not None:
         raise EvaluationError(f"this evaluation {problem}; lower --n_prompts")
-    prompts = sample_prompts(function_class, args.n_prompts, length, args.seed, args.ood)
+    try:
+        prompts = sample_prompts(function_class, args.n_prompts, length, args.seed, args.ood)
+    except PromptError as error:  # a bad --ood: the evaluation's own error type, same line
+        raise EvaluationError(str(error)) from None
     source = {"eval_set": None, "seed": args.seed, "ood": args.ood}
     return Setting(function_class, kwargs, prompts.xs.shape[1], prompts, source)
 
@@ -100,7 +103,7 @@ def _eval_set_setting(
             "--ood and --eval_set exclude each other: an eval set holds its prompts; "
             "build a shifted one with `icl_conml make-eval-sets --ood`"
         )
-    prompts, meta = load_eval_set(eval_set)
+    prompts, meta = load_eval_set(eval_set, trust_remote_code=args.trust_remote_code)
     if meta["task"] != task_name or meta["n_dims"] != dims:
         raise EvaluationError(
             f"eval set {eval_set!r} holds {meta['task']} prompts of dimension {meta['n_dims']}, but the "
@@ -128,7 +131,7 @@ def resolve_baselines(
     """Specs for ``names`` (default: the task's); scikit-learn ones are skipped, with a note,
     when they are defaults and scikit-learn is missing, and are an error when asked for."""
     notes = []
-    requested = list(names) if names is not None else list(default_baselines(task.name))
+    requested = list(names) if names is not None else list(task.default_baselines)
     specs = []
     try:
         for name in requested:

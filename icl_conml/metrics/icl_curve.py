@@ -49,6 +49,8 @@ class IclCurve(evaluate.Metric):
     ):
         if n_dims is None:
             raise ValueError("icl_curve needs n_dims (the input dimension sets the error normaliser)")
-        function_class = get_task(task, int(n_dims), **(task_kwargs or {}))
+        function_class = get_task(
+            task, int(n_dims), allow_import=True, **(task_kwargs or {})
+        )  # the caller's own argument
         curve, summary = prediction_curve(function_class, predictions, references, threshold)
         return {"curve": curve, **summary}
