@@ -20,12 +20,12 @@ import torch
 from test_resume import RESUME_ARGS, TINY, _assert_identical, _env, _weights
 from transformers import TrainerCallback
 
-from icl_conml import run_lock
-from icl_conml.checkpoints import MANIFEST, check_checkpoint
 from icl_conml.config import RecipeError
 from icl_conml.errors import EXIT_CTRL_C, EXIT_INTERRUPTED
-from icl_conml.run_record import read_history, read_status
-from icl_conml.storage_errors import EXIT_STORAGE
+from icl_conml.runs import lock as run_lock
+from icl_conml.runs.checkpoints import MANIFEST, check_checkpoint
+from icl_conml.runs.record import read_history, read_status
+from icl_conml.runs.storage import EXIT_STORAGE
 from icl_conml.train import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -926,8 +926,8 @@ def test_a_run_never_writes_through_a_symbolic_link_in_its_folder(finished_run, 
 
 def test_the_project_writes_open_no_link(tmp_path):
     """The writers themselves, where a link appears after the folder was checked."""
-    from icl_conml import run_files
-    from icl_conml.checkpoints import write_manifest
+    from icl_conml.runs import files as run_files
+    from icl_conml.runs.checkpoints import write_manifest
 
     victim = tmp_path / "victim.txt"
     victim.write_text("precious\n")
@@ -1048,7 +1048,7 @@ def test_latest_prefers_verified_checkpoints_and_counts_only_checkpoint_folders(
     # Only folders named exactly checkpoint-<int>: a file and a backup folder are not checkpoints.
     import shutil
 
-    from icl_conml.checkpoints import latest_checkpoint
+    from icl_conml.runs.checkpoints import latest_checkpoint
 
     (run_copy / "checkpoint-40").write_text("not a checkpoint")
     shutil.copytree(run_copy / "checkpoint-3", run_copy / "checkpoint-40_backup")
@@ -1136,7 +1136,7 @@ def test_the_same_global_batch_split_otherwise_resumes(tmp_path, capsys):
 
 
 def test_damaged_manifests_and_pickles_are_named(run_copy, capsys):
-    from icl_conml.checkpoints import write_manifest
+    from icl_conml.runs.checkpoints import write_manifest
 
     # A flipped digit in the manifest is the manifest's problem, not the weights'.
     manifest = run_copy / "checkpoint-3" / MANIFEST

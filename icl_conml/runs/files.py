@@ -18,7 +18,7 @@ import os
 import re
 from pathlib import Path
 
-from .arguments import RecipeError
+from ..arguments import RecipeError
 
 _CHECKPOINT = re.compile(r"checkpoint-\d+")
 

@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from . import arguments
-from .arguments import ConMLArguments, ModelArguments, Recipe, RecipeError, TaskArguments
+from .. import arguments
+from ..arguments import ConMLArguments, ModelArguments, Recipe, RecipeError, TaskArguments
 from .checkpoints import (
     AUTO,
     LATEST,
@@ -36,8 +36,8 @@ from .checkpoints import (
     remove_checkpoints,
     remove_final_files,
 )
-from .run_files import refuse_links
-from .run_record import HISTORY_NAME, read_history, recorded_metrics
+from .files import refuse_links
+from .record import HISTORY_NAME, read_history, recorded_metrics
 
 logger = logging.getLogger("icl_conml")
 

@@ -30,9 +30,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .arguments import RecipeError
-from .run_files import open_fd
-from .run_record import now
+from ..arguments import RecipeError
+from .files import open_fd
+from .record import now
 
 logger = logging.getLogger("icl_conml")
 
