@@ -20,8 +20,9 @@ import torch
 from test_resume import RESUME_ARGS, TINY, _assert_identical, _env, _weights
 from transformers import TrainerCallback
 
-from icl_conml.config import RecipeError
+from icl_conml.config import RecipeError, parse_recipe
 from icl_conml.errors import EXIT_CTRL_C, EXIT_INTERRUPTED
+from icl_conml.runs import RunError
 from icl_conml.runs import lock as run_lock
 from icl_conml.runs.checkpoints import MANIFEST, check_checkpoint
 from icl_conml.runs.record import read_history, read_status
@@ -129,9 +130,7 @@ def test_a_lock_of_another_host_is_taken_only_once_it_stops_being_refreshed(tmp_
     owner = threading.Thread(target=beat)
     owner.start()
     try:
-        with pytest.raises(
-            RecipeError, match="is in use by a run on another host .pid 4242 on host elsewhere"
-        ):
+        with pytest.raises(RunError, match="is in use by a run on another host .pid 4242 on host elsewhere"):
             lock.acquire()
     finally:
         stop.set()
@@ -147,6 +146,24 @@ def test_a_lock_of_another_host_is_taken_only_once_it_stops_being_refreshed(tmp_
         )
     finally:
         lock.release()
+
+
+def test_a_run_folder_problem_is_a_run_error_and_a_recipe_key_problem_a_recipe_error(tmp_path):
+    """Both are user errors (exit 2); only the recipe's own keys make a ``RecipeError``."""
+    from icl_conml.runs.resume import resolve_resume
+
+    out = ["--output_dir", str(tmp_path / "run")]
+    (tmp_path / "run").mkdir()
+    nothing_saved = parse_recipe([*TINY, *out, "--resume_from_checkpoint", "latest"])
+    with pytest.raises(RunError, match="holds no complete checkpoint") as raised:
+        resolve_resume(nothing_saved)
+    assert not isinstance(raised.value, RecipeError) and raised.value.exit_code == 2
+    no_checkpoint_named = parse_recipe([*TINY, *out, "--resume_weights_only", "true"])
+    with pytest.raises(
+        RecipeError, match="resume_weights_only=true needs --resume_from_checkpoint"
+    ) as raised:
+        resolve_resume(no_checkpoint_named)
+    assert not isinstance(raised.value, RunError) and raised.value.exit_code == 2
 
 
 def test_a_read_only_output_dir_is_refused_before_the_model_is_built(tmp_path, capsys, monkeypatch):

@@ -15,4 +15,23 @@ module              owns
 ``files``           writes inside a run folder that never follow a symbolic link
 ``storage``         a failed write to ``output_dir`` (disk full, quota, I/O error) as one line, exit 74
 ==================  ===============================================================================
+
+A problem with the run folder itself (a busy or unwritable folder, a link where a run writes, an
+earlier run in the way, a missing or damaged checkpoint) is a ``RunError``; a resume refused
+because a recipe key disagrees with the run it continues stays a ``RecipeError`` (the fix is in
+the recipe). Both are user errors: one line, exit status 2. This module defines only the error
+(importing any submodule runs it), so every submodule can raise it without an import circle.
 """
+
+from __future__ import annotations
+
+from ..errors import UserError
+
+
+class RunError(UserError, ValueError):
+    """A user error about a run folder (busy, unwritable, holding a link, an earlier run, a missing
+    or damaged checkpoint): one line naming the fix, exit status 2.
+
+    Not a ``RecipeError``: the recipe is fine, the folder is not. A ``ValueError`` like
+    ``RecipeError``, which these errors were before they had their own type.
+    """

@@ -19,9 +19,9 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from ..arguments import RecipeError
 from ..distributed import broadcast
 from ..errors import EXIT_CTRL_C, EXIT_INTERRUPTED
+from . import RunError
 from .checkpoints import latest_checkpoint
 from .lock import OutputDirLock
 from .preemption import RunInterrupted, StopOnSignal, remove_jit_checkpoint
@@ -64,11 +64,11 @@ class RunGuard:
         if self.main:
             try:
                 self.lock.acquire()
-            except RecipeError as raised:
+            except RunError as raised:
                 error = str(raised)
         error = broadcast(error)  # every process stops if the main one could not lock
         if error is not None:
-            raise RecipeError(error)
+            raise RunError(error)
         self.stop.install()
         return self
 
