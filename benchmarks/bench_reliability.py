@@ -30,7 +30,7 @@ def _time(fn, repeats: int = 7) -> tuple[float, float]:
 
 def main() -> None:
     from icl_conml import ICLConfig, ICLModel
-    from icl_conml.checkpoints import check_checkpoint, write_manifest
+    from icl_conml.runs.checkpoints import check_checkpoint, write_manifest
 
     model = ICLModel(ICLConfig(n_dims=20, n_positions=41, n_embd=256, n_layer=12, n_head=8))
     tensors = [p.detach() for p in model.parameters()]

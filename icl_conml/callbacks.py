@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from .checkpoints import check_checkpoint, checkpoint_step, checkpoints_newest_first
 from .distributed import reduce_max
 from .errors import EXIT_NON_FINITE, CommandError
+from .runs.checkpoints import check_checkpoint, checkpoint_step, checkpoints_newest_first
 
 
 class NonFiniteLossError(CommandError, RuntimeError):

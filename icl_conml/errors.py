@@ -11,8 +11,8 @@ status    meaning
 0         done
 2         a user error: a bad recipe key or value, a missing file, a bad option (``UserError``)
 3         training hit a non-finite loss (``callbacks.NonFiniteLossError``)
-74        writing the run's files failed: disk full, quota, I/O error (``storage_errors.StorageError``)
-75        a run stopped by SIGTERM/SIGUSR1 after saving a checkpoint: resume it (``preemption``)
+74        writing the run's files failed: disk full, quota, I/O error (``runs.storage.StorageError``)
+75        a run stopped by SIGTERM/SIGUSR1 after saving a checkpoint: resume it (``runs.preemption``)
 130       Ctrl-C
 1         a failure nobody foresaw: a bug (Python's traceback is shown)
 ========  ======================================================================================

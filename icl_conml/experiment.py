@@ -232,7 +232,7 @@ def _finished_steps(output_dir: Path) -> int | None:
 
 def execute(run: Run, threads: int) -> dict[str, Any] | None:
     """Train (or resume) one run, evaluate it and write its record; ``None`` if it already has one."""
-    from .checkpoints import latest_checkpoint, previous_run
+    from .runs.checkpoints import latest_checkpoint, previous_run
 
     if run.record_path.is_file():
         return None

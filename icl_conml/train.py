@@ -20,17 +20,19 @@ from transformers import TrainingArguments, set_seed
 
 from . import extras, tracking
 from .arguments import Recipe, RecipeError
-from .checkpoints import CheckpointManifest, checkpoint_step
 from .data import ConMLSampling, Curriculum, Prompts, PromptSampler, Schedule
 from .distributed import finish as finish_distributed
 from .distributed import leave_now
 from .errors import EXIT_CTRL_C, run_main
 from .hub import push_errors_explained
 from .modeling import ICLConfig, ICLModel
-from .preemption import RunInterrupted
 from .recipe_checks import validate
 from .recipe_parser import parse_recipe
-from .resume import (
+from .runs.checkpoints import CheckpointManifest, checkpoint_step
+from .runs.files import write_text
+from .runs.guard import RunGuard
+from .runs.preemption import RunInterrupted
+from .runs.resume import (
     check_checkpoint_weights,
     check_resume,
     make_output_dir,
@@ -39,8 +41,6 @@ from .resume import (
     resolve_resume,
     weights_only,
 )
-from .run_files import write_text
-from .run_guard import RunGuard
 from .tasks import task_reference
 
 if TYPE_CHECKING:

@@ -33,7 +33,7 @@ from .data import PromptSampler, TrainingPrompts
 from .hub import push_repo_id
 from .lora import record_repo_id
 from .model_card import RECIPE_NAME, write_model_card
-from .run_files import write_bytes
+from .runs.files import write_bytes
 
 logger = logging.getLogger(__name__)
 

@@ -163,6 +163,16 @@ def test_prompts_and_eval_sets_sit_below_the_evaluation():
     assert "icl_conml.eval_sets" in graph["icl_conml.evaluation.loading"]
 
 
+def test_the_run_infrastructure_imports_none_of_the_learning_code():
+    """``runs/`` (lock, guard, record, checkpoints, resume, ...) is about a run's folder: it reads the
+    recipe's sections and the error convention, never the model, trainer, data or ConML modules."""
+    graph = import_graph()
+    runs = {name for name in graph if name.split(".")[:2] == ["icl_conml", "runs"]}
+    assert {"icl_conml.runs", "icl_conml.runs.guard", "icl_conml.runs.resume"} <= runs
+    below = runs | {"icl_conml.arguments", "icl_conml.distributed", "icl_conml.errors"}
+    assert {name: graph[name] - below for name in runs if graph[name] - below} == {}
+
+
 def test_the_checker_sees_cycles_lazy_imports_and_package_inits(tmp_path):
     """The graph above would report the circles this package used to have."""
     package = tmp_path / "pkg"

@@ -20,12 +20,14 @@ import torch
 from test_resume import RESUME_ARGS, TINY, _assert_identical, _env, _weights
 from transformers import TrainerCallback
 
-from icl_conml import run_lock
 from icl_conml.arguments import RecipeError
-from icl_conml.checkpoints import MANIFEST, check_checkpoint
 from icl_conml.errors import EXIT_CTRL_C, EXIT_INTERRUPTED
-from icl_conml.run_record import read_history, read_status
-from icl_conml.storage_errors import EXIT_STORAGE
+from icl_conml.recipe_parser import parse_recipe
+from icl_conml.runs import RunError
+from icl_conml.runs import lock as run_lock
+from icl_conml.runs.checkpoints import MANIFEST, check_checkpoint
+from icl_conml.runs.record import read_history, read_status
+from icl_conml.runs.storage import EXIT_STORAGE
 from icl_conml.train import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -129,9 +131,7 @@ def test_a_lock_of_another_host_is_taken_only_once_it_stops_being_refreshed(tmp_
     owner = threading.Thread(target=beat)
     owner.start()
     try:
-        with pytest.raises(
-            RecipeError, match="is in use by a run on another host .pid 4242 on host elsewhere"
-        ):
+        with pytest.raises(RunError, match="is in use by a run on another host .pid 4242 on host elsewhere"):
             lock.acquire()
     finally:
         stop.set()
@@ -147,6 +147,24 @@ def test_a_lock_of_another_host_is_taken_only_once_it_stops_being_refreshed(tmp_
         )
     finally:
         lock.release()
+
+
+def test_a_run_folder_problem_is_a_run_error_and_a_recipe_key_problem_a_recipe_error(tmp_path):
+    """Both are user errors (exit 2); only the recipe's own keys make a ``RecipeError``."""
+    from icl_conml.runs.resume import resolve_resume
+
+    out = ["--output_dir", str(tmp_path / "run")]
+    (tmp_path / "run").mkdir()
+    nothing_saved = parse_recipe([*TINY, *out, "--resume_from_checkpoint", "latest"])
+    with pytest.raises(RunError, match="holds no complete checkpoint") as raised:
+        resolve_resume(nothing_saved)
+    assert not isinstance(raised.value, RecipeError) and raised.value.exit_code == 2
+    no_checkpoint_named = parse_recipe([*TINY, *out, "--resume_weights_only", "true"])
+    with pytest.raises(
+        RecipeError, match="resume_weights_only=true needs --resume_from_checkpoint"
+    ) as raised:
+        resolve_resume(no_checkpoint_named)
+    assert not isinstance(raised.value, RunError) and raised.value.exit_code == 2
 
 
 def test_a_read_only_output_dir_is_refused_before_the_model_is_built(tmp_path, capsys, monkeypatch):
@@ -926,8 +944,8 @@ def test_a_run_never_writes_through_a_symbolic_link_in_its_folder(finished_run, 
 
 def test_the_project_writes_open_no_link(tmp_path):
     """The writers themselves, where a link appears after the folder was checked."""
-    from icl_conml import run_files
-    from icl_conml.checkpoints import write_manifest
+    from icl_conml.runs import files as run_files
+    from icl_conml.runs.checkpoints import write_manifest
 
     victim = tmp_path / "victim.txt"
     victim.write_text("precious\n")
@@ -1048,7 +1066,7 @@ def test_latest_prefers_verified_checkpoints_and_counts_only_checkpoint_folders(
     # Only folders named exactly checkpoint-<int>: a file and a backup folder are not checkpoints.
     import shutil
 
-    from icl_conml.checkpoints import latest_checkpoint
+    from icl_conml.runs.checkpoints import latest_checkpoint
 
     (run_copy / "checkpoint-40").write_text("not a checkpoint")
     shutil.copytree(run_copy / "checkpoint-3", run_copy / "checkpoint-40_backup")
@@ -1136,7 +1154,7 @@ def test_the_same_global_batch_split_otherwise_resumes(tmp_path, capsys):
 
 
 def test_damaged_manifests_and_pickles_are_named(run_copy, capsys):
-    from icl_conml.checkpoints import write_manifest
+    from icl_conml.runs.checkpoints import write_manifest
 
     # A flipped digit in the manifest is the manifest's problem, not the weights'.
     manifest = run_copy / "checkpoint-3" / MANIFEST

@@ -17,9 +17,9 @@ import torch
 from safetensors.torch import load_file
 
 from icl_conml.callbacks import NonFiniteLossError
-from icl_conml.checkpoints import is_complete, latest_checkpoint
 from icl_conml.data import PromptSampler
 from icl_conml.recipe_parser import parse_recipe
+from icl_conml.runs.checkpoints import is_complete, latest_checkpoint
 from icl_conml.train import build_model, build_sampler, main
 
 REPO = Path(__file__).resolve().parents[1]

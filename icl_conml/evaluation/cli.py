@@ -103,7 +103,7 @@ def check_output_dir(output_dir: str) -> None:
 @contextlib.contextmanager
 def results_written(output_dir: str) -> Iterator[None]:
     """A full disk (or quota, read-only filesystem) while the results are written: one line, exit 74."""
-    from ..storage_errors import is_storage_failure, results_storage_error
+    from ..runs.storage import is_storage_failure, results_storage_error
 
     try:
         yield

@@ -80,7 +80,7 @@ def load_model(
 def _check_run_finished(name_or_path: str) -> None:
     """A training output_dir whose ``run_status.json`` is not ``finished`` holds no final model of
     that run: the files there may be an earlier run's (an interrupted overwrite) or missing."""
-    from ..run_record import STATUS_NAME, read_status
+    from ..runs.record import STATUS_NAME, read_status
 
     if not (Path(name_or_path) / STATUS_NAME).is_file():
         return  # a checkpoint-N folder, a Hub model, a run from before run_status.json

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..extras import is_available, require
 from ..extras import message as missing_message
-from ..run_files import write_bytes, write_text
+from ..runs.files import write_bytes, write_text
 
 
 def fmt(value: float | None) -> str:

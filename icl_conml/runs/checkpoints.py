@@ -31,7 +31,7 @@ from typing import Any
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .run_files import write_text
+from .files import write_text
 
 logger = logging.getLogger("icl_conml")
 

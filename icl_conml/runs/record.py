@@ -19,7 +19,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from .run_files import LinkInRunFolder, append_line, overwrite_in_place, write_bytes
+from .files import LinkInRunFolder, append_line, overwrite_in_place, write_bytes
 
 STATUS_NAME = "run_status.json"
 HISTORY_NAME = "run_history.jsonl"

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from .distributed import reduce_max
-from .errors import EXIT_CTRL_C, CommandError
+from ..distributed import reduce_max
+from ..errors import EXIT_CTRL_C, CommandError
 
 logger = logging.getLogger("icl_conml")
 

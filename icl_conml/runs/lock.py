@@ -30,9 +30,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .arguments import RecipeError
-from .run_files import open_fd
-from .run_record import now
+from . import RunError
+from .files import open_fd
+from .record import now
 
 logger = logging.getLogger("icl_conml")
 
@@ -45,7 +45,7 @@ STALE_AFTER_S = 3 * HEARTBEAT_S
 
 class OutputDirLock:
     """An exclusive lock on ``output_dir`` for the life of a run (see the module docstring):
-    ``acquire`` (or a one-line ``RecipeError`` naming the holder), then ``release``."""
+    ``acquire`` (or a one-line ``RunError`` naming the holder), then ``release``."""
 
     def __init__(self, output_dir: str | Path) -> None:
         self.output_dir = Path(output_dir)
@@ -56,13 +56,13 @@ class OutputDirLock:
         self._heartbeat: threading.Thread | None = None
 
     def acquire(self) -> None:
-        """Take the lock or raise ``RecipeError`` (one line) naming who holds it."""
+        """Take the lock or raise ``RunError`` (one line) naming who holds it."""
         self._lock_folder()
         try:
             fd = open_fd(self.path, os.O_RDWR | os.O_CREAT)
         except OSError as error:
             self._unlock_folder()
-            raise RecipeError(
+            raise RunError(
                 f"output_dir={str(self.output_dir)!r} is not writable ({error.strerror}): cannot create "
                 f"{LOCK_NAME} there; pick a writable folder"
             ) from None
@@ -102,7 +102,7 @@ class OutputDirLock:
             os.close(fd)
             holder = self._read_path()
             who = _describe(holder) if holder else f"its {LOCK_NAME} record was deleted"
-            raise RecipeError(
+            raise RunError(
                 f"output_dir={str(self.output_dir)!r} is in use by another run ({who}); "
                 f"wait for it to end, stop it, or choose another output_dir"
             ) from None
@@ -136,7 +136,7 @@ class OutputDirLock:
 
         Holding the folder's own lock, the run simply writes its record again (with a warning);
         without it (a filesystem that cannot lock folders) another run may have taken the folder,
-        so this raises ``RecipeError`` before anything is deleted or saved.
+        so this raises ``RunError`` before anything is deleted or saved.
         """
         if self._fd is None:
             return
@@ -147,7 +147,7 @@ class OutputDirLock:
         if same:
             return
         if self._dir_fd is None:
-            raise RecipeError(
+            raise RunError(
                 f"output_dir={str(self.output_dir)!r}: its {LOCK_NAME} was deleted or replaced while this run "
                 f"held it and this filesystem cannot lock the folder itself, so another run may be writing "
                 f"there; stopping before anything is deleted or saved: make sure only one run uses the folder, "
@@ -178,7 +178,7 @@ class OutputDirLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = self._read(fd)
-            raise RecipeError(
+            raise RunError(
                 f"output_dir={str(self.output_dir)!r} is in use by another run ({_describe(holder)}); "
                 f"wait for it to end, stop it, or choose another output_dir"
             ) from None
@@ -200,7 +200,7 @@ class OutputDirLock:
         if previous.get("host") == here:
             pid = int(previous.get("pid") or 0)
             if not flock_works and pid and pid != os.getpid() and _pid_alive(pid):
-                raise RecipeError(
+                raise RunError(
                     f"output_dir={where!r} is in use by another run ({_describe(previous)}); "
                     f"wait for it to end, stop it, or choose another output_dir"
                 )
@@ -229,7 +229,7 @@ class OutputDirLock:
             time.sleep(min(wait, HEARTBEAT_S) + 0.1)
             now = self.path.stat().st_mtime
             if now != last:
-                raise RecipeError(
+                raise RunError(
                     f"output_dir={str(self.output_dir)!r} is in use by a run on another host "
                     f"({_describe(previous)}; its lock is still being refreshed); wait for it to end, stop "
                     f"it, or choose another output_dir"

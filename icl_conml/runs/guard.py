@@ -2,13 +2,13 @@
 
 ``RunGuard`` wraps ``train.run`` and puts three pieces together, each in its own module:
 
-- ``run_lock.OutputDirLock``: one run per ``output_dir`` (only the main process locks; every
+- ``lock.OutputDirLock``: one run per ``output_dir`` (only the main process locks; every
   process gets its answer);
 - ``preemption.StopOnSignal``: SIGTERM/SIGUSR1 save a checkpoint at the next step end, then the
   run stops with ``RunInterrupted`` (exit 75); Ctrl-C gives ``RunInterrupted`` with exit 130;
-- ``run_record.RunRecord``: ``run_status.json`` and ``run_history.jsonl`` (start, trained, end);
+- ``record.RunRecord``: ``run_status.json`` and ``run_history.jsonl`` (start, trained, end);
 
-and a failed write to ``output_dir`` becomes ``storage_errors.StorageError`` (exit 74).
+and a failed write to ``output_dir`` becomes ``storage.StorageError`` (exit 74).
 """
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from .arguments import RecipeError
+from ..distributed import broadcast
+from ..errors import EXIT_CTRL_C, EXIT_INTERRUPTED
+from . import RunError
 from .checkpoints import latest_checkpoint
-from .distributed import broadcast
-from .errors import EXIT_CTRL_C, EXIT_INTERRUPTED
+from .lock import OutputDirLock
 from .preemption import RunInterrupted, StopOnSignal, remove_jit_checkpoint
-from .run_lock import OutputDirLock
-from .run_record import RunRecord
-from .storage_errors import is_storage_failure, storage_error
+from .record import RunRecord
+from .storage import is_storage_failure, storage_error
 
 
 class LockCheck(TrainerCallback):
@@ -64,11 +64,11 @@ class RunGuard:
         if self.main:
             try:
                 self.lock.acquire()
-            except RecipeError as raised:
+            except RunError as raised:
                 error = str(raised)
         error = broadcast(error)  # every process stops if the main one could not lock
         if error is not None:
-            raise RecipeError(error)
+            raise RunError(error)
         self.stop.install()
         return self
 

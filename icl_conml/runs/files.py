@@ -18,12 +18,12 @@ import os
 import re
 from pathlib import Path
 
-from .arguments import RecipeError
+from . import RunError
 
 _CHECKPOINT = re.compile(r"checkpoint-\d+")
 
 
-class LinkInRunFolder(RecipeError):
+class LinkInRunFolder(RunError):
     """A write inside a run folder met a symbolic link (one line naming it; exit 2)."""
 
 

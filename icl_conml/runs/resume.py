@@ -21,8 +21,9 @@ from typing import Any
 
 import torch
 
-from . import arguments
-from .arguments import ConMLArguments, ModelArguments, Recipe, RecipeError, TaskArguments
+from .. import arguments
+from ..arguments import ConMLArguments, ModelArguments, Recipe, RecipeError, TaskArguments
+from . import RunError
 from .checkpoints import (
     AUTO,
     LATEST,
@@ -36,8 +37,8 @@ from .checkpoints import (
     remove_checkpoints,
     remove_final_files,
 )
-from .run_files import refuse_links
-from .run_record import HISTORY_NAME, read_history, recorded_metrics
+from .files import refuse_links
+from .record import HISTORY_NAME, read_history, recorded_metrics
 
 logger = logging.getLogger("icl_conml")
 
@@ -92,11 +93,11 @@ def resolve_resume(recipe: Recipe) -> str | None:
                 fix = WEIGHTS_ONLY_HINT if missing_state else "start a new run (another output_dir)"
                 if incomplete_checkpoints(training.output_dir) is not None:
                     fix = "pass --resume_from_checkpoint auto to start the run from step 0 (nothing was saved whole)"
-                raise RecipeError(
+                raise RunError(
                     f"resume_from_checkpoint={value!r} but no checkpoint in output_dir={training.output_dir!r} "
                     f"is intact ({shown}); {fix}"
                 )
-            raise RecipeError(
+            raise RunError(
                 f"resume_from_checkpoint={value!r} but output_dir={training.output_dir!r} holds no complete "
                 f"checkpoint; point output_dir at the run to resume, or drop the flag to start a new run"
             )
@@ -111,7 +112,7 @@ def resolve_resume(recipe: Recipe) -> str | None:
                 fix = "pass a complete checkpoint-N folder of an earlier run, or 'latest' for the newest one"
             else:
                 fix = "resume from an earlier checkpoint-N, or 'latest' (which skips damaged checkpoints)"
-            raise RecipeError(f"resume_from_checkpoint={checkpoint!r} {_phrase(problem)}; {fix}")
+            raise RunError(f"resume_from_checkpoint={checkpoint!r} {_phrase(problem)}; {fix}")
     _check_resumable(recipe, checkpoint)
     return checkpoint
 
@@ -131,7 +132,7 @@ def _check_resumable(recipe: Recipe, checkpoint: str) -> None:
     try:
         saved = json.loads(config_file.read_text())
     except (OSError, ValueError):
-        raise RecipeError(
+        raise RunError(
             f"resume_from_checkpoint={checkpoint!r} fails its integrity check: config.json is unreadable; "
             f"resume from an earlier checkpoint-N, or 'latest'"
         ) from None
@@ -157,7 +158,7 @@ def make_output_dir(output_dir: str) -> None:
     try:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise RecipeError(
+        raise RunError(
             f"output_dir={output_dir!r} cannot be created ({error.strerror}); pick a writable folder"
         ) from None
 
@@ -180,7 +181,7 @@ def prepare_output_dir(recipe: Recipe, resume: str | None) -> None:
     found = previous_run(output_dir) if resume is None else []
     if found and not training.overwrite_output_dir:
         shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
-        raise RecipeError(
+        raise RunError(
             f"output_dir={output_dir!r} already holds a run ({shown}); pass --resume_from_checkpoint latest "
             f"to continue it, --overwrite_output_dir true to start over, or choose another output_dir"
         )

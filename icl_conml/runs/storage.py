@@ -15,7 +15,7 @@ import re
 import shutil
 from pathlib import Path
 
-from .errors import CommandError
+from ..errors import CommandError
 
 #: Exit status when writing to output_dir failed (the disk is full, a quota, an I/O error: EX_IOERR).
 EXIT_STORAGE = 74
