@@ -304,11 +304,32 @@ def main(argv: list[str]) -> int:
         prog=command_name("python data_scripts/make_eval_sets.py", "icl_conml make-eval-sets"),
         description="Write fixed evaluation prompt sets (datasets, with a dataset card).",
     )
-    parser.add_argument("--tasks", nargs="+", default=["linear_regression"], help=", ".join(TASK_REGISTRY))
-    parser.add_argument("--n_dims", type=int, default=20)
-    parser.add_argument("--n_points", type=int, default=41)
-    parser.add_argument("--n_prompts", type=int, default=1280)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--tasks",
+        nargs="+",
+        default=["linear_regression"],
+        metavar="TASK",
+        help=f"Function classes, one set each: {', '.join(TASK_REGISTRY)} (default: linear_regression).",
+    )
+    parser.add_argument(
+        "--n_dims",
+        type=int,
+        default=20,
+        help="Input dimension d; must match the models evaluated (default: 20).",
+    )
+    parser.add_argument(
+        "--n_points",
+        type=int,
+        default=41,
+        help="(x, y) pairs per prompt; at most the models' n_positions (default: 41, Garg et al.'s 2d + 1).",
+    )
+    parser.add_argument("--n_prompts", type=int, default=1280, help="Prompts per set (default: 1280).")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="Seed of the prompts: the same seed gives the same set (default: 0).",
+    )
     parser.add_argument(
         "--ood", default=None, help="A distribution shift of icl_conml.evaluation (e.g. orthant)."
     )
@@ -322,7 +343,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--task_kwargs", default=None, help="More task hyper-parameters as JSON, e.g. '{\"depth\": 3}'."
     )
-    parser.add_argument("--output_dir", default="eval_sets")
+    parser.add_argument(
+        "--output_dir",
+        default="eval_sets",
+        help="Folder that gets one sub-folder per set (default: eval_sets).",
+    )
     parser.add_argument(
         "--push_to_hub", default=None, metavar="REPO", help="Also push each set to this dataset repo."
     )
