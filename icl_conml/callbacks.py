@@ -1,4 +1,8 @@
-"""Training callbacks: stop on a non-finite loss before it reaches the weights or a checkpoint.
+"""Training callbacks: stop on a non-finite loss; readable logs and a training-curve plot.
+
+The console, the logs and the run folder (``ConsoleProgress``/``ConsolePrinter``: one line per log
+with the step and no epoch; ``NormalisedTrainingError``: ``icl_error`` on the evaluation's scale;
+``TrainingCurvesPlot``: ``training_curves.png``) are described at the end of this module.
 
 The Trainer's own ``logging_nan_inf_filter`` hides NaN/inf losses from the logs and keeps
 training on poisoned weights. ``NonFiniteLossGuard`` checks every optimizer step twice:
@@ -27,6 +31,7 @@ from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .distributed import reduce_max
 from .errors import EXIT_NON_FINITE, CommandError
@@ -215,3 +220,124 @@ def _message(
         f"non-finite loss at step {step} ({', '.join(parts)}); training stopped before this update, "
         f"nothing from step {step} was saved and {kept}. {fix}"
     )
+
+
+# ---- what the console and the run folder show --------------------------------------------------------
+#: Keys never shown on the console: the data is generated per step, so an "epoch" means nothing, and
+#: the per-k curve (``eval_error_at_k/K``) and throughput go to log_history and the trackers only.
+HIDDEN_KEYS = ("epoch", "total_flos")
+HIDDEN_PREFIXES = ("eval_error_at_k/", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second")
+
+
+def console_line(logs: dict[str, float], step: int, max_steps: int) -> str:
+    """One console line for a Trainer log: ``step 100/8000: loss 4.93, icl_error 0.986, ...``.
+
+    Evaluation logs read ``step 100/8000 eval: loss ..., error_at_d ...``; the final training
+    metrics ``step 8000/8000 done: train_runtime 299 s, ...``.
+    """
+    shown = {
+        key: value
+        for key, value in logs.items()
+        if key not in HIDDEN_KEYS and not key.startswith(HIDDEN_PREFIXES)
+    }
+    kind = ""
+    if any(key.startswith("eval_") for key in shown):
+        kind = " eval"
+        shown = {key.removeprefix("eval_"): value for key, value in shown.items()}
+    elif "train_runtime" in shown:
+        kind = " done"
+    parts = []
+    for key, value in shown.items():
+        if key == "learning_rate":
+            key = "lr"
+        if isinstance(value, float):
+            text = f"{value:.4g}"
+        else:
+            text = str(value)
+        if key.endswith("runtime"):
+            text += " s"
+        parts.append(f"{key} {text}")
+    return f"step {step}/{max_steps}{kind}: " + ", ".join(parts)
+
+
+class ConsoleProgress(ProgressCallback):
+    """transformers' progress bar with readable log lines: the step, no epoch (``console_line``)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None and logs:
+            self.training_bar.write(console_line(logs, state.global_step, state.max_steps))
+
+
+class ConsolePrinter(PrinterCallback):
+    """The log lines of ``disable_tqdm: true`` runs (``console_line``), without a progress bar."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_local_process_zero and logs:
+            print(console_line(logs, state.global_step, state.max_steps), flush=True)
+
+
+def use_console_lines(trainer) -> None:
+    """Replace the Trainer's progress/printer callback by ``ConsoleProgress``/``ConsolePrinter``,
+    and hide transformers' own bars from here on (one per checkpoint's "Writing model shards")."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    for default, ours in ((ProgressCallback, ConsoleProgress), (PrinterCallback, ConsolePrinter)):
+        if trainer.pop_callback(default) is not None:
+            trainer.add_callback(ours())
+
+
+class NormalisedTrainingError(TrainerCallback):
+    """Add ``icl_error`` to every training log: ``icl_loss`` divided by the task's error normaliser.
+
+    The evaluation reports the squared error divided by the function class's normaliser (d for
+    linear regression: predicting 0 scores about 1); ``icl_loss`` is the raw squared error, so
+    5 means "predicts 0" at d = 5. ``icl_error`` is on the evaluation's scale, averaged over every
+    context length k of the step's training prompts (under a curriculum the prompts have fewer
+    active dimensions and points, so it reads lower than the full task's error). It costs one
+    division per log. Only for classes whose loss is the squared error their error normalises.
+
+    It must run before the reporting callbacks: ``add_to`` puts it first.
+    """
+
+    def __init__(self, normaliser: float) -> None:
+        self.normaliser = float(normaliser)
+
+    @classmethod
+    def add_to(cls, trainer, task) -> None:
+        """Add it in front of the Trainer's callbacks when ``task``'s loss and error allow it."""
+        from .tasks import FunctionClass
+
+        kind = type(task)
+        if kind.loss is not FunctionClass.loss or kind.error is not FunctionClass.error:
+            return
+        trainer.callback_handler.callbacks.insert(0, cls(task.error_normaliser))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "icl_loss" not in logs:
+            return control
+        logs["icl_error"] = round(float(logs["icl_loss"]) / self.normaliser, 6)
+        last = state.log_history[-1] if state.log_history else None
+        if last is not None and last.get("icl_loss") == logs["icl_loss"]:
+            last["icl_error"] = logs["icl_error"]  # the Trainer appended its copy before on_log
+        return control
+
+
+class TrainingCurvesPlot(TrainerCallback):
+    """At the end of training, ``output_dir/training_curves.png``: training loss and the normalised
+    error against the step (``training_plot.plot_training_curves``); matplotlib is optional."""
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero or not args.output_dir:
+            return control
+        from .training_plot import write_training_curves
+
+        write_training_curves(state.log_history, args.output_dir)
+        return control
+
+
+def add_run_callbacks(trainer, task) -> None:
+    """The console lines, ``icl_error`` and the training-curve plot of a ``train`` run."""
+    use_console_lines(trainer)
+    NormalisedTrainingError.add_to(trainer, task)
+    trainer.add_callback(TrainingCurvesPlot())

@@ -315,12 +315,28 @@ def main(argv: list[str]) -> int:
         "--tasks",
         nargs="+",
         default=["linear_regression"],
-        help=f"{', '.join(TASKS)}, or your own as package.module:ClassName",
+        metavar="TASK",
+        help=f"Function classes, one set each: {', '.join(TASKS)}, or your own as package.module:ClassName (default: linear_regression).",
     )
-    parser.add_argument("--n_dims", type=int, default=20)
-    parser.add_argument("--n_points", type=int, default=41)
-    parser.add_argument("--n_prompts", type=int, default=1280)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--n_dims",
+        type=int,
+        default=20,
+        help="Input dimension d; must match the models evaluated (default: 20).",
+    )
+    parser.add_argument(
+        "--n_points",
+        type=int,
+        default=41,
+        help="(x, y) pairs per prompt; at most the models' n_positions (default: 41, Garg et al.'s 2d + 1).",
+    )
+    parser.add_argument("--n_prompts", type=int, default=1280, help="Prompts per set (default: 1280).")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="Seed of the prompts: the same seed gives the same set (default: 0).",
+    )
     parser.add_argument(
         "--ood", default=None, help="A distribution shift of icl_conml.evaluation (e.g. orthant)."
     )
@@ -334,7 +350,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--task_kwargs", default=None, help="More task hyper-parameters as JSON, e.g. '{\"depth\": 3}'."
     )
-    parser.add_argument("--output_dir", default="eval_sets")
+    parser.add_argument(
+        "--output_dir",
+        default="eval_sets",
+        help="Folder that gets one sub-folder per set (default: eval_sets).",
+    )
     parser.add_argument(
         "--push_to_hub", default=None, metavar="REPO", help="Also push each set to this dataset repo."
     )

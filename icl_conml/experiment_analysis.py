@@ -355,64 +355,6 @@ def markdown(spec: Spec, records: dict, comparisons: list[dict[str, Any]]) -> st
     return "\n".join(lines)
 
 
-def plot(spec: Spec, records: dict, comparisons: list[dict[str, Any]], folder: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def band(curves: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
-        data = torch.tensor(curves, dtype=torch.float64)
-        spread = (
-            data.std(0) / math.sqrt(len(curves)) * 1.96 if len(curves) > 1 else torch.zeros(data.shape[1])
-        )
-        return data.mean(0), spread
-
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for arm in spec.arms:
-        curves = [r["final_curve"]["mean"] for (a, _), r in records.items() if a == arm]
-        if curves:
-            mean, spread = band(curves)
-            ks = range(len(mean))
-            axis.plot(ks, mean, label=f"{arm} ({len(curves)} seeds)")
-            axis.fill_between(ks, mean - spread, mean + spread, alpha=0.2)
-    axis.set(xlabel="in-context examples k", ylabel="error at k", yscale="log", title=f"{spec.name}: final")
-    axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(folder / "curves.png", dpi=110)
-    plt.close(figure)
-
-    figure, axis = plt.subplots(figsize=(6, 3.5))
-    for i, c in enumerate(comparisons):
-        values = [p["rel_min_error"] for p in c["pairs"]]
-        axis.scatter([i] * len(values), values, alpha=0.7)
-    axis.axhline(1.0, color="black", lw=0.8)
-    axis.set_xticks(range(len(comparisons)), [c["arm"] for c in comparisons], rotation=20, fontsize=7)
-    axis.set(ylabel=f"Rel. Min. Error vs {spec.reference}", yscale="log", title="per-seed pairs")
-    figure.tight_layout()
-    figure.savefig(folder / "paired.png", dpi=110)
-    plt.close(figure)
-
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for arm in spec.arms:
-        histories = [r for (a, _), r in records.items() if a == arm and r["eval_history"]]
-        if not histories:
-            continue
-        d = histories[0]["n_dims"]
-        steps = [e["step"] for e in histories[0]["eval_history"]]
-        curves = [[e["curve"][min(d, len(e["curve"]) - 1)] for e in r["eval_history"]] for r in histories]
-        if len({len(c) for c in curves}) != 1:
-            continue
-        mean, spread = band(curves)
-        axis.plot(steps, mean, label=arm)
-        axis.fill_between(steps, mean - spread, mean + spread, alpha=0.2)
-    axis.set(xlabel="training step", ylabel="eval error at k = d", yscale="log", title="meta-training speed")
-    axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(folder / "training.png", dpi=110)
-    plt.close(figure)
-
-
 def analyze(spec: Spec, plots: bool = True) -> Path:
     """Write results.json, results.md (and plots) to the spec's analysis folder; returns results.md."""
     records = load_records(spec)
@@ -439,7 +381,9 @@ def analyze(spec: Spec, plots: bool = True) -> Path:
         from .extras import is_available
 
         if is_available("matplotlib"):
-            plot(spec, records, comparisons, folder)
+            from .experiment_plots import plot_experiment
+
+            plot_experiment(spec, records, comparisons, folder)
         else:  # the tables and JSON are written; the plots need the plots extra
             print(
                 "icl_conml: note: plots skipped: pip install 'icl_conml[plots]' for curves.png and the others"

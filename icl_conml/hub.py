@@ -19,11 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import errors
-from transformers.utils.hub import hf_api
 
 from .errors import OneLineParser, UserError, command_name, entry_point
-from .lora import record_repo_id
-from .model_card import write_model_card
 
 #: Never uploaded from a run folder (the Trainer's own push ignores the same).
 PUSH_IGNORE = ["_*", "checkpoint-*"]
@@ -103,6 +100,11 @@ def push_folder(
     commit_message: str = "Upload icl_conml model",
 ) -> Any:
     """Push a saved run (its final model folder) to ``repo_id``, refreshing its card first."""
+    from transformers.utils.hub import hf_api
+
+    from .lora import record_repo_id
+    from .model_card import write_model_card
+
     folder = Path(folder)
     write_model_card(folder, repo_id=repo_id)
     api = hf_api()
@@ -125,16 +127,46 @@ def main(argv: list[str]) -> int:
         description="Write a saved run's model card, or push the run to the Hugging Face Hub.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    card = commands.add_parser("card", help="(re)write FOLDER/README.md")
-    card.add_argument("folder")
-    card.add_argument("--evaluation", help="folder of an evaluation (results.json) to include")
-    card.add_argument("--hub_model_id", help="the repo id shown in the usage example")
-    push = commands.add_parser("push", help="push a saved run to the Hub")
-    push.add_argument("folder")
-    push.add_argument("--hub_model_id", required=True)
-    push.add_argument("--private", action="store_true", help="create the repo private")
-    push.add_argument("--evaluation", help="folder of an evaluation (results.json) to include")
+    folder_help = (
+        "a saved run: a training output_dir (or one of its checkpoint-N folders) holding config.json"
+    )
+    evaluation_help = (
+        "an evaluation's output_dir (results.json, results.md, curves.png from `icl_conml eval`): "
+        "copied into FOLDER; its table and plot go into the card, its numbers into the model-index"
+    )
+    card = commands.add_parser(
+        "card",
+        help="(re)write FOLDER/README.md",
+        description="(Re)write the model card FOLDER/README.md from the run's own files.",
+    )
+    card.add_argument("folder", metavar="FOLDER", help=folder_help)
+    card.add_argument("--evaluation", metavar="EVAL_DIR", help=evaluation_help)
+    card.add_argument(
+        "--hub_model_id",
+        metavar="USER/NAME",
+        help="the repo id the card's usage example loads (default: a placeholder)",
+    )
+    push = commands.add_parser(
+        "push",
+        help="push a saved run to the Hub",
+        description="Push a saved run to the Hugging Face Hub (its card refreshed first; checkpoints stay local).",
+    )
+    push.add_argument("folder", metavar="FOLDER", help=folder_help)
+    push.add_argument(
+        "--hub_model_id",
+        metavar="USER/NAME",
+        required=True,
+        help="the Hub repo to create or update (required)",
+    )
+    push.add_argument(
+        "--private",
+        action="store_true",
+        help="create the repo private (an existing repo keeps its visibility)",
+    )
+    push.add_argument("--evaluation", metavar="EVAL_DIR", help=evaluation_help)
     args = parser.parse_args(argv)
+    from .model_card import write_model_card
+
     try:
         if args.evaluation:
             write_model_card(args.folder, evaluation_dir=args.evaluation, repo_id=args.hub_model_id)

@@ -17,9 +17,12 @@ load full models only and name these two calls when given a LoRA run::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -90,13 +93,47 @@ def lora_config(model: ICLModel, args: ModelArguments) -> LoraConfig:
     )
 
 
+@contextlib.contextmanager
+def _quiet_peft() -> Iterator[None]:
+    """Hide the one harmless warning peft triggers on every wrap: it reads the model's
+    ``is_gradient_checkpointing``, which transformers 5 deprecates (a FutureWarning per call)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning
+        )
+        yield
+
+
 def prepare_model(model: ICLModel, args: ModelArguments) -> ICLModel | PeftModel:
     """Apply the recipe's LoRA / freezing: LoRA → a ``PeftModel``; ``freeze_backbone`` → frozen backbone."""
     if args.lora_r > 0:
-        return require("peft", "LoRA").get_peft_model(model, lora_config(model, args))
+        with _quiet_peft():
+            return require("peft", "LoRA").get_peft_model(model, lora_config(model, args))
     if args.freeze_backbone:
         model.backbone.requires_grad_(False)
     return model
+
+
+def resolve_backbone_path(recipe: Recipe) -> None:
+    """Record a local ``backbone_name_or_path`` as an absolute path (Hub ids stay as written).
+
+    The path is recorded in the run's ``config.json``, ``recipe.yaml`` and history, and loading the
+    run later (evaluation, merge, resume) reads it from there: a path relative to the directory the
+    run was started in would break from anywhere else. A path-like value (``./x``, ``/x``, ``~/x``,
+    ``a/b/c``) that is no folder is refused here in one line; anything else is a Hub id.
+    """
+    name = recipe.model.backbone_name_or_path
+    if not name:
+        return
+    path = Path(name).expanduser()
+    if path.exists():
+        recipe.model.backbone_name_or_path = str(path.resolve())
+        return
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise RecipeError(
+            f"backbone_name_or_path={name!r} looks like a path but {path.absolute()} does not exist; pass the "
+            f"folder of a saved pretrained model (relative to {Path.cwd()} or absolute), or a Hub id such as gpt2"
+        )
 
 
 def build_lora_model(recipe: Recipe) -> ICLModel | PeftModel:
@@ -207,12 +244,21 @@ def load_lora_model(
             )
     except OSError as error:
         first = (str(error).strip().splitlines() or [""])[0]
+        relative = (
+            " (a relative path: it was recorded relative to the directory the run was trained in)"
+            if backbone == config.backbone_name_or_path
+            and not Path(backbone).is_absolute()
+            and "/" in backbone
+            else ""
+        )
         raise OSError(
-            f"the LoRA run {name_or_path} needs its pretrained backbone {backbone!r}, which could not be "
-            f"loaded ({first}); pass backbone_name_or_path= pointing at the same pretrained model"
+            f"the LoRA run {name_or_path} needs its pretrained backbone {backbone!r}{relative}, which could not "
+            f"be loaded ({first}); set backbone_name_or_path in the run's config.json to that model's folder "
+            f"(absolute path) or Hub id, or pass load_lora_model(..., backbone_name_or_path=...) in Python"
         ) from error
     peft = require("peft", f"the LoRA run {name_or_path}")
-    return peft.PeftModel.from_pretrained(base, name_or_path, is_trainable=is_trainable, **hub_kwargs)
+    with _quiet_peft():
+        return peft.PeftModel.from_pretrained(base, name_or_path, is_trainable=is_trainable, **hub_kwargs)
 
 
 def merge(

@@ -35,8 +35,19 @@ STATE_NAME = "trainer_state.json"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 #: What an evaluation writes (``python -m icl_conml.evaluation``); copied next to the card.
 EVALUATION_FILES = ("results.json", "results.md", "curves.png")
-#: The last training log's keys shown in the training summary.
-TRAIN_KEYS = ("loss", "icl_loss", "conml_loss", "d_in", "d_out", "grad_norm", "learning_rate")
+#: The last training log's values in the training summary: (log key, what it is, with its unit).
+TRAIN_ROWS = (
+    ("loss", "training loss (squared error, not normalised; with ConML: + λ · ConML term)"),
+    ("icl_error", "training error (squared error / the task's normaliser, mean over k)"),
+)
+#: The last evaluation's values in the training summary (normalised errors, as the evaluation's).
+EVAL_ROWS = (
+    ("eval_error_at_d", "eval error at k = d"),
+    ("eval_error_at_2d", "eval error at k = 2d"),
+    ("eval_needed_context_length", "needed context length k (eval error ≤ 0.1)"),
+)
+#: The card's default license: icl_conml's own (a publisher may change it in the header).
+LICENSE = "apache-2.0"
 #: The ``model-index`` task of every icl_conml model (the Hub shows it as the evaluation's task).
 TASK_TYPE, TASK_NAME = "in-context-learning", "In-context regression"
 
@@ -59,19 +70,32 @@ An in-context learner for **{{ task }}** (inputs of dimension d = {{ n_dims }}, 
 {% endfor %}
 ## Usage
 
+Needs `pip install icl_conml`{% if adapter %} with its `peft` extra (`pip install 'icl_conml[peft]'`){% endif %}.
+
 ```python
+import torch
 {% if adapter -%}
-from icl_conml.lora import load_lora_model, merge
+from icl_conml.data import Prompts
+from icl_conml.lora import load_lora_model
 
 model = load_lora_model("{{ repo }}")  # the pretrained backbone + these adapters
-plain = merge("{{ repo }}", "merged/")  # or: a plain ICLModel
+# icl_conml.lora.merge("{{ repo }}", "merged/") exports a plain ICLModel (no peft needed)
 {%- else -%}
-import icl_conml  # registers the model with the Auto classes
 from transformers import AutoModel
+
+import icl_conml  # registers the model with the Auto classes
+from icl_conml.data import Prompts
 
 model = AutoModel.from_pretrained("{{ repo }}")  # or icl_conml.ICLModel.from_pretrained
 {%- endif %}
-out = model(xs=xs, ys=ys)  # xs (B, n, d), ys (B, n) -> out.predictions (B, n)
+
+# 4 prompts of the model's function class, n = {{ n_positions }} (x, y) pairs each
+task = model.task_class
+prompts = Prompts.sample(task, n_prompts=4, n_points=model.config.n_positions, seed=0)
+xs, ys = prompts.xs, prompts.ys  # xs (4, n, d), ys (4, n)
+with torch.no_grad():
+    predictions = model(xs=xs, ys=ys).predictions  # column k predicts ys[:, k] from the k pairs before it
+print(task.error(predictions, ys).mean(0))  # normalised error at each k (1 = predicting 0)
 ```
 {% if conml_rows %}
 ## ConML
@@ -96,7 +120,47 @@ out = model(xs=xs, ys=ys)  # xs (B, n, d), ys (B, n) -> out.predictions (B, n)
 {% for metric, value in eval_rows %}| {{ metric }} | {{ value }} |
 {% endfor %}{% endif %}{% if plot %}
 ![error against the number of in-context examples]({{ plot }})
-{% endif %}{% endif %}{% if recipe %}
+{% endif %}{% endif %}
+## Limitations
+
+- The model predicts in context for **{{ task }}** prompts like those it was trained on: inputs of \
+dimension {{ n_dims }} (a smaller d is zero-padded) drawn from the training distribution, at most \
+{{ n_positions }} pairs. Longer prompts are refused; other input distributions, scales or function \
+classes are out of distribution (measure them with `icl_conml eval --ood ...`).
+- It is a research model trained on synthetic data, not a language model: it reads numbers, not text.
+- The numbers on this card come from finite random prompt sets (see each table for how many); \
+`icl_conml eval` gives bootstrap intervals.
+{% if pretrained %}- It builds on the pretrained backbone `{{ pretrained }}`, whose own license and limitations apply.
+{% endif %}
+## License
+
+{{ license_name }}{% if pretrained %}; the backbone `{{ pretrained }}` keeps its own license{% endif %}. \
+(The license of trained weights is their publisher's choice: edit `license:` in the header to change it.)
+
+## Citation
+
+The ConML objective and the in-context learning setting:
+
+```bibtex
+@inproceedings{wu2025conml,
+  title     = {Learning to Learn with Contrastive Meta-Objective},
+  author    = {Wu, Shiguang and Wang, Yaqing and Bian, Yatao and Yao, Quanming},
+  booktitle = {Advances in Neural Information Processing Systems},
+  year      = {2025},
+  eprint    = {2410.05975},
+  archivePrefix = {arXiv}
+}
+
+@inproceedings{garg2022what,
+  title     = {What Can Transformers Learn In-Context? A Case Study of Simple Function Classes},
+  author    = {Garg, Shivam and Tsipras, Dimitris and Liang, Percy and Valiant, Gregory},
+  booktitle = {Advances in Neural Information Processing Systems},
+  year      = {2022},
+  eprint    = {2208.01066},
+  archivePrefix = {arXiv}
+}
+```
+{% if recipe %}
 ## Recipe
 
 Reproduce with `python -m icl_conml.train {{ recipe_name }}`:
@@ -118,30 +182,54 @@ def _rows(pairs: list[tuple[str, Any]]) -> list[tuple[str, str]]:
     return [(str(key), _fmt(value)) for key, value in pairs]
 
 
-def training_summary(log_history: list[dict[str, Any]]) -> list[tuple[str, Any]]:
-    """(metric, value) pairs: the last training log, the last evaluation, the run totals."""
+def duration(seconds: float) -> str:
+    """A run time in words: ``1 h 2 min``, ``30 min 29 s``, ``12 s``."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours} h {minutes} min"
+    return f"{minutes} min {secs} s" if minutes else f"{secs} s"
+
+
+def training_summary(log_history: list[dict[str, Any]], eval_prompts: str = "") -> list[tuple[str, Any]]:
+    """(metric, value) pairs a reader can interpret: the last training log's losses (raw squared
+    error, and normalised as the evaluation reports it), the last evaluation's errors at k = d and
+    2d and needed context length (on ``eval_prompts``, e.g. "256 fixed prompts"), and the run's
+    length and time. Optimiser internals (learning rate, gradient norm, the ConML distances) are in
+    ``trainer_state.json``, not here."""
     rows: list[tuple[str, Any]] = []
     train_logs = [entry for entry in log_history if "loss" in entry]
     eval_logs = [entry for entry in log_history if "eval_loss" in entry]
     steps = max((entry.get("step", 0) for entry in log_history), default=0)
     if steps:
-        rows.append(("steps", steps))
+        rows.append(("optimizer steps", steps))
     if train_logs:
         last = train_logs[-1]
-        rows += [(f"{key} (step {last.get('step')})", last[key]) for key in TRAIN_KEYS if key in last]
+        at = f"step {last.get('step')}"
+        for key, label in TRAIN_ROWS:
+            if key in last:
+                rows.append((f"{label} ({at})", last[key]))
     if eval_logs:
         last = eval_logs[-1]
-        skip = ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second")
-        rows += [
-            (f"{key} (step {last.get('step')})", value)
-            for key, value in last.items()
-            if key.startswith("eval_") and key not in skip
-        ]
+        at = f"step {last.get('step')}" + (f", {eval_prompts}" if eval_prompts else "")
+        for key, label in EVAL_ROWS:
+            if key in last:
+                value = last[key]
+                if key == "eval_needed_context_length" and value == -1:
+                    value = "not reached within the prompt"
+                rows.append((f"{label} ({at})", value))
     for entry in log_history:
-        for key in ("train_loss", "train_runtime"):
-            if key in entry:
-                rows.append((key, entry[key]))
+        if "train_runtime" in entry:
+            rows.append(("training time", duration(float(entry["train_runtime"]))))
     return rows
+
+
+def _eval_prompts(recipe: dict[str, Any]) -> str:
+    """What the training-time evaluation ran on, from the run's recipe ("" when unknown)."""
+    if recipe.get("eval_set"):
+        return f"eval set {recipe['eval_set']}"
+    count = recipe.get("eval_n_prompts")
+    return f"{count} fixed prompts, seed {recipe.get('eval_seed', 0)}" if count else ""
 
 
 def eval_results(results: dict[str, Any]) -> list[EvalResult]:
@@ -237,6 +325,7 @@ def build_model_card(
         library_name="peft" if adapter else "transformers",
         tags=tags,
         base_model=pretrained if on_hub else None,
+        license=LICENSE,
         eval_results=evaluation or None,
     )
     backbone_desc = f"pretrained `{pretrained}`" if pretrained else "GPT-2 trained from scratch"
@@ -266,13 +355,15 @@ def build_model_card(
         adapter=adapter,
         repo=repo_id or "PATH_OR_HUB_ID",
         conml_rows=_rows(sorted(conml_settings.items())),
-        summary_rows=_rows(training_summary(log_history or [])),
+        summary_rows=_rows(training_summary(log_history or [], _eval_prompts(recipe))),
         # The evaluation's own table (evaluation.report.results_table wrote it), else the model-index.
         evaluation_table=results_md.read_text().strip() if results_md.is_file() else "",
         eval_rows=_rows([(entry.metric_name, entry.metric_value) for entry in evaluation]),
         eval_dataset=evaluation[0].dataset_name if evaluation else "",
         plot="curves.png" if (folder / "curves.png").is_file() else "",
         recipe=recipe_text.rstrip(),
+        pretrained=pretrained or "",
+        license_name="Apache-2.0" if LICENSE == "apache-2.0" else LICENSE,
         recipe_name=RECIPE_NAME,
     )
 

@@ -107,7 +107,28 @@ def build_parser() -> HfArgumentParser:
         default=argparse.SUPPRESS,  # removed before parsing (icl_conml.errors.run_main)
         help=f"{TRACEBACK_HELP} A bare --debug does the same (--debug VALUE is TrainingArguments.debug).",
     )
+    _order_help(parser)
     return parser
+
+
+def _order_help(parser: HfArgumentParser) -> None:
+    """``--help`` shows the project's keys first: task, model, ConML, then the training keys the
+    quickstart sets (``ICLTrainingArguments``' own fields), then every other ``TrainingArguments``
+    option. Only the help's grouping changes; parsing is the same."""
+    from .arguments import ICLTrainingArguments
+
+    groups = {group.title: group for group in parser._action_groups}
+    training = next(group for title, group in groups.items() if title.startswith("training"))
+    own = set(ICLTrainingArguments.__annotations__)
+    quickstart = parser.add_argument_group(
+        "training (the keys the quickstart sets; every transformers.TrainingArguments key below works too)"
+    )
+    quickstart._group_actions[:] = [action for action in training._group_actions if action.dest in own]
+    training._group_actions[:] = [action for action in training._group_actions if action.dest not in own]
+    training.title = "other transformers.TrainingArguments options (defaults: transformers')"
+    first = [groups[title] for title in ("task", "model", "ConML")]
+    rest = [group for group in parser._action_groups if group not in (*first, quickstart, training)]
+    parser._action_groups[:] = [*rest, *first, quickstart, training]
 
 
 def parse_recipe(argv: list[str] | None = None) -> Recipe:

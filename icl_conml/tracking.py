@@ -18,7 +18,6 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
 from transformers import TrainerCallback
 
 from . import __version__
@@ -77,23 +76,6 @@ def attach(recipe: Recipe) -> None:
     training_keys = set(recipe.training.__dataclass_fields__)
     extra = {key: value for key, value in tracked_settings(recipe).items() if key not in training_keys}
     setattr(recipe.training, ATTRIBUTE, extra)
-
-
-def log_recipe(recipe: Recipe) -> None:
-    """Log the resolved recipe once, on the main process: what this run will do."""
-    if recipe.training.process_index != 0:
-        return
-    text = yaml.safe_dump(_plain(tracked_settings(recipe)), sort_keys=False).rstrip()
-    logger.info("resolved recipe (every key, defaults included):\n%s", text)
-
-
-def _plain(settings: dict[str, Any]) -> dict[str, Any]:
-    """YAML-safe values (enums and other objects become strings)."""
-    safe = (bool, int, float, str, type(None), list, dict)
-    return {
-        key: value if isinstance(value, safe) else str(getattr(value, "value", value))
-        for key, value in settings.items()
-    }
 
 
 def hparams(settings: dict[str, Any]) -> dict[str, bool | int | float | str]:

@@ -20,11 +20,13 @@ from transformers import TrainingArguments, set_seed
 
 from . import extras, tracking
 from .arguments import Recipe, RecipeError
+from .callbacks import add_run_callbacks
 from .data import ConMLSampling, Curriculum, Prompts, PromptSampler, Schedule
 from .distributed import finish as finish_distributed
 from .distributed import leave_now
 from .errors import EXIT_CTRL_C, run_main
 from .hub import push_errors_explained
+from .lora import resolve_backbone_path
 from .modeling import ICLConfig, ICLModel
 from .recipe_checks import validate
 from .recipe_parser import parse_recipe
@@ -41,6 +43,7 @@ from .runs.resume import (
     resolve_resume,
     weights_only,
 )
+from .summary import run_header, run_summary
 from .tasks import task_reference
 
 if TYPE_CHECKING:
@@ -230,10 +233,44 @@ def run(recipe: Recipe) -> dict[str, float]:
     """
     validate(recipe)
     extras.check_recipe(recipe)  # e.g. LoRA without peft: one line naming the extra
+    resolve_backbone_path(recipe)  # a local backbone is recorded by its absolute path
     training = recipe.training
+    created = _first_missing(training.output_dir) if training.process_index == 0 else None
     make_output_dir(training.output_dir)
-    with RunGuard(training.output_dir, training.process_index) as guard:
-        return _run(recipe, guard)
+    try:
+        with RunGuard(training.output_dir, training.process_index) as guard:
+            return _run(recipe, guard)
+    except BaseException:
+        if created is not None:  # a refused run leaves no folder holding only its .lock
+            _remove_if_only_lock(Path(training.output_dir), created)
+        raise
+
+
+def _first_missing(folder: str) -> Path | None:
+    """The outermost folder of ``folder``'s path that does not exist yet (``None``: it exists)."""
+    path, missing = Path(folder).absolute(), None
+    while not path.exists() and path != path.parent:
+        path, missing = path.parent, path
+    return missing
+
+
+def _remove_if_only_lock(folder: Path, created: Path) -> None:
+    """Remove ``folder`` (and the parents up to ``created`` that this run made) if it holds
+    nothing but the run lock: the run was refused before writing anything."""
+    from .runs.lock import LOCK_NAME
+
+    try:
+        if {entry.name for entry in folder.iterdir()} - {LOCK_NAME}:
+            return
+        (folder / LOCK_NAME).unlink(missing_ok=True)
+        folder = folder.absolute()
+        while True:
+            folder.rmdir()  # only empty folders: anything another process wrote stays
+            if folder == created:
+                return
+            folder = folder.parent
+    except OSError:
+        return
 
 
 def _run(recipe: Recipe, guard: RunGuard) -> dict[str, float]:
@@ -248,7 +285,6 @@ def _run(recipe: Recipe, guard: RunGuard) -> dict[str, float]:
         training.per_device_train_batch_size * training.world_size * training.gradient_accumulation_steps
     )
     changes = check_resume(recipe, resume, start_step, global_batch) if resume is not None else {}
-    tracking.log_recipe(recipe)
     model = build_model(recipe)
     if resume is not None:
         check_checkpoint_weights(resume, model)
@@ -266,12 +302,15 @@ def _run(recipe: Recipe, guard: RunGuard) -> dict[str, float]:
         )
     guard.attach(trainer)  # SIGTERM/SIGUSR1: checkpoint at the next step end, then stop
     trainer.add_callback(CheckpointManifest())  # after the stop callback: sees its should_save
+    add_run_callbacks(trainer, recipe.task.function_class())  # console lines, icl_error, training_curves.png
     settings = recipe.to_dict()
     if trainer.is_world_process_zero():
         Path(training.output_dir).mkdir(parents=True, exist_ok=True)
         write_text(Path(training.output_dir) / "recipe.yaml", yaml.safe_dump(settings, sort_keys=False))
     guard.start(settings, start_step, resume, world_size=training.world_size, global_batch_size=global_batch,
                 changes=changes)  # fmt: skip
+    if trainer.is_world_process_zero():  # every check passed: what will run (every key: recipe.yaml)
+        logger.info("%s", run_header(recipe, model))
     tracking.attach(recipe)  # after recipe.yaml: every report_to backend records every recipe key
     tracking.add_callbacks(trainer)
     if resume is not None:
@@ -316,7 +355,8 @@ def _train(argv: list[str], ended: dict[str, bool]) -> int:
             raise RunInterrupted("interrupted (Ctrl-C) before training started", EXIT_CTRL_C) from None
         metrics = run(recipe)  # run() validates before anything is built
         crashed = False
-        logger.info("finished: %s", metrics)
+        if recipe.training.process_index == 0:
+            print(run_summary(recipe, metrics), flush=True)
     except RunInterrupted as error:
         crashed = error.code == EXIT_CTRL_C  # a signal stop ends every process after the same step
         raise

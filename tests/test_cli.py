@@ -155,12 +155,17 @@ def test_training_help_shows_the_recipe_groups_and_choices():
     text = build_parser().format_help()
     assert text.startswith("usage: python -m icl_conml.train [RECIPE] [--key value ...] [--traceback]")
     sections = [line for line in text.splitlines() if line and not line.startswith(" ")]
-    assert [line for line in sections if line.endswith(":")][-4:] == [
-        "model:",
+    assert [line for line in sections if line.endswith(":")][-5:] == [  # the project's own keys first
         "task:",
+        "model:",
         "ConML:",
-        "training (transformers.TrainingArguments; defaults: the quickstart):",
+        "training (the keys the quickstart sets; every transformers.TrainingArguments key below works too):",
+        "other transformers.TrainingArguments options (defaults: transformers'):",
     ]
+    quickstart = text.split("training (the keys the quickstart sets")[1].split("other transformers")[0]
+    assert (
+        "--max_steps" in quickstart and "--learning_rate" in quickstart and "--adam_beta1" not in quickstart
+    )
     for choices in ("{difference,infonce}", "{both,in,out}",
                     "{probe_mask,extra_sequence}", "{eager,sdpa,flash_attention_2,flash_attention_3}"):  # fmt: skip
         assert choices in text, choices
@@ -188,3 +193,55 @@ def test_literal_choices_are_checked_from_yaml_and_command_line(key, value, allo
     good = allowed.split(", ")[1]
     parsed = parse_recipe([f"--{key}", good])
     assert getattr(parsed.conml if key.startswith("conml") else parsed.model, key) == good
+
+
+# ---- help: fast, and every option explained ------------------------------------------------------------------
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["card", "--help"], ["push", "--help"]])
+def test_the_console_scripts_help_imports_no_torch(args):
+    """``icl_conml --help`` (and card/push help) must not pay for importing torch (3.6 s quiet,
+    30 s under load). The process is the console script: its argv[0] is named icl_conml."""
+    code = (
+        "import sys\n"
+        f"sys.argv = ['/venv/bin/icl_conml', *{args!r}]\n"
+        "from icl_conml.cli import main\n"
+        "try:\n    code = main(sys.argv[1:])\nexcept SystemExit as stop:\n    code = stop.code\n"
+        "print('torch imported:', 'torch' in sys.modules, 'exit:', code)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip().splitlines()[-1] == "torch imported: False exit: 0", done.stderr[-2000:]
+
+
+def test_import_icl_conml_still_registers_the_auto_classes():
+    code = "import icl_conml, transformers; print(transformers.AutoConfig.for_model('icl_conml').__class__.__name__)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip() == "ICLConfig", done.stderr[-2000:]
+
+
+def _options_without_help(text: str) -> list[str]:
+    """Arguments of an argparse help whose entry has no text (an entry line with nothing after it,
+    and no indented continuation line)."""
+    lines = text.splitlines()
+    missing = []
+    for i, line in enumerate(lines):
+        entry = line.strip().split("  ")
+        if line.startswith("  ") and not line.startswith("   ") and len(entry) == 1:
+            following = lines[i + 1] if i + 1 < len(lines) else ""
+            if not following.startswith(" " * 8):
+                missing.append(entry[0])
+    return missing
+
+
+@pytest.mark.parametrize("name", ["card", "push", "make-eval-sets"])
+def test_every_option_of_card_push_and_make_eval_sets_has_help(name, capsys):
+    with pytest.raises(SystemExit):
+        cli.main([name, "--help"])
+    text = capsys.readouterr().out
+    assert "--" in text and not _options_without_help(text), _options_without_help(text)
+
+
+def test_eval_device_help_says_one_default(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--help"])
+    words = " ".join(capsys.readouterr().out.split())
+    assert "(default: cuda when a GPU is visible, else cpu; on this machine: cpu)" in words
+    assert "(default: cpu)" not in words

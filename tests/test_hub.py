@@ -105,11 +105,17 @@ def test_every_saved_folder_gets_a_model_card(tmp_path):
         recipe = yaml.safe_load(re.search(r"```yaml\n(.*?)```", text, re.S).group(1))
         assert recipe == yaml.safe_load((out / "recipe.yaml").read_text())
         assert (folder / "recipe.yaml").is_file()
-    # the training summary holds the final losses of the log history
+    # the training summary holds the final losses of the log history, with their units
     checkpoint_card = (out / "checkpoint-2" / "README.md").read_text()
-    assert f"| loss (step 2) | {final_loss(out / 'checkpoint-2'):.4g} |" in checkpoint_card
+    loss = (
+        "| training loss (squared error, not normalised; with ConML: + λ · ConML term) (step {}) | {:.4g} |"
+    )
+    assert loss.format(2, final_loss(out / "checkpoint-2")) in checkpoint_card
     final_card = (out / "README.md").read_text()
-    assert f"| loss (step 4) | {final_loss(out):.4g} |" in final_card and "| train_runtime |" in final_card
+    assert loss.format(4, final_loss(out)) in final_card and "| training time | " in final_card
+    assert "learning_rate" not in final_card.split("## Recipe")[0]  # optimiser internals are left out
+    assert "license: apache-2.0" in final_card and "@inproceedings{wu2025conml," in final_card
+    assert "eprint    = {2208.01066}" in final_card and "## Limitations" in final_card
 
 
 def test_a_card_that_cannot_be_written_never_stops_training(tmp_path, caplog):
@@ -164,6 +170,36 @@ def test_card_includes_an_evaluation(tmp_path):
         f"| error at k=3 (d) | {curve[3]:.4g} |" in text
         and "| needed context length (error ≤ 10) | 0 |" in text
     )
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_the_cards_usage_snippet_runs_offline_against_the_local_folder(tmp_path, lora):
+    """The card's python block, with the repo id replaced by the run's folder, runs in a fresh
+    interpreter (offline) and prints the normalised error at each k."""
+    out = tmp_path / "run"
+    extra = []
+    if lora:
+        backbone = tmp_path / "gpt2"
+        config = GPT2Config(n_embd=16, n_layer=1, n_head=2, n_positions=32, vocab_size=4)
+        GPT2Model(config).save_pretrained(backbone)
+        extra = ["--backbone_name_or_path", str(backbone), "--lora_r", "2"]
+    run(parse_recipe([*TINY, *extra, "--max_steps", "2", "--save_steps", "100", "--output_dir", str(out)]))
+    card = (out / "README.md").read_text()
+    [snippet] = re.findall(r"```python\n(.*?)```", card, re.S)
+    assert snippet.count('"PATH_OR_HUB_ID"') == 1 + lora  # the merge hint names it too
+    script = tmp_path / "snippet.py"
+    script.write_text(snippet.replace("PATH_OR_HUB_ID", str(out)))
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    errors = [float(v) for v in re.findall(r"[-+]?\d*\.\d+(?:e[-+]?\d+)?", done.stdout)]
+    assert len(errors) == 6 and all(value >= 0 for value in errors)  # one error per k = 0..5
 
 
 # ---- pushing -------------------------------------------------------------------------------------------------

@@ -402,3 +402,78 @@ def test_a_lora_run_loads_by_hub_id_offline_on_every_documented_path(trained_gpt
     for name, (_, plain, probed) in loaded.items():
         torch.testing.assert_close(plain, expected_plain, atol=1e-5, rtol=0, msg=name)
         torch.testing.assert_close(probed, expected_probe, atol=1e-5, rtol=0, msg=name)
+
+
+# ---- what a LoRA run records and says ---------------------------------------------------------------------
+def test_a_relative_backbone_is_recorded_absolute_and_the_run_loads_from_anywhere(
+    gpt2_path, tmp_path, monkeypatch, caplog
+):
+    import logging
+
+    from icl_conml.evaluation import load_model
+    from icl_conml.train import main
+
+    monkeypatch.chdir(gpt2_path.parent)
+    out = tmp_path / "run"
+    args = [
+        "--backbone_name_or_path", gpt2_path.name, "--lora_r", "4", "--n_dims", "3", "--n_points", "8",
+        "--per_device_train_batch_size", "8", "--eval_n_prompts", "0", "--max_steps", "2",
+        "--output_dir", str(out), "--report_to", "none", "--disable_tqdm", "true",
+    ]  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="icl_conml"):
+        assert main(args) == 0
+    assert json.loads((out / "config.json").read_text())["backbone_name_or_path"] == str(gpt2_path.resolve())
+    assert f"backbone_name_or_path: {gpt2_path.resolve()}" in (out / "recipe.yaml").read_text()
+    # The header states the trainable share: LoRA adapters plus read-in/read-out.
+    model = build_model(lora_recipe(gpt2_path, tmp_path / "unused"))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    [header] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resolved recipe")]
+    assert f"{total:,} parameters, {trainable:,} trainable" in header
+    monkeypatch.chdir(tmp_path)
+    assert load_model(str(out)).config.n_dims == 3  # the backbone is found from another directory
+
+
+def test_a_path_like_backbone_that_is_no_folder_is_one_line(tmp_path, monkeypatch, capsys):
+    from icl_conml.train import main
+
+    monkeypatch.chdir(tmp_path)
+    code = main(
+        ["--backbone_name_or_path", "./models/gpt2", "--lora_r", "4", "--output_dir", str(tmp_path / "o")]
+    )
+    assert code == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line == (
+        f"icl_conml: error: backbone_name_or_path='./models/gpt2' looks like a path but {tmp_path}/models/gpt2 "
+        f"does not exist; pass the folder of a saved pretrained model (relative to {tmp_path} or absolute), "
+        f"or a Hub id such as gpt2"
+    )
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_missing_backbone_names_the_key_to_fix_without_cutting_the_message(trained_gpt2, tmp_path):
+    from icl_conml.evaluation import EvaluationError, load_model
+
+    _, _, _, folder = trained_gpt2
+    moved = tmp_path / "moved"
+    shutil.copytree(folder, moved)
+    config = json.loads((moved / "config.json").read_text())
+    config["backbone_name_or_path"] = "models/gone"
+    (moved / "config.json").write_text(json.dumps(config))
+    with pytest.raises(EvaluationError) as raised:
+        load_model(str(moved))
+    message = str(raised.value)
+    assert "needs its pretrained backbone 'models/gone' (a relative path" in message
+    assert message.endswith(
+        "set backbone_name_or_path in the run's config.json to that model's folder (absolute path) or Hub id, "
+        "or pass load_lora_model(..., backbone_name_or_path=...) in Python"
+    )
+
+
+def test_wrapping_in_peft_raises_no_deprecation_warning(gpt2_path, tmp_path):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build_model(lora_recipe(gpt2_path, tmp_path))
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]

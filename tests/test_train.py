@@ -1,6 +1,7 @@
 """End to end: real Trainer runs through the CLI entry points, logging, determinism."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -177,3 +178,46 @@ def test_cli_runs_a_recipe(tmp_path, launcher):
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "out" / "model.safetensors").exists()
     assert (tmp_path / "out" / "recipe.yaml").exists()
+
+
+# ---- what a run tells its user: console lines, the end-of-run summary, the training-curve plot ---------
+def test_a_run_ends_with_its_errors_next_to_least_squares_its_folder_and_the_next_commands(tmp_path, capsys):
+    from icl_conml.evaluation import EvaluationArguments, evaluate_model
+
+    out = tmp_path / "run"
+    assert main([*TINY_TRAIN_ARGS, "--output_dir", str(out), "--max_steps", "3"]) == 0
+    printed = capsys.readouterr().out
+    # Every log line names its step; none shows an epoch (prompts are generated, there are no epochs).
+    logs = [line for line in printed.splitlines() if line.startswith("step ")]
+    assert [line.split(":")[0] for line in logs] == ["step 1/3", "step 2/3", "step 3/3", "step 3/3 done"]
+    assert "icl_error" in logs[0] and "epoch" not in printed
+    # The summary: the saved model and least squares on 256 fixed prompts, at k = d and 2d.
+    summary = printed[printed.index("finished 3 steps") :].splitlines()
+    assert summary[0].endswith(f"the model is in {out}")
+    expected = evaluate_model(
+        str(out), EvaluationArguments(n_prompts=256, seed=0, baselines=["least_squares"], bootstrap_samples=1)
+    )["curves"]
+    for line, k in zip(summary[3:5], (5, 10), strict=True):
+        label, model, reference = line.rsplit(maxsplit=2)[0], line.split()[-3], line.split()[-1]
+        assert label.strip().startswith(f"k = {'2d' if k == 10 else 'd'} = {k}")
+        assert float(model) == pytest.approx(expected["model"][k], abs=5e-4)
+        assert reference == "0.001" and line.split()[-2] == "<"  # noiseless least squares: exact from k = d
+    assert f"  icl_conml eval --model {out} --output_dir {out / 'eval'}" in summary
+    assert f"  icl_conml push {out} --hub_model_id YOUR_USER/NAME" in summary
+    assert summary[-1] == f"training curves: {out / 'training_curves.png'}"
+    assert (out / "training_curves.png").stat().st_size > 0
+    # icl_error is the training loss on the evaluation's scale (squared error / d for linear regression).
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    for entry in train_logs(history):
+        assert entry["icl_error"] == pytest.approx(entry["icl_loss"] / 5, abs=1e-6)
+
+
+def test_a_refused_run_leaves_no_folder_and_logs_no_recipe(tmp_path, capsys, caplog):
+    out = tmp_path / "new" / "run"
+    with caplog.at_level(logging.INFO, logger="icl_conml"):
+        code = main([*TINY_TRAIN_ARGS, "--output_dir", str(out), "--resume_from_checkpoint", "latest"])
+    assert code == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("icl_conml: error: resume_from_checkpoint='latest' but output_dir=")
+    assert not (tmp_path / "new").exists()  # made by this run, removed with its .lock
+    assert not [record for record in caplog.records if "resolved recipe" in record.getMessage()]

@@ -42,6 +42,10 @@ def _finish(parser: EvaluationParser) -> EvaluationParser:
     """What dataclass fields cannot say: the device default of the machine, ``--baselines``
     with no value (= none)."""
     parser.set_defaults(device="cuda" if torch.cuda.is_available() else "cpu")
+    parser._option_string_actions["--device"].help = (
+        "Device of the model, e.g. cpu, cuda, cuda:1 (default: cuda when a GPU is visible, else cpu; "
+        "on this machine: %(default)s)."
+    )
     if "--baselines" in parser._option_string_actions:
         parser._option_string_actions["--baselines"].nargs = "*"
     if "--labels" in parser._option_string_actions:

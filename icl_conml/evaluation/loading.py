@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +45,9 @@ def load_model(
     if not allow_unfinished:
         _check_run_finished(name_or_path)
     _check_model_folder(name_or_path, ICLModel.config_class.model_type)
+    lora = _is_lora(name_or_path, is_lora_checkpoint)
     try:
-        if _is_lora(name_or_path, is_lora_checkpoint):  # adapters merged onto their backbone
+        if lora:  # adapters merged onto their backbone
             model, info = merge(name_or_path, trust_remote_code=trust_remote_code), {}
         else:
             model, info = ICLModel.from_pretrained(
@@ -53,12 +55,12 @@ def load_model(
             )
     except RemoteCodeError as error:
         raise EvaluationError(f"model {name_or_path!r}: {error}") from None
+    except OSError as error:
+        if lora:  # the run was found; its backbone was not (the message names the fix)
+            raise EvaluationError(f"cannot load model {name_or_path!r}: {_first_line(error)}") from None
+        raise EvaluationError(_not_found(name_or_path, error)) from None
     except Exception as error:  # transformers/huggingface_hub raise many types for "not found"
-        where = "local directory" if Path(name_or_path).exists() else "local path or Hub id"
-        raise EvaluationError(
-            f"cannot load model {name_or_path!r} ({where}): {_first_line(error)[:200]}; pass a training "
-            f"output_dir (with config.json) or a Hub id that is in the Hugging Face cache or reachable online"
-        ) from None
+        raise EvaluationError(_not_found(name_or_path, error)) from None
     total = len(model.state_dict())
     missing = sorted(info.get("missing_keys") or []) + [str(m[0]) for m in info.get("mismatched_keys") or []]
     if missing:
@@ -93,6 +95,15 @@ def _check_run_finished(name_or_path: str) -> None:
         f"model {name_or_path!r} is a training run that has not finished ({STATUS_NAME}: {state}{at}): its "
         f"final model may be missing or an earlier run's; evaluate one of its checkpoint-N folders, finish the "
         f"run (--resume_from_checkpoint latest), or pass --allow_unfinished true to evaluate it anyway"
+    )
+
+
+def _not_found(name_or_path: str, error: Exception) -> str:
+    where = "local directory" if Path(name_or_path).exists() else "local path or Hub id"
+    reason = textwrap.shorten(_first_line(error), 300, placeholder=" ...")  # cut between words
+    return (
+        f"cannot load model {name_or_path!r} ({where}): {reason}; pass a training output_dir (with "
+        f"config.json) or a Hub id that is in the Hugging Face cache or reachable online"
     )
 
 
