@@ -323,6 +323,10 @@ def ingest(args: argparse.Namespace) -> None:
     lines = []
     report = folder / "gpu.md"
     check_text = report.read_text() if report.is_file() else "# GPU check\n\nThe check wrote no report.\n"
+    if dry and not check_text.startswith("DRY RUN"):
+        check_text = (
+            "DRY RUN on CPU: a tiny model for a few steps, to check the kit end to end.\n\n" + check_text
+        )
     lines.append(check_text.rstrip())
     study = summary.get("study") or {}
     results_section = []
@@ -336,7 +340,7 @@ def ingest(args: argparse.Namespace) -> None:
     lines += ["", "## The GPU-scale study", ""]
     if study.get("name"):
         lines += [
-            f"`{study['spec']}`: {study['pairs']} paired seeds, {study['max_steps']} steps, "
+            f"`{study['spec']}`: {study['pairs']} paired seed(s), {study['max_steps']} steps, "
             f"{study['jobs']} runs at a time on the one GPU (`python -m icl_conml.experiment SPEC --jobs "
             f"{study['jobs']}`). Chosen because {study['why']}. Stage status: {study.get('status', '?')}.",
             "",
@@ -354,7 +358,7 @@ def ingest(args: argparse.Namespace) -> None:
                 + ")",
                 "",
                 f"Written by `bash benchmarks/gpu_kit.sh ingest` from a `gpu_kit.sh run` on {summary.get('device', '?')} "
-                f"({summary.get('finished', '?')}); {study['pairs']} paired seeds, {study['max_steps']} steps, "
+                f"({summary.get('finished', '?')}); {study['pairs']} paired seed(s), {study['max_steps']} steps, "
                 f"spec `{study['spec']}`; the node's record: [docs/gpu.md](gpu.md).",
                 "",
                 body.strip(),

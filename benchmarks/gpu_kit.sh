@@ -118,7 +118,13 @@ pack() {
     local records
     records=$("$PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1])).get("records_dir", ""))' \
         "$WORK/plan.json" 2>/dev/null || true)
-    [[ -d "$WORK/check" ]] && tar -czf "$OUT/check.tar.gz" -C "$WORK/check" .
+    if [[ -d "$WORK/check" ]]; then
+        tar -czf "$OUT/check.tar.gz" -C "$WORK/check" .
+        # A check stopped before its report: the report of what it measured.
+        [[ -f "$OUT/gpu.md" ]] || "$PYTHON" benchmarks/gpu_check.py report "$WORK/check" --report "$OUT/gpu.md" \
+            --note "the check stopped before writing its report (see log.txt)" \
+            $([[ "$DRY_RUN" == 1 ]] && echo --dry_run) >/dev/null || true
+    fi
     if [[ -n "$records" && -d "$records" ]]; then
         cp "$WORK"/study/*.yaml "$records/" 2>/dev/null || true
         tar -czf "$OUT/study.tar.gz" -C "$records" .
