@@ -33,7 +33,7 @@ die() { echo "gpu_kit: error: $*" >&2; exit 2; }
 KIT=${GPU_KIT_DIR:-.gpu_kit}
 KIT_LIMIT_MIB=64
 FILE_LIMIT_MIB=16
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-$(command -v python || command -v python3 || echo python)}
 COMMAND=${1:-}
 [[ -n "$COMMAND" ]] || { usage; exit 2; }
 shift
