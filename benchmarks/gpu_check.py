@@ -52,7 +52,7 @@ from icl_conml.trainer import ConMLTrainer  # noqa: E402
 
 ROWS = (
     "fp32 plain", "fp32 conml", "bf16 plain", "bf16 conml",
-    "ddp plain", "ddp conml", "zero2 plain", "zero2 conml",
+    "ddp plain", "ddp conml", "zero2 plain", "zero2 conml", "bare fp32 plain", "bare bf16 plain",
 )  # fmt: skip
 # NVIDIA's H200 SXM spec sheet: dense bf16 tensor cores, and fp32 without TF32 (PyTorch's
 # default for matmuls).
@@ -327,11 +327,196 @@ def learn(args: argparse.Namespace, overrides: list[str]) -> None:
     print(json.dumps({key: value for key, value in result.items() if key != "curve"}))
 
 
+# ---- bare --------------------------------------------------------------------------------------------
+def bare(args: argparse.Namespace, overrides: list[str]) -> None:
+    """The same model, prompts, loss and optimizer in a bare PyTorch loop (no Trainer): its overhead.
+
+    Plain ICL only (ConML's loss is the Trainer's ``compute_loss``); the optimizer is the one the
+    recipe's Trainer builds (``optim``: fused AdamW when it says ``adamw_torch_fused``), with the
+    recipe's learning rate and weight decay; bf16 is autocast, as the Trainer's ``--bf16 true``.
+    """
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    for precision in args.precision:
+        with tempfile.TemporaryDirectory() as scratch:
+            recipe = _recipe(
+                args, [*overrides, "--conml_lambda", "0"], scratch, "--max_steps", str(args.steps)
+            )
+            model = build_model(recipe).to(device).train()
+            sampler = build_sampler(recipe)
+            length = tokens_per_sequence(recipe, sampler)
+            flops_per_step = sampler.global_batch_size * model_flops_per_sequence(
+                model, recipe.model.n_layer, recipe.model.n_embd, length
+            )
+            training = recipe.training
+            fused = "fused" in str(getattr(training.optim, "value", training.optim)) and device.type == "cuda"
+            optimizer = torch.optim.AdamW(
+                model.parameters(),
+                lr=training.learning_rate,
+                betas=(training.adam_beta1, training.adam_beta2),
+                eps=training.adam_epsilon,
+                weight_decay=training.weight_decay,
+                fused=fused or None,
+            )
+            autocast = (
+                functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
+                if precision == "bf16"
+                else contextlib.nullcontext
+            )
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            times, loss = [], None
+            for step in range(args.steps):
+                _sync()
+                start = time.perf_counter()
+                batch = sampler.global_batch(step)
+                xs, ys = batch["xs"].to(device), batch["ys"].to(device)
+                with autocast():
+                    loss = model(xs=xs, ys=ys).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                _sync()
+                times.append(time.perf_counter() - start)
+            if torch.cuda.is_available():
+                peak_bytes, memory_kind = torch.cuda.max_memory_allocated(), "GPU, torch max_memory_allocated"
+            else:
+                peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+                memory_kind = "host peak RSS of the process (no GPU)"
+        timed = times[args.warmup :] or times
+        step_time = sum(timed) / len(timed)
+        achieved = flops_per_step / step_time / 1e12
+        peak = args.peak_tflops_bf16 if precision == "bf16" else args.peak_tflops_fp32
+        row = {
+            "name": f"bare {precision} plain",
+            "launcher": f"bare PyTorch loop ({'fused ' if fused else ''}AdamW)",
+            "processes": 1,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",
+            "precision": precision,
+            "global_batch": sampler.global_batch_size,
+            "tokens_per_sequence": length,
+            "conml_lambda": 0.0,
+            "steps": args.steps,
+            "timed_steps": len(timed),
+            "step_time_s": step_time,
+            "steps_per_s": 1.0 / step_time,
+            "tokens_per_s": sampler.global_batch_size * length / step_time,
+            "samples_per_s": sampler.global_batch_size / step_time,
+            "peak_memory_gib": peak_bytes / 2**30,
+            "memory_kind": memory_kind,
+            "model_tflop_per_step": flops_per_step / 1e12,
+            "achieved_tflops": achieved,
+            "peak_tflops": peak,
+            "fraction_of_peak": achieved / peak,
+            "final_loss": float(loss) if loss is not None else None,
+        }
+        Path(args.out_dir, row["name"].replace(" ", "_") + ".row.json").write_text(json.dumps(row, indent=1))
+        print(json.dumps(row))
+
+
+# ---- rate --------------------------------------------------------------------------------------------
+def rate(args: argparse.Namespace, overrides: list[str]) -> None:
+    """``--jobs`` runs of a study spec at once (half each arm), as the study will run them: their step rates.
+
+    Each run is a child process (``rate_one``) training the spec's recipe for ``--seconds``; the
+    study's time per run is its start-up plus ``max_steps`` over the slowest rate measured here.
+    """
+    import subprocess
+
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    started = time.time()
+    children = []
+    for index in range(args.jobs):
+        out = Path(args.out_dir, f"rate_{index}.json")
+        command = [
+            sys.executable, __file__, "rate_one", "--spec", args.spec, "--index", str(index),
+            "--seconds", str(args.seconds), "--started", str(started), "--out", str(out), *overrides,
+        ]  # fmt: skip
+        children.append((out, subprocess.Popen(command, env=env)))
+    runs = []
+    for out, child in children:
+        child.wait()
+        if child.returncode == 0 and out.is_file():
+            runs.append(json.loads(out.read_text()))
+            out.unlink()
+    if not runs:
+        sys.exit("gpu_check: rate: no run finished (see the output above)")
+    result = {
+        "spec": args.spec,
+        "processes": args.jobs,
+        "finished": len(runs),
+        "device": runs[0]["device"],
+        "runs": runs,
+        "slowest_steps_per_s": min(r["steps_per_s"] for r in runs),
+        "aggregate_steps_per_s": sum(r["steps_per_s"] for r in runs),
+        "startup_s": max(r["startup_s"] for r in runs),
+    }
+    for arm in sorted({r["arm"] for r in runs}):
+        rates = [r["steps_per_s"] for r in runs if r["arm"] == arm]
+        result[f"{arm}_steps_per_s"] = sum(rates) / len(rates)
+    Path(args.out_dir, "rate.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k != "runs"}))
+
+
+def rate_one(args: argparse.Namespace, overrides: list[str]) -> None:
+    """One run of ``rate``: the spec's run ``--index`` (arms alternate) trained for ``--seconds``."""
+    from icl_conml.experiment import load_spec
+
+    spec = load_spec(args.spec)
+    runs = spec.runs()
+    run_ = runs[args.index % len(runs)]
+    with tempfile.TemporaryDirectory() as scratch:
+        train_args = [
+            *run_.train_args(), *overrides, "--output_dir", scratch, "--save_strategy", "no",
+            "--eval_strategy", "no", "--eval_n_prompts", "0", "--report_to", "none", "--disable_tqdm", "true",
+        ]  # fmt: skip
+        recipe = parse_recipe(train_args)
+        limit = TimeLimit(args.seconds)
+        trainer = ConMLTrainer(
+            model=build_model(recipe),
+            args=recipe.training,
+            train_dataset=build_sampler(recipe),
+            conml_args=recipe.conml,
+            callbacks=[limit],
+        )
+        first_step, ends = [], []
+
+        class Wall(TrainerCallback):
+            """Wall time at each step's end: the rate with data, logging and evaluation included."""
+
+            def on_step_begin(self, args, state, control, **kwargs):
+                if not first_step:
+                    first_step.append(time.time())
+
+            def on_step_end(self, args, state, control, **kwargs):
+                _sync()
+                ends.append(time.perf_counter())
+
+        trainer.add_callback(Wall())
+        trainer.train()
+    skip = min(len(ends) // 5, 20)  # warm-up: kernel selection, allocator
+    if len(ends) - skip < 2:
+        sys.exit(f"gpu_check: rate_one: only {len(ends)} steps in {args.seconds} s")
+    result = {
+        "arm": run_.arm,
+        "seed": run_.seed,
+        "conml_lambda": recipe.conml.conml_lambda,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",
+        "steps": len(ends),
+        "steps_per_s": (len(ends) - 1 - skip) / (ends[-1] - ends[skip]),
+        "startup_s": (first_step[0] if first_step else time.time()) - args.started,
+    }
+    Path(args.out).write_text(json.dumps(result))
+
+
 # ---- report ------------------------------------------------------------------------------------------
 def _row_line(row: dict, rows: dict[str, dict]) -> str:
     group, _, kind = row["name"].rpartition(" ")
     base = rows.get(f"{group} plain") if kind == "conml" else None
     single = rows.get(f"bf16 {kind}") if group in ("ddp", "zero2") else None
+    if group.startswith("bare "):
+        single = rows.get(f"{row['precision']} plain")
     conml_ratio = f"{row['step_time_s'] / base['step_time_s']:.2f}x" if base else "-"
     vs_single = f"{row['step_time_s'] / single['step_time_s']:.2f}x" if single else "-"
     return (
@@ -386,6 +571,42 @@ def report(args: argparse.Namespace) -> None:
             "N = non-embedding parameters, L = tokens per sequence (ConML's appended tokens included); "
             "peaks used for the fraction: " + ", ".join(f"{p} {v:g} TFLOP/s" for p, v in peaks) + ".",
         ]
+    overhead = [
+        f"{precision}: {rows[f'{precision} plain']['step_time_s'] * 1e3:.2f} ms per step with the Trainer, "
+        f"{rows[f'bare {precision} plain']['step_time_s'] * 1e3:.2f} ms in the bare loop "
+        f"({rows[f'{precision} plain']['step_time_s'] / rows[f'bare {precision} plain']['step_time_s']:.2f}x)"
+        for precision in ("fp32", "bf16")
+        if f"{precision} plain" in rows and f"bare {precision} plain" in rows
+    ]
+    if overhead:
+        lines += [
+            "",
+            "**The Trainer's overhead.** `bare`: the same model, prompts (`PromptSampler.global_batch`), "
+            "loss and optimizer in a plain PyTorch loop (no Trainer, no callbacks, no logging), plain ICL, "
+            'one process; its "vs single process" column is bare / Trainer. ' + "; ".join(overhead) + ".",
+        ]
+    rate_file = folder / "rate.json"
+    if rate_file.is_file():
+        found = json.loads(rate_file.read_text())
+        arms = sorted(key.removesuffix("_steps_per_s") for key in found if key.endswith("_steps_per_s"))
+        arms = [arm for arm in arms if arm not in ("slowest", "aggregate")]
+        lines += [
+            "",
+            "## Step rate of the study's runs sharing the GPU",
+            "",
+            f"`{found['spec']}`'s runs (arms alternating), {found['processes']} training processes at once on the "
+            f"one device, each for a fixed time ({found['finished']} finished): steps/s per run after warm-up "
+            "(wall time, data and logging included; evaluation off), and the start-up until the first step.",
+            "",
+            "| arm | steps/s per run (mean) |",
+            "|---|---|",
+        ]
+        lines += [f"| {arm} | {found[f'{arm}_steps_per_s']:.1f} |" for arm in arms]
+        lines += [
+            "",
+            f"Slowest run {found['slowest_steps_per_s']:.1f} steps/s, all runs together "
+            f"{found['aggregate_steps_per_s']:.1f} steps/s; start-up {found['startup_s']:.0f} s (the slowest).",
+        ]
     lines += ["", "## Attention kernel with ConML's mask", ""]
     if kernels_file.is_file():
         found = json.loads(kernels_file.read_text())
@@ -439,6 +660,7 @@ def main(argv: list[str] | None = None) -> None:
         ("run", "Train configurations and write their rows (JSON)."),
         ("kernels", "Which SDPA kernel runs with and without ConML's mask (JSON)."),
         ("learn", "Train for --seconds: does the loss fall? (JSON)"),
+        ("bare", "The same training in a bare PyTorch loop, no Trainer (JSON rows)."),
     ):
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument("--recipe", default="recipes/linear_regression.yaml")
@@ -447,6 +669,9 @@ def main(argv: list[str] | None = None) -> None:
             sub.add_argument(
                 "--row", action="append", required=True, help="NAME=LAMBDA@PRECISION, repeatable."
             )
+        if name == "bare":
+            sub.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+        if name in ("run", "bare"):
             sub.add_argument("--steps", type=int, default=300)
             sub.add_argument("--warmup", type=int, default=50, help="Steps left out of the mean.")
             sub.add_argument("--peak_tflops_bf16", type=float, default=H200_PEAK_TFLOPS["bf16"])
@@ -456,6 +681,17 @@ def main(argv: list[str] | None = None) -> None:
         if name == "learn":
             sub.add_argument("--seconds", type=float, default=120.0)
             sub.add_argument("--logging_steps", type=int, default=100)
+    rate_parser = commands.add_parser("rate", help="Step rates of a study's runs sharing the device (JSON).")
+    rate_parser.add_argument("--spec", default="recipes/experiments/lr_paper_gpu_20k.yaml")
+    rate_parser.add_argument("--jobs", type=int, default=8, help="Runs at once (arms alternate).")
+    rate_parser.add_argument("--seconds", type=float, default=30.0, help="Training time of each run.")
+    rate_parser.add_argument("--out_dir", required=True)
+    one = commands.add_parser("rate_one", help="One run of `rate` (internal).")
+    one.add_argument("--spec", required=True)
+    one.add_argument("--index", type=int, required=True)
+    one.add_argument("--seconds", type=float, required=True)
+    one.add_argument("--started", type=float, required=True, help="time.time() when the runs were launched")
+    one.add_argument("--out", required=True)
     report_parser = commands.add_parser("report", help="Write the markdown record of a folder of results.")
     report_parser.add_argument("folder")
     report_parser.add_argument("--report", default="docs/gpu.md")
@@ -469,7 +705,15 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"unknown arguments: {' '.join(overrides)}")
         report(args)
     else:
-        {"run": run, "kernels": kernels, "learn": learn}[args.command](args, overrides)
+        commands_ = {
+            "run": run,
+            "kernels": kernels,
+            "learn": learn,
+            "bare": bare,
+            "rate": rate,
+            "rate_one": rate_one,
+        }
+        commands_[args.command](args, overrides)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

@@ -41,6 +41,20 @@ logger = logging.getLogger(__name__)
 FLOAT32_INPUTS = ("ys", "probes")
 
 
+def _restore_indexed_cpu(storage, location: str):
+    """``torch.load`` restorer for an indexed CPU location (``cpu:0``), which torch does not know.
+
+    transformers 5.17 resumes a multi-process CPU run (gloo) with ``torch.load(...,
+    map_location=args.device)``, ``cpu:<index>``, and torch then stops with "don't know how to
+    restore data location of torch.storage.UntypedStorage (tagged with cpu:0)"; newer releases
+    pass ``"cpu"``. The storage is already in CPU memory: keep it. Other locations: not ours.
+    """
+    return storage if location.startswith("cpu:") else None
+
+
+torch.serialization.register_package(11, lambda storage: None, _restore_indexed_cpu)
+
+
 @contextlib.contextmanager
 def _unsafe_file_named(checkpoint: str | None, files: str) -> Iterator[None]:
     """A load that ``torch.load(weights_only=True)`` refuses (a pickle payload) as one line naming

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -10,12 +11,12 @@ import sys
 from concurrent.futures import Future
 from pathlib import Path
 
-import httpx2
 import pytest
 import torch
 import transformers.utils.hub
 import yaml
 from huggingface_hub import ModelCard, RepoUrl, scan_cache_dir
+from huggingface_hub import errors as hub_errors
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.utils import filter_repo_objects
@@ -31,6 +32,10 @@ from icl_conml.lora import prepare_model
 from icl_conml.model_card import build_model_card, write_model_card
 from icl_conml.recipe_parser import parse_recipe
 from icl_conml.train import main, run
+
+# The HTTP client the installed huggingface_hub raises with: httpx2 in newer releases, httpx in
+# older ones (e.g. 1.33); its exception types are the ones the project's error handling sees.
+http = importlib.import_module(hub_errors.HTTPError.__module__.split(".")[0])
 
 TINY = [
     "--n_dims", "3", "--n_points", "6", "--n_embd", "16", "--n_layer", "1", "--n_head", "2",
@@ -67,8 +72,8 @@ class RecordingHubApi:
              "message": commit_message, "readme": readme}
         )  # fmt: skip
         if self.fail_uploads is not None:
-            request = httpx2.Request("POST", f"https://huggingface.co/api/models/{repo_id}/commit/main")
-            raise HfHubHTTPError("403 Forbidden", response=httpx2.Response(403, request=request))
+            request = http.Request("POST", f"https://huggingface.co/api/models/{repo_id}/commit/main")
+            raise HfHubHTTPError("403 Forbidden", response=http.Response(403, request=request))
         result = {"commit_url": f"https://huggingface.co/{repo_id}/commit/0"}
         if run_as_future:
             future: Future = Future()
@@ -405,11 +410,11 @@ def test_load_hub_ids_from_the_hf_cache_offline(tmp_path):
 
 
 def test_push_errors_say_why_and_what_to_do():
-    request = httpx2.Request("POST", "https://huggingface.co/api/repos/create")
-    unauthorized = HfHubHTTPError("401", response=httpx2.Response(401, request=request))
+    request = http.Request("POST", "https://huggingface.co/api/repos/create")
+    unauthorized = HfHubHTTPError("401", response=http.Response(401, request=request))
     message = explain_push_error(unauthorized, "me/x", "outputs/x", trained=False)
     assert "not logged in" in message and "hf auth login" in message and "push_to_hub: false" in message
-    unreachable = httpx2.ConnectError("[Errno -3] Temporary failure in name resolution", request=request)
+    unreachable = http.ConnectError("[Errno -3] Temporary failure in name resolution", request=request)
     message = explain_push_error(unreachable, "me/x", "outputs/x", trained=True)
     assert "the Hub is unreachable (ConnectError: [Errno -3] Temporary failure in name resolution)" in message
     assert message.startswith("training finished and outputs/x holds the model")
