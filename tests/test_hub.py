@@ -232,9 +232,10 @@ def test_push_through_the_trainer_uploads_cards_checkpoints_and_final_model(tmp_
         assert "library_name: transformers" in call["readme"] and "```python" in call["readme"]
         assert 'AutoModel.from_pretrained("me/icl-test")' in call["readme"]
     assert {"optimizer.pt", "trainer_state.json", "scheduler.pt"} <= set(calls[2]["files"])
-    assert "| loss (step 2) |" in calls[1]["readme"]  # the repo's card follows the checkpoint
-    assert f"| loss (step 4) | {final_loss(out):.4g} |" in calls[-1]["readme"]
-    assert "| train_runtime |" in calls[-1]["readme"]
+    loss_row = "| training loss (squared error, not normalised; with ConML: + λ · ConML term)"
+    assert f"{loss_row} (step 2) |" in calls[1]["readme"]  # the repo's card follows the checkpoint
+    assert f"{loss_row} (step 4) | {final_loss(out):.4g} |" in calls[-1]["readme"]
+    assert "| training time |" in calls[-1]["readme"]
 
 
 def test_lora_push_uploads_adapter_and_config(tmp_path, hub_api):

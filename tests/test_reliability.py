@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -45,6 +46,11 @@ def _start(args: list[str], log: Path) -> subprocess.Popen:
             stdout=stream,
             stderr=subprocess.STDOUT,
         )
+
+
+def _logged_a_step(text: str) -> bool:
+    """Whether a run's console output holds a training log line (``step 3/150: loss 4.9, ...``)."""
+    return re.search(r"step [1-9]\d*/\d+: loss ", text) is not None
 
 
 def _wait_for(condition, process: subprocess.Popen, what: str, timeout: float = 300) -> None:
@@ -93,7 +99,9 @@ def test_a_second_run_into_a_busy_output_dir_is_refused_and_a_dead_owner_is_repo
                 f"(pid {first.pid} on host {socket.gethostname()}, started "
             ), line
             assert "wait for it to end, stop it, or choose another output_dir" in line
-        _wait_for(lambda: "'loss'" in (tmp_path / "first.log").read_text(), first, "the first training step")
+        _wait_for(
+            lambda: _logged_a_step((tmp_path / "first.log").read_text()), first, "the first training step"
+        )
         first.send_signal(signal.SIGKILL)  # dies holding the lock: its record still says "held"
     finally:
         _finish(first)
@@ -708,7 +716,7 @@ def test_launch_slurm_stops_on_usr1_requeues_and_the_next_attempt_resumes(tmp_pa
     with log.open("w") as stream:
         job = subprocess.Popen(command, cwd=REPO, env=env, stdout=stream, stderr=subprocess.STDOUT)
     try:
-        _wait_for(lambda: "'loss'" in log.read_text(), job, "the first training step")
+        _wait_for(lambda: _logged_a_step(log.read_text()), job, "the first training step")
         job.send_signal(signal.SIGUSR1)
     finally:
         code = _finish(job)
