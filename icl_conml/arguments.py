@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import functools
 import json
 import math
 import os
@@ -195,8 +196,8 @@ class TaskArguments:
         require(self.n_dims >= 1, f"n_dims={self.n_dims} must be >= 1")
         require(self.n_points >= 1, f"n_points={self.n_points} must be >= 1")
         self.task_kwargs = self._task_kwargs_mapping()
-        try:  # the class validates its own hyper-parameters; build it once here to report them early
-            self.function_class()
+        try:  # the class validates its own hyper-parameters: built once, here, and kept for the run
+            self._function_class = get_task(self.task, self.n_dims, allow_import=True, **self.task_kwargs)
         except (ValueError, TypeError) as error:
             raise RecipeError(str(error).splitlines()[0]) from None
         require(self.task_pool_size >= 0, f"task_pool_size={self.task_pool_size} must be >= 0 (0 = no pool)")
@@ -254,13 +255,15 @@ class TaskArguments:
             mapping[key] = value
         return mapping
 
+    @property
     def function_class(self) -> FunctionClass:
-        """The function class this section describes (defaults from the class itself)."""
-        return get_task(self.task, self.n_dims, allow_import=True, **self.task_kwargs)
+        """The function class this section describes (defaults from the class itself), built once
+        when the section is: the model, the prompts and the metrics of a run share it."""
+        return self._function_class
 
     def hyperparameters(self) -> dict[str, Any]:
         """Every hyper-parameter of the function class, defaults included (recorded in the model config)."""
-        return self.function_class().hyperparameters()
+        return self.function_class.hyperparameters()
 
 
 # The built-in classes' hyper-parameters that also have a flat recipe key (``sparsity: 2``).
@@ -440,11 +443,32 @@ SECTIONS = (ModelArguments, TaskArguments, ConMLArguments, ICLTrainingArguments)
 
 @dataclass
 class Recipe:
+    """The four sections of a resolved recipe (``raw``: the keys the file or command line set), and
+    what they imply, derived once: the function class, ``n_positions`` and the global batch."""
+
     model: ModelArguments
     task: TaskArguments
     conml: ConMLArguments
     training: ICLTrainingArguments
     raw: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def function_class(self) -> FunctionClass:
+        """The run's function class (one instance: model, sampler, eval prompts and metrics share it)."""
+        return self.task.function_class
+
+    @functools.cached_property
+    def n_positions(self) -> int:
+        """The most (x, y) pairs a prompt may hold: ``n_positions``, else ``n_points``."""
+        return self.model.n_positions or self.task.n_points
+
+    @functools.cached_property
+    def global_batch_size(self) -> int:
+        """Prompts per optimizer step over every process and accumulation step."""
+        training = self.training
+        return (
+            training.per_device_train_batch_size * training.world_size * training.gradient_accumulation_steps
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe, defaults included: every key of the model, task and ConML sections,

@@ -23,7 +23,7 @@ from transformers.utils import ModelOutput, find_adapter_config_file
 from .conml import LayoutStructure, attention_plan, interleave
 from .errors import UserError
 from .gelu import use_exact_new_gelu
-from .tasks import get_task
+from .tasks import FunctionClass, get_task
 
 #: ``from_pretrained`` arguments that locate files (used to look for a LoRA run's adapter config).
 HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "force_download", "subfolder")
@@ -62,6 +62,8 @@ class ICLConfig(PretrainedConfig):
         backbone_config: any ``transformers`` config whose ``AutoModel`` accepts
             ``inputs_embeds``; default a fresh GPT-2 with dropout 0 and no KV cache.
         backbone_name_or_path: where the backbone's pretrained weights came from, if any.
+        attn_implementation: (``PretrainedConfig``'s keyword) the attention kernel, set on the
+            backbone's config too.
     """
 
     model_type = "icl_conml"
@@ -151,17 +153,24 @@ class ICLPreTrainedModel(PreTrainedModel):
 class ICLModel(ICLPreTrainedModel):
     """In-context learner for (x, y) prompts; see the module docstring."""
 
-    def __init__(self, config: ICLConfig, backbone: PreTrainedModel | None = None) -> None:
+    def __init__(
+        self,
+        config: ICLConfig,
+        backbone: PreTrainedModel | None = None,
+        task_class: FunctionClass | None = None,
+    ) -> None:
         super().__init__(config)
         self.read_in = nn.Linear(config.n_dims, config.hidden_size)
         self.backbone = backbone if backbone is not None else AutoModel.from_config(config.backbone_config)
         self.read_out = nn.Linear(config.hidden_size, 1)
-        # The function class gives the training loss; built once, not on every forward. A config
-        # is data: its import path is imported only under trust_remote_code (or when this process
-        # already knows it: a registered class, or the one the user's recipe named).
-        self.task_class = get_task(
-            config.task, config.n_dims, allow_import=_TRUST_REMOTE_CODE.get(), **config.task_kwargs
-        )
+        # The function class gives the training loss: the recipe's (passed in), else built once here.
+        # A config is data: its import path is imported only under trust_remote_code (or when this
+        # process already knows it: a registered class, or the one the user's recipe named).
+        if task_class is None:
+            task_class = get_task(
+                config.task, config.n_dims, allow_import=_TRUST_REMOTE_CODE.get(), **config.task_kwargs
+            )
+        self.task_class = task_class
         use_exact_new_gelu(self.backbone)
         self.post_init()
 
@@ -191,13 +200,18 @@ class ICLModel(ICLPreTrainedModel):
 
     @classmethod
     def from_pretrained_backbone(
-        cls, backbone_name_or_path: str, attn_implementation: str = "sdpa", **config_kwargs
+        cls,
+        backbone_name_or_path: str,
+        attn_implementation: str = "sdpa",
+        task_class: FunctionClass | None = None,
+        **config_kwargs,
     ) -> ICLModel:
         """A new learner (fresh read-in/read-out) around a pretrained ``AutoModel`` backbone.
 
         The hidden size comes from the backbone's config; ``config_kwargs`` are the other
-        ``ICLConfig`` fields (n_dims, n_positions, task, ...). Weights load in float32 (the
-        Trainer's mixed precision casts on the fly).
+        ``ICLConfig`` fields (n_dims, n_positions, task, ...), ``task_class`` the function class
+        they name if the caller holds it already. Weights load in float32 (the Trainer's mixed
+        precision casts on the fly).
         """
         backbone = AutoModel.from_pretrained(
             backbone_name_or_path, dtype=torch.float32, attn_implementation=attn_implementation
@@ -209,12 +223,12 @@ class ICLModel(ICLPreTrainedModel):
             n_head=backbone_config.num_attention_heads,
             backbone_config=backbone_config,
             backbone_name_or_path=backbone_name_or_path,
+            # Also the nested config's: without it, building ICLConfig would reset the backbone's
+            # kernel to None, after which it silently ignores our 4D masks.
+            attn_implementation=attn_implementation,
             **config_kwargs,
         )
-        # Building ICLConfig resets the nested config's attention kernel to None, after which
-        # the backbone silently ignores our 4D masks: set it back before the model is built.
-        config.backbone_config._attn_implementation = attn_implementation
-        return cls(config, backbone=backbone)
+        return cls(config, backbone=backbone, task_class=task_class)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.read_in
