@@ -137,7 +137,7 @@ def _check_resumable(recipe: Recipe, checkpoint: str) -> None:
             f"resume from an earlier checkpoint-N, or 'latest'"
         ) from None
     task, model = recipe.task, recipe.model
-    expected = {"task": task.task, "n_dims": task.n_dims, "n_positions": model.n_positions or task.n_points}
+    expected = {"task": task.task, "n_dims": task.n_dims, "n_positions": recipe.n_positions}
     if not model.backbone_name_or_path:
         expected.update(n_embd=model.n_embd, n_layer=model.n_layer, n_head=model.n_head)
     for key, value in expected.items():
