@@ -18,7 +18,7 @@ from icl_conml import arguments
 from icl_conml.arguments import known_keys
 from icl_conml.experiment_analysis import ExperimentError, check_pairing
 from icl_conml.recipe_parser import parse_recipe
-from icl_conml.resume import check_resume
+from icl_conml.runs.resume import check_resume
 
 # (recipe.yaml: always / if set / never, a resume refuses a change, pairing compares) before the roles.
 # attn_implementation and max_steps show as not compared: pairing takes both from the record's
