@@ -354,7 +354,7 @@ def _run(recipe: Recipe, guard: RunGuard) -> dict[str, float]:
         trainer = build_trainer(recipe, model=model, trainer_class=trainer_class)
     guard.attach(trainer)  # SIGTERM/SIGUSR1: checkpoint at the next step end, then stop
     trainer.add_callback(CheckpointManifest())  # after the stop callback: sees its should_save
-    add_run_callbacks(trainer, recipe.task.function_class())  # console lines, icl_error, training_curves.png
+    add_run_callbacks(trainer, recipe.function_class)  # console lines, icl_error, training_curves.png
     settings = recipe.to_dict()
     if trainer.is_world_process_zero():
         Path(training.output_dir).mkdir(parents=True, exist_ok=True)
