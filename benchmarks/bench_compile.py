@@ -1,6 +1,6 @@
 """``torch_compile: true`` against eager PyTorch: the whole ``trainer.train()``, interleaved.
 
-Each run is a fresh process (``build_model`` + ``ConMLTrainer(...).train()`` of
+Each run is a fresh process (``build_trainer(recipe).train()`` of
 ``recipes/quickstart.yaml`` for ``--steps`` steps, no evaluation or saving), so every compiled
 run pays its compilation, as a user's run does. Compiled runs get an empty inductor cache
 (``TORCHINDUCTOR_CACHE_DIR``) unless ``--warm_cache``: the first run of a model on a machine.
@@ -34,8 +34,7 @@ def worker(args: argparse.Namespace, extra: list[str]) -> None:
     from transformers import TrainerCallback
 
     from icl_conml.recipe_parser import parse_recipe
-    from icl_conml.train import build_model, build_sampler
-    from icl_conml.trainer import ConMLTrainer
+    from icl_conml.train import build_trainer
 
     class StepTimes(TrainerCallback):
         def __init__(self) -> None:
@@ -59,13 +58,7 @@ def worker(args: argparse.Namespace, extra: list[str]) -> None:
         )  # fmt: skip
         start = time.perf_counter()
         timer = StepTimes()
-        trainer = ConMLTrainer(
-            model=build_model(recipe),
-            args=recipe.training,
-            train_dataset=build_sampler(recipe),
-            conml_args=recipe.conml,
-            callbacks=[timer],
-        )
+        trainer = build_trainer(recipe, callbacks=[timer])
         output = trainer.train()
         wall = time.perf_counter() - start
     counters = torch._dynamo.utils.counters

@@ -47,7 +47,7 @@ import torch  # noqa: E402
 
 from icl_conml import conml  # noqa: E402
 from icl_conml.recipe_parser import parse_recipe  # noqa: E402
-from icl_conml.train import build_model, build_sampler  # noqa: E402
+from icl_conml.train import build_trainer  # noqa: E402
 from icl_conml.trainer import ConMLTrainer  # noqa: E402
 
 RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "recipes", "quickstart.yaml")
@@ -98,12 +98,7 @@ def make_trainer(extra: list[str], steps: int, output_dir: str) -> ConMLTrainer:
             "true",
         ]
     )
-    return ConMLTrainer(
-        model=build_model(recipe),
-        args=recipe.training,
-        train_dataset=build_sampler(recipe),
-        conml_args=recipe.conml,
-    )
+    return build_trainer(recipe)
 
 
 def timed_train(name: str, steps: int) -> tuple[float, float]:

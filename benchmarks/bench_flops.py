@@ -38,7 +38,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from icl_conml.recipe_parser import parse_recipe  # noqa: E402
-from icl_conml.train import build_model, build_sampler  # noqa: E402
+from icl_conml.train import build_trainer  # noqa: E402
 from icl_conml.trainer import ConMLTrainer  # noqa: E402
 
 RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "recipes", "linear_regression.yaml")
@@ -70,7 +70,7 @@ def set_activation(model: torch.nn.Module, kind: str) -> None:
     rounds differently)."""
     from transformers.activations import GELUTanh, NewGELUActivation
 
-    from icl_conml.modeling import ExactNewGELU
+    from icl_conml.gelu import ExactNewGELU
 
     for block in model.backbone.h:
         block.mlp.act = {"exact": ExactNewGELU, "composite": NewGELUActivation, "fused": GELUTanh}[kind]()
@@ -90,12 +90,7 @@ def make_trainer(extra: list[str], output_dir: str) -> ConMLTrainer:
             "1000",
         ]
     )
-    trainer = ConMLTrainer(
-        model=build_model(recipe),
-        args=recipe.training,
-        train_dataset=build_sampler(recipe),
-        conml_args=recipe.conml,
-    )
+    trainer = build_trainer(recipe)
     trainer.model.train()
     trainer.create_optimizer_and_scheduler(num_training_steps=1000)
     trainer.current_gradient_accumulation_steps = 1

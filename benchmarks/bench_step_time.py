@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from icl_conml.recipe_parser import parse_recipe  # noqa: E402
-from icl_conml.train import build_model, build_sampler  # noqa: E402
+from icl_conml.train import build_trainer  # noqa: E402
 from icl_conml.trainer import ConMLTrainer  # noqa: E402
 
 RECIPES = {
@@ -58,10 +58,7 @@ def make_trainer(recipe_args: list[str], output_dir: str) -> tuple[ConMLTrainer,
     args = [*recipe_args, "--output_dir", output_dir, "--eval_n_prompts", "0", "--report_to", "none"]
     args += ["--disable_tqdm", "true", "--logging_steps", "1000000", "--save_strategy", "no"]
     recipe = parse_recipe(args)
-    model = build_model(recipe)
-    trainer = ConMLTrainer(
-        model=model, args=recipe.training, train_dataset=build_sampler(recipe), conml_args=recipe.conml
-    )
+    trainer = build_trainer(recipe)
     return trainer, recipe
 
 

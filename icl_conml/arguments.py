@@ -12,9 +12,11 @@ the resolved recipe (``to_dict``). Reading files, parsing and cross-section chec
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import enum
+import functools
 import json
 import math
 import os
@@ -66,6 +68,38 @@ def check_registered(key: str, value: str, registry: Registry) -> None:
         raise RecipeError(f"{key}={value!r}: {str(error).splitlines()[0]}") from None
 
 
+@dataclass(frozen=True)
+class KeyRole:
+    """What a recipe key is to ``recipe.yaml``, to a resume and to experiment pairing.
+
+    Declared once per key, on the argument dataclass that holds it: its ``_key_roles``, else
+    the section's ``_default_role``; read with ``key_role``. (Not as dataclass field metadata:
+    ``HfArgumentParser`` passes every metadata entry on to argparse, which refuses unknown ones,
+    and the inherited ``TrainingArguments`` fields are declared by transformers.)
+    """
+
+    name: str
+    # In recipe.yaml (and so the run history and trackers): always, when set, or never.
+    recipe: Literal["always", "if set", "never"]
+    resumable: bool  # a resume may change it; else the resumed run would be another experiment
+    paired: bool  # runs that differ in it are not paired by the experiment analysis
+
+
+#: What is trained: model, task, ConML, data, optimiser, schedule, seeds, precision.
+EXPERIMENT = KeyRole("experiment", "always", resumable=False, paired=True)
+#: What is measured during training (eval prompts, when, in what batches).
+EVALUATION = KeyRole("evaluation", "always", resumable=True, paired=True)
+#: How the run is carried out: devices, kernels, compilation, workers, distribution, evaluation details.
+EXECUTION = KeyRole("execution", "if set", resumable=True, paired=True)
+#: Where the run's files and logs go, and how often it logs and saves.
+OUTPUT = KeyRole("output", "always", resumable=True, paired=False)
+#: Display, names, log levels, Hub pushing: what is shown or kept, not what is trained or measured.
+BOOKKEEPING = KeyRole("bookkeeping", "if set", resumable=True, paired=False)
+#: This invocation only (resume, overwrite, credentials): never recorded, so re-running a saved
+#: recipe neither resumes nor overwrites.
+RUN_CONTROL = KeyRole("run control", "never", resumable=True, paired=False)
+
+
 #: Attention kernels a recipe may name; the flash kernels take no attention mask (plain ICL only).
 AttnImplementation = Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3"]
 ATTN_IMPLEMENTATIONS: tuple[str, ...] = typing.get_args(AttnImplementation)
@@ -76,6 +110,7 @@ class ModelArguments:
     """The in-context learner: read-in → backbone → read-out."""
 
     _argument_group_name = "model"  # a section of --help (HfArgumentParser)
+    _default_role = EXPERIMENT  # every key of this section (see KeyRole)
 
     n_embd: int = _help("Hidden width of the default GPT-2 backbone.", default=64)
     n_layer: int = _help("Number of layers of the default GPT-2 backbone.", default=4)
@@ -141,6 +176,8 @@ class TaskArguments:
     """The function class that prompts are drawn from, and the curriculum."""
 
     _argument_group_name = "task"
+    _default_role = EXPERIMENT
+    _key_roles = {"eval_n_prompts": EVALUATION, "eval_seed": EVALUATION, "eval_set": EVALUATION}
 
     task: str = _help(
         f"Function class: one of {', '.join(TASKS)}, or your own as 'package.module:ClassName' "
@@ -195,8 +232,8 @@ class TaskArguments:
         require(self.n_dims >= 1, f"n_dims={self.n_dims} must be >= 1")
         require(self.n_points >= 1, f"n_points={self.n_points} must be >= 1")
         self.task_kwargs = self._task_kwargs_mapping()
-        try:  # the class validates its own hyper-parameters; build it once here to report them early
-            self.function_class()
+        try:  # the class validates its own hyper-parameters: built once, here, and kept for the run
+            self._function_class = get_task(self.task, self.n_dims, allow_import=True, **self.task_kwargs)
         except (ValueError, TypeError) as error:
             raise RecipeError(str(error).splitlines()[0]) from None
         require(self.task_pool_size >= 0, f"task_pool_size={self.task_pool_size} must be >= 0 (0 = no pool)")
@@ -254,13 +291,15 @@ class TaskArguments:
             mapping[key] = value
         return mapping
 
+    @property
     def function_class(self) -> FunctionClass:
-        """The function class this section describes (defaults from the class itself)."""
-        return get_task(self.task, self.n_dims, allow_import=True, **self.task_kwargs)
+        """The function class this section describes (defaults from the class itself), built once
+        when the section is: the model, the prompts and the metrics of a run share it."""
+        return self._function_class
 
     def hyperparameters(self) -> dict[str, Any]:
         """Every hyper-parameter of the function class, defaults included (recorded in the model config)."""
-        return self.function_class().hyperparameters()
+        return self.function_class.hyperparameters()
 
 
 # The built-in classes' hyper-parameters that also have a flat recipe key (``sparsity: 2``).
@@ -278,6 +317,7 @@ class ConMLArguments:
     """
 
     _argument_group_name = "ConML"
+    _default_role = EXPERIMENT
 
     conml_lambda: float = _help("Weight λ of the ConML term; 0 = plain ICL training.", default=0.02)
     conml_lambda_start: int = _help(
@@ -362,6 +402,33 @@ class ICLTrainingArguments(TrainingArguments):
     """``TrainingArguments`` with defaults for in-context meta-training (the quickstart)."""
 
     _argument_group_name = "training (transformers.TrainingArguments; defaults: the quickstart)"
+    _default_role = EXECUTION  # a TrainingArguments field not named below
+    _key_roles = {
+        **dict.fromkeys(
+            ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
+             "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "optim", "optim_args",
+             "optim_target_modules", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm",
+             "seed", "data_seed", "bf16", "fp16", "tf32", "full_determinism", "neftune_noise_alpha",
+             "auto_find_batch_size", "ignore_data_skip", "load_best_model_at_end", "metric_for_best_model",
+             "greater_is_better"),
+            EXPERIMENT,
+        ),
+        **dict.fromkeys(("eval_strategy", "eval_steps", "per_device_eval_batch_size"), EVALUATION),
+        **dict.fromkeys(("output_dir", "logging_steps", "save_steps", "save_total_limit", "report_to"), OUTPUT),
+        **dict.fromkeys(
+            ("logging_strategy", "logging_first_step", "logging_nan_inf_filter", "log_on_each_node", "log_level",
+             "log_level_replica", "include_num_input_tokens_seen", "skip_memory_metrics", "disable_tqdm",
+             "run_name", "project", "trackio_space_id", "trackio_bucket_id", "trackio_static_space_id",
+             "save_strategy", "save_only_model", "save_on_each_node", "push_to_hub", "hub_model_id",
+             "hub_strategy", "hub_private_repo", "hub_always_push", "hub_revision"),
+            BOOKKEEPING,
+        ),
+        **dict.fromkeys(
+            ("resume_from_checkpoint", "overwrite_output_dir", "resume_weights_only", "resume_extend_schedule",
+             "resume_allow_changes", "restore_callback_states_from_checkpoint", "hub_token"),
+            RUN_CONTROL,
+        ),
+    }  # fmt: skip
 
     output_dir: str | None = _help("Where checkpoints and the final model go.", default="outputs/quickstart")
     max_steps: int = _help("Optimisation steps (prompts are generated on the fly).", default=8000)
@@ -440,85 +507,76 @@ SECTIONS = (ModelArguments, TaskArguments, ConMLArguments, ICLTrainingArguments)
 
 @dataclass
 class Recipe:
+    """The four sections of a resolved recipe (``raw``: the keys the file or command line set), and
+    what they imply, derived once: the function class, ``n_positions`` and the global batch."""
+
     model: ModelArguments
     task: TaskArguments
     conml: ConMLArguments
     training: ICLTrainingArguments
     raw: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def function_class(self) -> FunctionClass:
+        """The run's function class (one instance: model, sampler, eval prompts and metrics share it)."""
+        return self.task.function_class
+
+    @functools.cached_property
+    def n_positions(self) -> int:
+        """The most (x, y) pairs a prompt may hold: ``n_positions``, else ``n_points``."""
+        return self.model.n_positions or self.task.n_points
+
+    @functools.cached_property
+    def global_batch_size(self) -> int:
+        """Prompts per optimizer step over every process and accumulation step."""
+        training = self.training
+        return (
+            training.per_device_train_batch_size * training.world_size * training.gradient_accumulation_steps
+        )
+
     def to_dict(self) -> dict[str, Any]:
-        """The resolved recipe, defaults included: every key of the model, task and ConML sections,
-        the training keys that define or steer the run (``TRAINING_RECIPE_KEYS``), and any other
-        key the recipe or command line set; values as plain YAML data.
+        """The resolved recipe: every key whose role is always recorded (``KeyRole.recipe``: what
+        defines the experiment, what is measured, where the output goes), defaults included, and
+        any other key the recipe or command line set but run control; values as plain YAML data.
 
         Saved as ``recipe.yaml`` (loading it back gives the same dict), recorded for each run
         segment in ``run_history.jsonl`` (what a resume is compared with) and by every tracker.
         """
         out: dict[str, Any] = {}
-        for section in (self.model, self.task, self.conml):
-            out.update(dataclasses.asdict(section))
-        for key in TRAINING_RECIPE_KEYS:
-            out[key] = plain_value(getattr(self.training, key))
-        # Run control is not part of the recipe: re-running a saved recipe must not overwrite or resume.
+        for section in (self.model, self.task, self.conml, self.training):
+            for f in dataclasses.fields(section):
+                if f.init and f.name not in out and key_role(f.name).recipe == "always":
+                    out[f.name] = plain_value(copy.deepcopy(getattr(section, f.name)))
+        set_keys = {key: value for key, value in self.raw.items() if key not in out}
         out.update(
-            {
-                key: plain_value(value)
-                for key, value in self.raw.items()
-                if key not in RUN_CONTROL_KEYS and key not in out
-            }
+            {key: plain_value(value) for key, value in set_keys.items() if key_role(key) is not RUN_CONTROL}
         )
         return out
 
 
-#: ``TrainingArguments`` fields that define the experiment (batch, optimiser, schedule, seeds,
-#: precision): a resume that changes one of them is another experiment (``resume.py``).
-EXPERIMENT_TRAINING_KEYS = (
-    "per_device_train_batch_size",
-    "gradient_accumulation_steps",
-    "learning_rate",
-    "lr_scheduler_type",
-    "lr_scheduler_kwargs",
-    "warmup_steps",
-    "optim",
-    "optim_args",
-    "weight_decay",
-    "adam_beta1",
-    "adam_beta2",
-    "adam_epsilon",
-    "max_grad_norm",
-    "seed",
-    "data_seed",
-    "bf16",
-    "fp16",
-)
-#: ``TrainingArguments`` fields saved in every recipe: those that define the experiment and those
-#: that steer the run (length, output, logging, saving, evaluation, reporting).
-TRAINING_RECIPE_KEYS = (
-    "output_dir",
-    "max_steps",
-    *EXPERIMENT_TRAINING_KEYS,
-    "logging_steps",
-    "save_steps",
-    "save_total_limit",
-    "eval_strategy",
-    "eval_steps",
-    "per_device_eval_batch_size",
-    "report_to",
-)
+#: Roles of keys derived from the recipe rather than set in it (recorded in the run history).
+DERIVED_ROLES = {"global_batch_size": EXPERIMENT}
+
+
+def key_role(key: str) -> KeyRole | None:
+    """The role a key's argument dataclass declares for it (``KeyRole``); None for an unknown key."""
+    return _roles().get(key)
+
+
+@functools.cache
+def _roles() -> dict[str, KeyRole]:
+    roles = dict(DERIVED_ROLES)
+    for section in SECTIONS:
+        declared = getattr(section, "_key_roles", {})
+        for f in dataclasses.fields(section):
+            if f.init:
+                roles.setdefault(f.name, declared.get(f.name, section._default_role))
+    return roles
 
 
 def plain_value(value: Any) -> Any:
     """A value as plain YAML data (enums become their string value)."""
     return value.value if isinstance(value, enum.Enum) else value
-
-
-RUN_CONTROL_KEYS = (
-    "resume_from_checkpoint",
-    "overwrite_output_dir",
-    "resume_weights_only",
-    "resume_extend_schedule",
-    "resume_allow_changes",
-)
 
 
 def known_keys() -> list[str]:

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 import torch
@@ -156,33 +156,42 @@ def sample_views(
 class ProbeLayout:
     """Tokens appended after the main context, and where the representations are read.
 
-    ``tokens`` (B, P, d) are read-in inputs, ``position_ids`` (P,) their positions,
-    ``visible`` (P, 2n + P) says which of [context, appended] tokens each one attends to.
-    ``anchor_slots`` (M,) and ``view_slots`` (K, M) index the probe tokens among the P.
-    ``rows`` = (offset, length), when set, says that the appended tokens from ``offset`` on are
-    K independent sequences of ``length`` tokens each (the views: they see nothing else), which
+    ``tokens`` (B, P, d) are read-in inputs; everything else depends only on the sizes and is
+    shared between steps (``LayoutStructure``: treat it as read-only): ``position_ids`` (P,) the
+    tokens' positions, ``visible`` (P, 2n + P) which of [context, appended] tokens each one
+    attends to, ``anchor_slots`` (M,) and ``view_slots`` (K, M) the probe tokens among the P, and
+    ``rows`` = (offset, length), when set: the appended tokens from ``offset`` on are K
+    independent sequences of ``length`` tokens each (the views: they see nothing else), which
     the model may run as their own batch rows instead of behind a block mask in the main row;
     the result is the same (see ``ICLModel.forward``), and the P slots keep their meaning.
-    ``position_ids``, ``visible`` and the slots are shared between steps: treat them as read-only.
     """
 
     tokens: torch.Tensor
-    position_ids: torch.Tensor
-    visible: torch.Tensor
-    anchor_slots: torch.Tensor
-    view_slots: torch.Tensor
-    rows: tuple[int, int] | None = None
+    structure: LayoutStructure
 
     def model_inputs(self) -> dict[str, Any]:
         """The keyword arguments of ``ICLModel.forward`` that append these tokens."""
-        inputs: dict[str, Any] = {
-            "appended_tokens": self.tokens,
-            "appended_position_ids": self.position_ids,
-            "appended_visible": self.visible,
-        }
-        if self.rows is not None:
-            inputs["appended_rows"] = self.rows
-        return inputs
+        return {"appended_tokens": self.tokens, "appended_layout": self.structure}
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        return self.structure.position_ids
+
+    @property
+    def visible(self) -> torch.Tensor:
+        return self.structure.visible
+
+    @property
+    def anchor_slots(self) -> torch.Tensor:
+        return self.structure.anchor_slots
+
+    @property
+    def view_slots(self) -> torch.Tensor:
+        return self.structure.view_slots
+
+    @property
+    def rows(self) -> tuple[int, int] | None:
+        return self.structure.rows
 
     @property
     def tokens_per_task(self) -> int:
@@ -197,15 +206,140 @@ def interleave(xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
     return torch.stack((xs, y_tokens), dim=2).flatten(1, 2)
 
 
+# ---- the attention plan of appended tokens --------------------------------------------------------
 @dataclass(frozen=True)
-class _LayoutStructure:
-    """The part of a layout that depends only on its sizes (not on the data): built once."""
+class Segment:
+    """How one kind of batch row runs: its position ids (L,) and additive mask (1, 1, L, L), or
+    ``None`` for both when the row is a plain causal sequence (the backbone's own default, which
+    keeps sdpa on its causal fast path)."""
 
+    length: int
+    position_ids: torch.Tensor | None
+    mask: torch.Tensor | None
+
+    def same_as(self, other: Segment) -> bool:
+        if self.length != other.length or (self.mask is None) != (other.mask is None):
+            return False
+        return self.mask is None or (
+            torch.equal(self.mask, other.mask) and torch.equal(self.position_ids, other.position_ids)
+        )
+
+    def inputs(self, rows: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(position_ids, attention_mask) for ``rows`` batch rows of this kind."""
+        if self.mask is None:
+            return None, None
+        return self.position_ids.expand(rows, -1), self.mask.expand(rows, 1, -1, -1)
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """The main rows' segment; with ``rows``, the view rows' too, and whether both kinds run in
+    one backbone call (same length and structure) or in two."""
+
+    main: Segment
+    rows: Segment | None = None
+    joined: bool = False
+
+
+def attention_plan(
+    context: int,
+    position_ids: torch.Tensor,
+    visible: torch.Tensor,
+    rows: tuple[int, int] | None,
+    dtype: torch.dtype,
+) -> AttentionPlan:
+    """Position ids and additive masks (in ``dtype``) of a layout's rows (``ProbeLayout`` fields).
+
+    Without ``rows``: one row of context + appended tokens; the context is causal and sees no
+    appended token, appended tokens see what ``visible`` allows (a boolean 4D mask gives wrong
+    results under GPT-2's eager attention, so the additive form is used).
+
+    With ``rows = (offset, length)``: the main rows hold the context and the first ``offset``
+    appended tokens; the rest are K sequences of ``length`` tokens, each seen by nothing else and
+    seeing nothing else (checked here), which run as K extra rows per task. A row is the same
+    computation as the corresponding tokens behind the block mask, minus the attention scores
+    that the mask would have thrown away.
+    """
+    device = visible.device
+    positions = torch.cat([torch.arange(context, device=device), position_ids])
+    if rows is None:
+        mask = _mask_from_allowed(_allowed(context, visible), dtype)
+        return AttentionPlan(main=Segment(positions.shape[0], positions, mask))
+
+    offset, length = rows
+    total = context + visible.shape[0]
+    main_length = context + offset
+    num_rows, remainder = divmod(total - main_length, length)
+    if remainder or num_rows < 1 or visible.shape[1] != total:
+        raise ValueError(f"appended_rows={rows} does not split {total - context} appended tokens into rows")
+    allowed = _allowed(context, visible)
+    main_allowed = allowed[:main_length, :main_length]
+    row_allowed = allowed[main_length : main_length + length, main_length : main_length + length]
+    row_positions = positions[main_length : main_length + length]
+    expected = torch.block_diag(main_allowed, *[row_allowed] * num_rows)
+    if not torch.equal(allowed, expected) or not torch.equal(
+        positions[main_length:], row_positions.repeat(num_rows)
+    ):
+        raise ValueError(
+            f"appended_rows={rows}: the appended tokens after {offset} are not independent "
+            f"sequences of {length} tokens with equal positions and visibility"
+        )
+    main = _segment(positions[:main_length], main_allowed, dtype)
+    row = _segment(row_positions, row_allowed, dtype)
+    return AttentionPlan(main=main, rows=row, joined=main.same_as(row))
+
+
+def _segment(position_ids: torch.Tensor, allowed: torch.Tensor, dtype: torch.dtype) -> Segment:
+    length = position_ids.shape[0]
+    causal = torch.ones(length, length, dtype=torch.bool, device=allowed.device).tril()
+    if torch.equal(allowed, causal) and torch.equal(
+        position_ids, torch.arange(length, device=position_ids.device)
+    ):
+        return Segment(length, None, None)
+    return Segment(length, position_ids, _mask_from_allowed(allowed, dtype))
+
+
+def _allowed(context: int, visible: torch.Tensor) -> torch.Tensor:
+    """(L, L) bool: the context is causal and sees no appended token; appended tokens see what
+    ``visible`` (P, context + P) allows."""
+    appended = visible.shape[0]
+    total = context + appended
+    allowed = torch.zeros(total, total, dtype=torch.bool, device=visible.device)
+    allowed[:context, :context] = torch.ones(context, context, dtype=torch.bool, device=allowed.device).tril()
+    allowed[context:] = visible
+    return allowed
+
+
+def _mask_from_allowed(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(1, 1, L, L) float mask: 0 where attention is allowed, the dtype's minimum elsewhere."""
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[None, None]
+
+
+# ---- the layout's structure: built once per size, with its attention plans ----------------------------
+@dataclass(frozen=True)
+class LayoutStructure:
+    """The part of a layout that depends only on its sizes (not on the data): built once, and
+    with it the attention plan for each dtype the model asks for (one cache for both)."""
+
+    context: int
     position_ids: torch.Tensor
     visible: torch.Tensor
     anchor_slots: torch.Tensor
     view_slots: torch.Tensor
     rows: tuple[int, int] | None
+    plans: dict[torch.dtype, AttentionPlan] = field(default_factory=dict, compare=False, repr=False)
+
+    @torch.compiler.disable
+    def attention_plan(self, dtype: torch.dtype) -> AttentionPlan:
+        """``attention_plan`` of this structure in ``dtype``, built on first use."""
+        plan = self.plans.get(dtype)
+        if plan is None:
+            with torch.inference_mode(False):  # a cached plan must also serve later training steps
+                plan = attention_plan(self.context, self.position_ids, self.visible, self.rows, dtype)
+            self.plans[dtype] = plan
+        return plan
 
 
 @functools.lru_cache(maxsize=64)
@@ -217,7 +351,7 @@ def _layout_structure(
     masked_prefix: bool,
     view_rows: bool | None,
     device: torch.device,
-) -> _LayoutStructure:
+) -> LayoutStructure:
     """Positions, visibility, probe slots and row split of the appended tokens (see ``build_layout``).
 
     Cached: a run sees a handful of (n, s) pairs (one per curriculum stage and view size), and
@@ -270,7 +404,8 @@ def _layout_structure(
             (seg[:, None] == seg[None, :]) & (seg[:, None] >= 0) & (j[None, :] < j[:, None]) & ~probe[None, :]
         )
         sees_appended = same_segment | torch.eye(appended, dtype=torch.bool, device=device)
-        return _LayoutStructure(
+        return LayoutStructure(
+            context=context,
             position_ids=torch.cat(positions),
             visible=torch.cat([sees_context, sees_appended], dim=1),
             anchor_slots=anchor_slots,
@@ -314,14 +449,7 @@ def build_layout(
         view_probes = probes.unsqueeze(1).expand(-1, num_views, -1, -1)
         views = torch.cat([pairs.reshape(batch, num_views, 2 * size, width), view_probes], dim=2)
         tokens = torch.cat([probes, views.flatten(1, 2)], dim=1)
-    return ProbeLayout(
-        tokens=tokens,
-        position_ids=structure.position_ids,
-        visible=structure.visible,
-        anchor_slots=structure.anchor_slots,
-        view_slots=structure.view_slots,
-        rows=structure.rows,
-    )
+    return ProbeLayout(tokens=tokens, structure=structure)
 
 
 def representations(

@@ -50,17 +50,11 @@ def load_records(spec: Spec) -> dict[tuple[str, int], dict[str, Any]]:
     return records
 
 
-# Keys that change what is logged or kept, not what is trained or evaluated.
-BOOKKEEPING_KEYS = frozenset(
-    {"report_to", "disable_tqdm", "logging_steps", "logging_strategy", "save_steps", "save_strategy",
-     "save_total_limit", "push_to_hub", "hub_model_id", "hub_strategy", "hub_private_repo"}
-)  # fmt: skip
-
-
 def _experiment_settings(recipe: dict[str, Any], ignored: set[str]) -> dict[str, Any]:
     """What defines the experiment in a recorded recipe, in one spelling whatever the code version
-    wrote: bookkeeping keys dropped, and flat task keys (``sparsity``, ``depth``, ...) kept only
+    wrote: keys whose role is not paired dropped (``arguments.KeyRole``), and flat task keys (``sparsity``, ``depth``, ...) kept only
     for a task that takes them."""
+    from .arguments import FLAT_TASK_KEYS, key_role
     from .tasks import hyperparameter_names, resolve_task_class
 
     try:
@@ -72,12 +66,10 @@ def _experiment_settings(recipe: dict[str, Any], ignored: set[str]) -> dict[str,
         )
     except ValueError:
         hyperparameters = set()
-    flat = {"sparsity", "noise_std", "hidden_size", "depth"} - hyperparameters
-    return {
-        key: value
-        for key, value in recipe.items()
-        if key not in ignored and key not in BOOKKEEPING_KEYS and key not in flat
-    }
+    flat = set(FLAT_TASK_KEYS) - hyperparameters
+    unpaired = {key for key in recipe if (role := key_role(key)) is not None and not role.paired}
+    dropped = ignored | unpaired | flat
+    return {key: value for key, value in recipe.items() if key not in dropped}
 
 
 def check_pairing(spec: Spec, records: dict[tuple[str, int], dict[str, Any]]) -> None:

@@ -36,7 +36,6 @@ from .errors import OneLineParser, UserError, command_name, entry_point
 from .extras import require
 from .model_card import write_model_card
 from .modeling import ICLConfig, ICLModel, trusting_remote_code
-from .tasks import task_reference
 
 if TYPE_CHECKING:  # peft is an extra (pip install 'icl_conml[peft]'): imported where LoRA is used
     from peft import LoraConfig, PeftModel
@@ -134,50 +133,6 @@ def resolve_backbone_path(recipe: Recipe) -> None:
             f"backbone_name_or_path={name!r} looks like a path but {path.absolute()} does not exist; pass the "
             f"folder of a saved pretrained model (relative to {Path.cwd()} or absolute), or a Hub id such as gpt2"
         )
-
-
-def build_lora_model(recipe: Recipe) -> ICLModel | PeftModel:
-    """The recipe's model: its backbone (pretrained or fresh GPT-2), then LoRA / freezing.
-
-    Loading or adapter errors surface here, as one-line ``RecipeError``s, before training.
-    """
-    task, args = recipe.task, recipe.model
-    if args.lora_r > 0 and not args.backbone_name_or_path:
-        raise RecipeError(
-            f"lora_r={args.lora_r} needs a pretrained backbone_name_or_path (e.g. gpt2): LoRA on a freshly "
-            f"initialised backbone could never be reloaded, its random weights are not saved; set lora_r=0"
-        )
-    n_positions = args.n_positions or task.n_points
-    common = {
-        "n_dims": task.n_dims,
-        "n_positions": n_positions,
-        "task": task_reference(task.function_class()),
-        "task_kwargs": task.hyperparameters(),
-    }
-    if args.backbone_name_or_path:
-        try:
-            model = ICLModel.from_pretrained_backbone(
-                args.backbone_name_or_path, attn_implementation=args.attn_implementation, **common
-            )
-        except (OSError, ValueError) as error:
-            first = (str(error).strip().splitlines() or [""])[0]
-            raise RecipeError(
-                f"backbone_name_or_path={args.backbone_name_or_path!r} could not be loaded ({first}); pass a "
-                f"local folder or a Hub id of an AutoModel that takes inputs_embeds (offline: one in the HF cache)"
-            ) from None
-    else:
-        config = ICLConfig(
-            n_embd=args.n_embd, n_layer=args.n_layer, n_head=args.n_head, dropout=args.dropout, **common
-        )
-        config.backbone_config._attn_implementation = args.attn_implementation
-        model = ICLModel(config)
-    limit = getattr(model.config.backbone_config, "max_position_embeddings", None)
-    if limit is not None and 2 * n_positions + 1 > limit:
-        raise RecipeError(
-            f"n_positions={n_positions} pairs need {2 * n_positions + 1} token positions but the backbone has "
-            f"{limit}; lower n_points / n_positions"
-        )
-    return prepare_model(model, args)
 
 
 def is_lora_checkpoint(name_or_path: str | Path, **hub_kwargs) -> bool:

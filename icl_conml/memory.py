@@ -9,7 +9,11 @@ activations), so they are lower bounds: a refused run could never have fitted.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .arguments import Recipe
+    from .tasks import FunctionClass
 
 FLOAT = 4  # bytes: weights, prompts and activations are float32
 
@@ -36,37 +40,30 @@ def _gb(size: float) -> str:
     return f"{size / 1e9:,.1f} GB" if size >= 1e8 else f"{size / 1e6:,.1f} MB"
 
 
-def task_parameters_per_task(task_name: str, n_dims: int, task_kwargs: dict[str, Any]) -> int:
-    """Numbers one function of the class holds, extrapolated from two small dimensions (the
-    classes' parameters grow linearly with n_dims); ``n_dims`` when the class cannot be probed."""
+def task_parameters(task: FunctionClass) -> int:
+    """Numbers one function of the class holds: the sizes of its parameters drawn on the meta
+    device (shapes only, nothing allocated); ``n_dims`` when the class cannot draw them there."""
     import torch
 
-    from .tasks import get_task
-
     try:
-        sizes = []
-        for dims in (8, 16):
-            task = get_task(task_name, dims, **task_kwargs)
+        with torch.device("meta"):
             params = task.sample_params(1, torch.Generator().manual_seed(0))
-            sizes.append(sum(value.numel() for value in params.values()))
-        per_dim = (sizes[1] - sizes[0]) / 8
-        return max(int(sizes[0] + per_dim * (n_dims - 8)), n_dims)
-    except Exception:  # noqa: BLE001 - a class that cannot be probed small: count one weight vector
-        return n_dims
+        return max(sum(value.numel() for value in params.values()), task.n_dims)
+    except Exception:  # noqa: BLE001 - a class that cannot be sized on the meta device: one weight vector
+        return task.n_dims
 
 
-def training_memory(recipe) -> list[tuple[str, float]]:
+def training_memory(recipe: Recipe) -> list[tuple[str, float]]:
     """The large allocations of a training run: (what, bytes), largest first."""
     task, model, training = recipe.task, recipe.model, recipe.training
     d, n, e, layers = task.n_dims, task.n_points, model.n_embd, model.n_layer
-    positions = model.n_positions or n
+    positions = recipe.n_positions
     read_in = d * e + e
     backbone = 0 if model.backbone_name_or_path else (2 * positions + 1) * e + layers * (12 * e * e + 13 * e)
     params = read_in + backbone + e + 1
-    world = max(1, training.world_size)
     per_device = training.per_device_train_batch_size
-    global_batch = per_device * world * training.gradient_accumulation_steps
-    per_task = task_parameters_per_task(task.task, d, task.task_kwargs)
+    global_batch = recipe.global_batch_size
+    per_task = task_parameters(recipe.function_class)
     tokens = 2 * n + 2
     items = [
         (

@@ -9,8 +9,6 @@ do not change, because they never attend to appended tokens.
 
 from __future__ import annotations
 
-import math
-from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -22,9 +20,10 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, GPT2Config, PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput, find_adapter_config_file
 
-from .conml import interleave
+from .conml import LayoutStructure, attention_plan, interleave
 from .errors import UserError
-from .tasks import get_task
+from .gelu import use_exact_new_gelu
+from .tasks import FunctionClass, get_task
 
 #: ``from_pretrained`` arguments that locate files (used to look for a LoRA run's adapter config).
 HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "force_download", "subfolder")
@@ -63,6 +62,8 @@ class ICLConfig(PretrainedConfig):
         backbone_config: any ``transformers`` config whose ``AutoModel`` accepts
             ``inputs_embeds``; default a fresh GPT-2 with dropout 0 and no KV cache.
         backbone_name_or_path: where the backbone's pretrained weights came from, if any.
+        attn_implementation: (``PretrainedConfig``'s keyword) the attention kernel, set on the
+            backbone's config too.
     """
 
     model_type = "icl_conml"
@@ -152,17 +153,24 @@ class ICLPreTrainedModel(PreTrainedModel):
 class ICLModel(ICLPreTrainedModel):
     """In-context learner for (x, y) prompts; see the module docstring."""
 
-    def __init__(self, config: ICLConfig, backbone: PreTrainedModel | None = None) -> None:
+    def __init__(
+        self,
+        config: ICLConfig,
+        backbone: PreTrainedModel | None = None,
+        task_class: FunctionClass | None = None,
+    ) -> None:
         super().__init__(config)
         self.read_in = nn.Linear(config.n_dims, config.hidden_size)
         self.backbone = backbone if backbone is not None else AutoModel.from_config(config.backbone_config)
         self.read_out = nn.Linear(config.hidden_size, 1)
-        # The function class gives the training loss; built once, not on every forward. A config
-        # is data: its import path is imported only under trust_remote_code (or when this process
-        # already knows it: a registered class, or the one the user's recipe named).
-        self.task_class = get_task(
-            config.task, config.n_dims, allow_import=_TRUST_REMOTE_CODE.get(), **config.task_kwargs
-        )
+        # The function class gives the training loss: the recipe's (passed in), else built once here.
+        # A config is data: its import path is imported only under trust_remote_code (or when this
+        # process already knows it: a registered class, or the one the user's recipe named).
+        if task_class is None:
+            task_class = get_task(
+                config.task, config.n_dims, allow_import=_TRUST_REMOTE_CODE.get(), **config.task_kwargs
+            )
+        self.task_class = task_class
         use_exact_new_gelu(self.backbone)
         self.post_init()
 
@@ -192,13 +200,18 @@ class ICLModel(ICLPreTrainedModel):
 
     @classmethod
     def from_pretrained_backbone(
-        cls, backbone_name_or_path: str, attn_implementation: str = "sdpa", **config_kwargs
+        cls,
+        backbone_name_or_path: str,
+        attn_implementation: str = "sdpa",
+        task_class: FunctionClass | None = None,
+        **config_kwargs,
     ) -> ICLModel:
         """A new learner (fresh read-in/read-out) around a pretrained ``AutoModel`` backbone.
 
         The hidden size comes from the backbone's config; ``config_kwargs`` are the other
-        ``ICLConfig`` fields (n_dims, n_positions, task, ...). Weights load in float32 (the
-        Trainer's mixed precision casts on the fly).
+        ``ICLConfig`` fields (n_dims, n_positions, task, ...), ``task_class`` the function class
+        they name if the caller holds it already. Weights load in float32 (the Trainer's mixed
+        precision casts on the fly).
         """
         backbone = AutoModel.from_pretrained(
             backbone_name_or_path, dtype=torch.float32, attn_implementation=attn_implementation
@@ -210,12 +223,12 @@ class ICLModel(ICLPreTrainedModel):
             n_head=backbone_config.num_attention_heads,
             backbone_config=backbone_config,
             backbone_name_or_path=backbone_name_or_path,
+            # Also the nested config's: without it, building ICLConfig would reset the backbone's
+            # kernel to None, after which it silently ignores our 4D masks.
+            attn_implementation=attn_implementation,
             **config_kwargs,
         )
-        # Building ICLConfig resets the nested config's attention kernel to None, after which
-        # the backbone silently ignores our 4D masks: set it back before the model is built.
-        config.backbone_config._attn_implementation = attn_implementation
-        return cls(config, backbone=backbone)
+        return cls(config, backbone=backbone, task_class=task_class)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.read_in
@@ -225,6 +238,7 @@ class ICLModel(ICLPreTrainedModel):
         xs: torch.Tensor,
         ys: torch.Tensor | None = None,
         appended_tokens: torch.Tensor | None = None,
+        appended_layout: LayoutStructure | None = None,
         appended_position_ids: torch.Tensor | None = None,
         appended_visible: torch.Tensor | None = None,
         appended_rows: tuple[int, int] | None = None,
@@ -234,7 +248,10 @@ class ICLModel(ICLPreTrainedModel):
         """Predict y at every query position; with ``ys``, also the class's training loss.
 
         xs (B, n, d); ys (B, n) (optional: the prediction for y_i never uses ys[i:]).
-        ``appended_*`` describe extra tokens (see ``conml.ProbeLayout``). With
+        ``appended_tokens`` are extra tokens, laid out by ``appended_layout`` (a
+        ``conml.LayoutStructure``, whose attention plan is cached: ``ProbeLayout.model_inputs()``
+        passes both) or by ``appended_position_ids``, ``appended_visible`` and ``appended_rows``
+        (the same fields, given by hand: the plan is built on every call). With
         ``appended_rows = (offset, length)`` the appended tokens from ``offset`` on are K
         independent sequences of ``length`` tokens per task: they run as B·K extra batch rows,
         in the same backbone call as the main rows when both have the same length and structure
@@ -249,12 +266,21 @@ class ICLModel(ICLPreTrainedModel):
         context = interleave(xs.to(dtype), labels.to(dtype))
         tokens, position_ids, mask, rows, plan = context, None, None, None, None
         if appended_tokens is not None:
-            # Eager: cached per layout. Under torch.compile the plain layout is traced into the
-            # graph instead (tensor ops only); views in rows take one graph break for their plan.
-            planner = (
-                _build_plan if appended_rows is None and torch.compiler.is_compiling() else _attention_plan
-            )
-            plan = planner(context.shape[1], appended_position_ids, appended_visible, appended_rows, dtype)
+            layout = appended_layout
+            if layout is not None:
+                appended_position_ids, appended_visible, appended_rows = (
+                    layout.position_ids,
+                    layout.visible,
+                    layout.rows,
+                )
+            # Eager: the layout's cached plan. Under torch.compile the plain layout is traced into
+            # the graph instead (tensor ops only); views in rows take one graph break for their plan.
+            if layout is not None and not (appended_rows is None and torch.compiler.is_compiling()):
+                plan = layout.attention_plan(dtype)
+            else:
+                plan = attention_plan(
+                    context.shape[1], appended_position_ids, appended_visible, appended_rows, dtype
+                )
             appended_tokens = appended_tokens.to(dtype)
             if appended_rows is not None:  # the views: (B, K·length, d) -> (B·K, length, d)
                 offset, length = appended_rows
@@ -325,223 +351,6 @@ def check_mask_support(attn_implementation: str | None) -> None:
             f"(ConML probe) tokens; use attn_implementation='sdpa' (or 'eager'), or train without ConML "
             f"(conml_lambda=0)"
         )
-
-
-@dataclass(frozen=True)
-class _Segment:
-    """How one kind of batch row runs: its position ids (L,) and additive mask (1, 1, L, L), or
-    ``None`` for both when the row is a plain causal sequence (the backbone's own default, which
-    keeps sdpa on its causal fast path)."""
-
-    length: int
-    position_ids: torch.Tensor | None
-    mask: torch.Tensor | None
-
-    def same_as(self, other: _Segment) -> bool:
-        if self.length != other.length or (self.mask is None) != (other.mask is None):
-            return False
-        return self.mask is None or (
-            torch.equal(self.mask, other.mask) and torch.equal(self.position_ids, other.position_ids)
-        )
-
-    def inputs(self, rows: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(position_ids, attention_mask) for ``rows`` batch rows of this kind."""
-        if self.mask is None:
-            return None, None
-        return self.position_ids.expand(rows, -1), self.mask.expand(rows, 1, -1, -1)
-
-
-@dataclass(frozen=True)
-class _AttentionPlan:
-    """The main rows' segment; with ``appended_rows``, the view rows' too, and whether both
-    kinds run in one backbone call (same length and structure) or in two."""
-
-    main: _Segment
-    rows: _Segment | None = None
-    joined: bool = False
-
-
-#: Plans of recent layouts, keyed by the identity of their (cached, shared) position and
-#: visibility tensors: a training run reuses one layout structure step after step.
-_PLANS: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor, tuple[int, int], _AttentionPlan]] = OrderedDict()
-_PLAN_CACHE_SIZE = 32
-
-
-@torch.compiler.disable
-def _attention_plan(
-    context: int,
-    appended_position_ids: torch.Tensor,
-    appended_visible: torch.Tensor,
-    appended_rows: tuple[int, int] | None,
-    dtype: torch.dtype,
-) -> _AttentionPlan:
-    """Position ids and masks for appended tokens, cached per layout (see ``_build_plan``)."""
-    key = (id(appended_position_ids), id(appended_visible), context, appended_rows, dtype)
-    try:
-        versions = (appended_position_ids._version, appended_visible._version)
-    except RuntimeError:  # inference tensors keep no version counter: nothing to key a cache on
-        return _build_plan(context, appended_position_ids, appended_visible, appended_rows, dtype)
-    hit = _PLANS.get(key)
-    if (
-        hit is not None
-        and hit[0] is appended_position_ids
-        and hit[1] is appended_visible
-        and hit[2] == versions
-    ):
-        _PLANS.move_to_end(key)
-        return hit[3]
-    with torch.inference_mode(False):  # a cached plan must also serve later training steps
-        plan = _build_plan(context, appended_position_ids, appended_visible, appended_rows, dtype)
-    # The entry holds the keyed tensors, so their ids cannot be reused while it exists.
-    _PLANS[key] = (appended_position_ids, appended_visible, versions, plan)
-    if len(_PLANS) > _PLAN_CACHE_SIZE:
-        _PLANS.popitem(last=False)
-    return plan
-
-
-def _build_plan(
-    context: int,
-    appended_position_ids: torch.Tensor,
-    appended_visible: torch.Tensor,
-    appended_rows: tuple[int, int] | None,
-    dtype: torch.dtype,
-) -> _AttentionPlan:
-    """Without ``appended_rows``: one row of context + appended tokens under ``_additive_mask``.
-
-    With ``appended_rows = (offset, length)``: the main rows hold the context and the first
-    ``offset`` appended tokens; the rest are K sequences of ``length`` tokens, each seen by
-    nothing else and seeing nothing else (checked here), which run as K extra rows per task.
-    A row is the same computation as the corresponding tokens behind the block mask, minus the
-    attention scores that the mask would have thrown away.
-    """
-    device = appended_visible.device
-    positions = torch.cat([torch.arange(context, device=device), appended_position_ids])
-    if appended_rows is None:
-        mask = _additive_mask(context, appended_visible, dtype)
-        return _AttentionPlan(main=_Segment(positions.shape[0], positions, mask))
-
-    offset, length = appended_rows
-    total = context + appended_visible.shape[0]
-    main_length = context + offset
-    num_rows, remainder = divmod(total - main_length, length)
-    if remainder or num_rows < 1 or appended_visible.shape[1] != total:
-        raise ValueError(
-            f"appended_rows={appended_rows} does not split {total - context} appended tokens into rows"
-        )
-    allowed = _allowed(context, appended_visible)
-    main_allowed = allowed[:main_length, :main_length]
-    row_allowed = allowed[main_length : main_length + length, main_length : main_length + length]
-    row_positions = positions[main_length : main_length + length]
-    expected = torch.block_diag(main_allowed, *[row_allowed] * num_rows)
-    if not torch.equal(allowed, expected) or not torch.equal(
-        positions[main_length:], row_positions.repeat(num_rows)
-    ):
-        raise ValueError(
-            f"appended_rows={appended_rows}: the appended tokens after {offset} are not independent "
-            f"sequences of {length} tokens with equal positions and visibility"
-        )
-    main = _segment(positions[:main_length], main_allowed, dtype)
-    rows = _segment(row_positions, row_allowed, dtype)
-    return _AttentionPlan(main=main, rows=rows, joined=main.same_as(rows))
-
-
-def _segment(position_ids: torch.Tensor, allowed: torch.Tensor, dtype: torch.dtype) -> _Segment:
-    length = position_ids.shape[0]
-    causal = torch.ones(length, length, dtype=torch.bool, device=allowed.device).tril()
-    if torch.equal(allowed, causal) and torch.equal(
-        position_ids, torch.arange(length, device=position_ids.device)
-    ):
-        return _Segment(length, None, None)
-    return _Segment(length, position_ids, _mask_from_allowed(allowed, dtype))
-
-
-def _allowed(context: int, appended_visible: torch.Tensor) -> torch.Tensor:
-    """(L, L) bool: the context is causal and sees no appended token; appended tokens see what
-    ``appended_visible`` (P, context + P) allows."""
-    appended = appended_visible.shape[0]
-    total = context + appended
-    allowed = torch.zeros(total, total, dtype=torch.bool, device=appended_visible.device)
-    allowed[:context, :context] = torch.ones(context, context, dtype=torch.bool, device=allowed.device).tril()
-    allowed[context:] = appended_visible
-    return allowed
-
-
-def _mask_from_allowed(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[None, None]
-
-
-def _additive_mask(context: int, appended_visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(1, 1, L, L) float mask: 0 where attention is allowed, the dtype's minimum elsewhere.
-
-    Context tokens are causal among themselves and never see appended tokens; appended
-    tokens see what ``appended_visible`` (P, context + P) allows. (A boolean 4D mask gives
-    wrong results under GPT-2's eager attention, so the additive form is used.)
-    """
-    return _mask_from_allowed(_allowed(context, appended_visible), dtype)
-
-
-# ---- GPT-2's activation, same floats, less memory traffic --------------------------------------
-_GELU_SCALE = math.sqrt(2.0 / math.pi)
-
-
-def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    """tanh(√(2/π)·(x + 0.044715·x³)), each step rounded exactly as ``NewGELUActivation`` rounds it
-    (in-place steps compute the same floats as the out-of-place ones, without a new tensor each)."""
-    return torch.pow(x, 3.0).mul_(0.044715).add_(x).mul_(_GELU_SCALE).tanh_()
-
-
-class _NewGELUFunction(torch.autograd.Function):
-    """``NewGELUActivation`` with the backward autograd would derive from its eight operations,
-    written out: the same kernels on the same values, and the input's three gradient paths summed
-    in the order autograd's engine sums them, ((via x + …) + (via x³)) + (via 0.5·x), so outputs
-    and gradients are bit-identical (``tests/test_model.py``)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        t = _gelu_tanh(x)
-        half_x, one_plus_t = torch.mul(x, 0.5), torch.add(t, 1.0)
-        ctx.save_for_backward(x, t, half_x, one_plus_t)  # what autograd saves for the composite too
-        return torch.mul(half_x, one_plus_t)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        x, t, half_x, one_plus_t = ctx.saved_tensors
-        via_sum = torch.ops.aten.tanh_backward(torch.mul(grad, half_x), t).mul_(_GELU_SCALE)
-        via_cube = torch.mul(via_sum, 0.044715).mul_(torch.pow(x, 2.0).mul_(3.0))
-        via_half = torch.mul(grad, one_plus_t).mul_(0.5)
-        return via_sum.add_(via_cube).add_(via_half)
-
-
-class ExactNewGELU(nn.Module):
-    """GPT-2's ``gelu_new``, bit-identical to ``transformers``' ``NewGELUActivation`` (forward and
-    backward) with fewer tensors of the activation's size: 4 instead of 8 in training, 2 in
-    inference.
-
-    The activation is elementwise work over the MLP's widest tensor: in the quickstart model's
-    forward it took as long as the linear layers' matrix multiplies (cProfile). The fused
-    ``gelu(approximate="tanh")`` kernel would be faster still, but rounds differently (about
-    5e-7), and training results must not change; this keeps them bit-identical.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and x.requires_grad:
-            return _NewGELUFunction.apply(x)
-        return torch.mul(x, 0.5).mul_(_gelu_tanh(x).add_(1.0))  # inference: two tensors, not eight
-
-
-def use_exact_new_gelu(module: nn.Module) -> int:
-    """Replace every ``NewGELUActivation`` under ``module`` by ``ExactNewGELU``; returns how many."""
-    from transformers.activations import NewGELUActivation
-
-    replaced = 0
-    for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is NewGELUActivation:
-                setattr(parent, name, ExactNewGELU())
-                replaced += 1
-    return replaced
 
 
 AutoConfig.register(ICLConfig.model_type, ICLConfig)

@@ -137,7 +137,7 @@ def run_header(recipe: Recipe, model) -> str:
         )
     else:
         lines.append("  plain ICL (conml_lambda = 0)")
-    batch = training.per_device_train_batch_size * training.world_size * training.gradient_accumulation_steps
+    batch = recipe.global_batch_size
     schedule = getattr(training.lr_scheduler_type, "value", training.lr_scheduler_type)
     lines.append(
         f"  {training.max_steps} steps × {batch} prompts, learning rate {training.learning_rate:g} ({schedule}, "

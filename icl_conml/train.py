@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
@@ -44,10 +44,12 @@ from .runs.resume import (
     weights_only,
 )
 from .summary import run_header, run_summary
-from .tasks import task_reference
+from .tasks import FunctionClass, task_reference
 
 if TYPE_CHECKING:
     from peft import PeftModel
+
+    from .trainer import ConMLTrainer
 
 logger = logging.getLogger("icl_conml")
 
@@ -85,7 +87,9 @@ def build_model(recipe: Recipe) -> ICLModel | PeftModel:
     """A freshly initialised model for the recipe (seeded by ``seed``), the same on any launch.
 
     With ``backbone_name_or_path`` the backbone is that pretrained model; with ``lora_r > 0``
-    the result is a ``peft.PeftModel`` training LoRA adapters and read-in/read-out only.
+    the result is a ``peft.PeftModel`` training LoRA adapters and read-in/read-out only;
+    ``freeze_backbone`` freezes the backbone. Loading or adapter errors are one-line
+    ``RecipeError``s, raised before training.
     """
     with _whole_weights(recipe.training):
         model = _build_model(recipe)
@@ -110,25 +114,84 @@ def perturb_initial_weights(model: torch.nn.Module, std: float, seed: int) -> No
 
 
 def _build_model(recipe: Recipe) -> ICLModel | PeftModel:
-    task, model = recipe.task, recipe.model
-    if model.backbone_name_or_path or model.lora_r > 0 or model.freeze_backbone:
-        from .lora import build_lora_model
-
-        set_seed(recipe.training.seed)
-        return build_lora_model(recipe)
-    config = ICLConfig(
-        n_dims=task.n_dims,
-        n_positions=model.n_positions or task.n_points,
-        n_embd=model.n_embd,
-        n_layer=model.n_layer,
-        n_head=model.n_head,
-        dropout=model.dropout,
-        task=task_reference(task.function_class()),
-        task_kwargs=task.hyperparameters(),
-    )
-    config.backbone_config._attn_implementation = model.attn_implementation
+    """The one ``ICLConfig`` assembly: a fresh GPT-2 or a pretrained backbone, then LoRA / freezing."""
+    args = recipe.model
+    if args.lora_r > 0 and not args.backbone_name_or_path:
+        raise RecipeError(
+            f"lora_r={args.lora_r} needs a pretrained backbone_name_or_path (e.g. gpt2): LoRA on a freshly "
+            f"initialised backbone could never be reloaded, its random weights are not saved; set lora_r=0"
+        )
+    task = recipe.function_class
+    config = {
+        "n_dims": recipe.task.n_dims,
+        "n_positions": recipe.n_positions,
+        "task": task_reference(task),
+        "task_kwargs": task.hyperparameters(),
+        "attn_implementation": args.attn_implementation,
+    }
     set_seed(recipe.training.seed)
-    return ICLModel(config)
+    if args.backbone_name_or_path:
+        model = _pretrained_backbone(args.backbone_name_or_path, task, config)
+    else:
+        size = {
+            "n_embd": args.n_embd,
+            "n_layer": args.n_layer,
+            "n_head": args.n_head,
+            "dropout": args.dropout,
+        }
+        model = ICLModel(ICLConfig(**size, **config), task_class=task)
+    if not (args.backbone_name_or_path or args.lora_r > 0 or args.freeze_backbone):
+        return model
+    from .lora import prepare_model
+
+    limit = getattr(model.config.backbone_config, "max_position_embeddings", None)
+    if limit is not None and 2 * recipe.n_positions + 1 > limit:
+        raise RecipeError(
+            f"n_positions={recipe.n_positions} pairs need {2 * recipe.n_positions + 1} token positions but "
+            f"the backbone has {limit}; lower n_points / n_positions"
+        )
+    return prepare_model(model, args)
+
+
+def _pretrained_backbone(name: str, task: FunctionClass, config: dict[str, Any]) -> ICLModel:
+    """``ICLModel.from_pretrained_backbone``, a load failure as one ``RecipeError`` line."""
+    try:
+        return ICLModel.from_pretrained_backbone(name, task_class=task, **config)
+    except (OSError, ValueError) as error:
+        first = (str(error).strip().splitlines() or [""])[0]
+        raise RecipeError(
+            f"backbone_name_or_path={name!r} could not be loaded ({first}); pass a local folder or a Hub id "
+            f"of an AutoModel that takes inputs_embeds (offline: one in the HF cache)"
+        ) from None
+
+
+def build_trainer(
+    recipe: Recipe,
+    *,
+    model: ICLModel | PeftModel | None = None,
+    trainer_class: type | None = None,
+    **overrides,
+) -> ConMLTrainer:
+    """The trainer the recipe describes: its model (``build_model`` unless ``model`` is given),
+    training prompts, evaluation prompts and metrics, and ConML settings.
+
+    ``trainer_class``: a ``ConMLTrainer`` subclass; ``overrides``: other ``Trainer`` arguments
+    (``callbacks``, or a ``train_dataset`` in place of the recipe's sampler). What ``train``
+    runs, and what benchmarks and tests build.
+    """
+    from .trainer import ConMLTrainer  # imports deepspeed when installed: keep --help fast
+
+    model = build_model(recipe) if model is None else model
+    if "train_dataset" not in overrides:
+        overrides["train_dataset"] = build_sampler(recipe)
+    return (trainer_class or ConMLTrainer)(
+        model=model,
+        args=recipe.training,
+        eval_dataset=build_eval_prompts(recipe),
+        compute_metrics=build_compute_metrics(recipe),
+        conml_args=recipe.conml,
+        **overrides,
+    )
 
 
 def build_curriculum(recipe: Recipe) -> Curriculum:
@@ -161,13 +224,10 @@ def build_sampler(recipe: Recipe) -> PromptSampler:
             subset_min=settings.conml_subset_min,
             subset_max=settings.conml_subset_max,
         )
-    global_batch = (
-        training.per_device_train_batch_size * training.world_size * training.gradient_accumulation_steps
-    )
     return PromptSampler(
-        task=task_args.function_class(),
+        task=recipe.function_class,
         curriculum=build_curriculum(recipe),
-        global_batch_size=global_batch,
+        global_batch_size=recipe.global_batch_size,
         seed=training.data_seed if training.data_seed is not None else training.seed,
         task_pool_size=task_args.task_pool_size,
         conml_sampling=sampling,
@@ -182,8 +242,9 @@ def build_eval_prompts(recipe: Recipe) -> Prompts | None:
         return load_training_eval_set(recipe)
     if task_args.eval_n_prompts == 0:
         return None
-    task = task_args.function_class()
-    return Prompts.sample(task, task_args.eval_n_prompts, task_args.n_points, seed=task_args.eval_seed)
+    return Prompts.sample(
+        recipe.function_class, task_args.eval_n_prompts, task_args.n_points, seed=task_args.eval_seed
+    )
 
 
 def load_training_eval_set(recipe: Recipe) -> Prompts:
@@ -203,7 +264,7 @@ def load_training_eval_set(recipe: Recipe) -> Prompts:
                 f"eval_set={name!r} holds {key}={metadata[key]!r} prompts but the recipe trains {key}={value!r}; "
                 f"make an eval set for this recipe (data_scripts/make_eval_sets.py) or drop eval_set"
             )
-    limit = recipe.model.n_positions or task_args.n_points
+    limit = recipe.n_positions
     if metadata["n_points"] > limit or prompts.queries is not None:
         raise RecipeError(
             f"eval_set={name!r} has prompts of {metadata['n_points']} points"
@@ -221,7 +282,7 @@ def build_compute_metrics(recipe: Recipe):
     task_args = recipe.task
     if task_args.eval_n_prompts == 0 and task_args.eval_set is None:
         return None
-    return curve_metrics(task_args.function_class())
+    return curve_metrics(recipe.function_class)
 
 
 def run(recipe: Recipe) -> dict[str, float]:
@@ -281,9 +342,7 @@ def _run(recipe: Recipe, guard: RunGuard) -> dict[str, float]:
     guard.verify_lock()  # .lock still ours before an overwrite deletes anything
     prepare_output_dir(recipe, resume)  # every check happens before the model is built
     start_step = checkpoint_step(resume) if resume is not None else 0
-    global_batch = (
-        training.per_device_train_batch_size * training.world_size * training.gradient_accumulation_steps
-    )
+    global_batch = recipe.global_batch_size
     changes = check_resume(recipe, resume, start_step, global_batch) if resume is not None else {}
     model = build_model(recipe)
     if resume is not None:
@@ -292,17 +351,10 @@ def _run(recipe: Recipe, guard: RunGuard) -> dict[str, float]:
         weights_only(ConMLTrainer) if resume is not None and training.resume_weights_only else ConMLTrainer
     )
     with push_errors_explained(training, trained=False):  # push_to_hub creates the repo here
-        trainer = trainer_class(
-            model=model,
-            args=training,
-            train_dataset=build_sampler(recipe),
-            eval_dataset=build_eval_prompts(recipe),
-            compute_metrics=build_compute_metrics(recipe),
-            conml_args=recipe.conml,
-        )
+        trainer = build_trainer(recipe, model=model, trainer_class=trainer_class)
     guard.attach(trainer)  # SIGTERM/SIGUSR1: checkpoint at the next step end, then stop
     trainer.add_callback(CheckpointManifest())  # after the stop callback: sees its should_save
-    add_run_callbacks(trainer, recipe.task.function_class())  # console lines, icl_error, training_curves.png
+    add_run_callbacks(trainer, recipe.function_class)  # console lines, icl_error, training_curves.png
     settings = recipe.to_dict()
     if trainer.is_world_process_zero():
         Path(training.output_dir).mkdir(parents=True, exist_ok=True)

@@ -310,16 +310,15 @@ def test_view_rows_equal_the_packed_block_mask(tiny_config, kind, mode, num_prob
 def test_one_probe_shuffle_runs_as_plain_causal_rows(tiny_model):
     """Shuffled views with one probe: main rows and view rows are both [2n tokens, probe], a plain
     causal sequence, so they share one backbone call with no mask (sdpa's causal fast path)."""
-    from icl_conml.modeling import _attention_plan
-
     xs, ys, layout = _layout_and_batch("shuffle", "probe_mask", num_probes=1, num_views=2)
-    plan = _attention_plan(2 * xs.shape[1], layout.position_ids, layout.visible, layout.rows, torch.float32)
+    plan = layout.structure.attention_plan(torch.float32)
+    assert plan is layout.structure.attention_plan(torch.float32)  # cached with the layout
     assert plan.joined and plan.main.mask is None and plan.main.position_ids is None
     _, _, two = _layout_and_batch("shuffle", "probe_mask", num_probes=2, num_views=2)
-    plan = _attention_plan(2 * xs.shape[1], two.position_ids, two.visible, two.rows, torch.float32)
+    plan = two.structure.attention_plan(torch.float32)
     assert plan.joined and plan.main.mask is not None  # probes must not see each other
     _, _, subset = _layout_and_batch("random_subset", "probe_mask", num_probes=1, num_views=2, view_rows=True)
-    plan = _attention_plan(2 * xs.shape[1], subset.position_ids, subset.visible, subset.rows, torch.float32)
+    plan = subset.structure.attention_plan(torch.float32)
     assert not plan.joined and plan.rows.mask is None  # shorter rows: a second, causal call
     with torch.no_grad():
         out = tiny_model(xs=xs, ys=ys, **layout.model_inputs(), output_hidden_states=True)
@@ -340,11 +339,12 @@ def test_views_get_their_own_rows_where_that_is_cheaper():
 
 def test_view_rows_that_are_not_independent_are_refused(tiny_model):
     xs, ys, layout = _layout_and_batch("shuffle", "probe_mask", num_probes=1, num_views=2)
-    inputs = layout.model_inputs()
+    by_hand = {"appended_tokens": layout.tokens, "appended_position_ids": layout.position_ids,
+               "appended_visible": layout.visible}  # fmt: skip
     with pytest.raises(ValueError, match="appended_rows"):
-        tiny_model(xs=xs, ys=ys, **{**inputs, "appended_rows": (0, layout.rows[1])})  # anchor is no row
+        tiny_model(xs=xs, ys=ys, **by_hand, appended_rows=(0, layout.rows[1]))  # anchor is no row
     with pytest.raises(ValueError, match="appended_rows"):
-        tiny_model(xs=xs, ys=ys, **{**inputs, "appended_rows": (1, 7)})  # does not divide the views
+        tiny_model(xs=xs, ys=ys, **by_hand, appended_rows=(1, 7))  # does not divide the views
 
 
 def test_prefix_layout_is_masked_probes_and_its_structure_is_cached():
@@ -355,7 +355,7 @@ def test_prefix_layout_is_masked_probes_and_its_structure_is_cached():
     probes = torch.randn(1, 1, 5).expand(2, -1, -1)
     views = conml.sample_views("prefix_half", 2, n, 1, torch.Generator().manual_seed(0))
     layout = conml.build_layout(xs, ys, probes, views, "prefix_half")
-    assert layout.rows is None and "appended_rows" not in layout.model_inputs()
+    assert layout.rows is None
     assert torch.equal(layout.tokens, torch.cat([probes, probes], dim=1))
     assert layout.position_ids.tolist() == [2 * n, 2 * half]
     expected = torch.zeros(2, 2 * n + 2, dtype=torch.bool)
@@ -365,7 +365,7 @@ def test_prefix_layout_is_masked_probes_and_its_structure_is_cached():
     assert layout.anchor_slots.tolist() == [0] and layout.view_slots.tolist() == [[1]]
     assert layout.tokens_per_task == 2 * n + 2
     again = conml.build_layout(xs + 1, ys, probes, views, "prefix_half")
-    assert again.visible is layout.visible and again.position_ids is layout.position_ids
+    assert again.structure is layout.structure  # one cache: positions, visibility, slots, plans
 
 
 def test_a_layout_first_built_under_inference_mode_still_trains(tiny_config):

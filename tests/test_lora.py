@@ -22,8 +22,7 @@ from icl_conml.lora import is_lora_checkpoint, load_lora_model, merge
 from icl_conml.lora import main as lora_main
 from icl_conml.modeling import LoRARunError
 from icl_conml.recipe_parser import parse_recipe
-from icl_conml.train import build_model, build_sampler
-from icl_conml.trainer import ConMLTrainer
+from icl_conml.train import build_model, build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -171,9 +170,7 @@ def trained_gpt2(gpt2_path, tmp_path_factory):
     torch.set_num_threads(1)
     model = build_model(recipe)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    trainer = ConMLTrainer(
-        model=model, args=recipe.training, train_dataset=build_sampler(recipe), conml_args=recipe.conml
-    )
+    trainer = build_trainer(recipe, model=model)
     trainer.train()
     trainer.save_model(str(out / "final"))
     return model, before, trainer.state.log_history, out / "final"
@@ -269,9 +266,7 @@ def test_llama_conml_lora_save_load_round_trip(llama_path, tmp_path):
         "--learning_rate", "0.01", "--warmup_steps", "0",
     )  # fmt: skip
     model = build_model(recipe)
-    trainer = ConMLTrainer(
-        model=model, args=recipe.training, train_dataset=build_sampler(recipe), conml_args=recipe.conml
-    )
+    trainer = build_trainer(recipe, model=model)
     trainer.train()
     assert all("conml_loss" in e for e in trainer.state.log_history if "loss" in e)
     trainer.save_model(str(tmp_path / "final"))

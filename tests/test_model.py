@@ -79,7 +79,7 @@ def test_gpt2_activation_is_bit_identical_to_transformers_gelu_new(tiny_model):
     results must not change), with fewer temporaries."""
     from transformers.activations import NewGELUActivation
 
-    from icl_conml.modeling import ExactNewGELU
+    from icl_conml.gelu import ExactNewGELU
 
     assert {type(block.mlp.act) for block in tiny_model.backbone.h} == {ExactNewGELU}
     reference = NewGELUActivation()

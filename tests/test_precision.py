@@ -22,7 +22,7 @@ RECORDING_SCRIPT = """
 import json, sys
 import torch
 from icl_conml.recipe_parser import parse_recipe
-from icl_conml.train import build_eval_prompts, build_model, build_sampler
+from icl_conml.train import build_trainer
 from icl_conml.trainer import ConMLTrainer
 
 
@@ -36,10 +36,7 @@ class Recording(ConMLTrainer):
 
 
 recipe = parse_recipe(sys.argv[2:])
-trainer = Recording(
-    model=build_model(recipe), args=recipe.training, train_dataset=build_sampler(recipe),
-    eval_dataset=build_eval_prompts(recipe), conml_args=recipe.conml,
-)
+trainer = build_trainer(recipe, trainer_class=Recording)
 trainer.train()
 if trainer.is_world_process_zero():
     weights = str(next(trainer.model_wrapped.parameters()).dtype).removeprefix("torch.")

@@ -274,13 +274,10 @@ def test_an_update_that_poisons_the_weights_is_stopped_before_it_is_saved(tmp_pa
 
 def test_every_saved_checkpoint_is_finite_when_the_update_fails_later(tmp_path, capsys):
     from icl_conml.recipe_parser import parse_recipe
-    from icl_conml.train import build_model, build_sampler
-    from icl_conml.trainer import ConMLTrainer
+    from icl_conml.train import build_trainer
 
     recipe = parse_recipe([*TINY, "--max_steps", "4", "--output_dir", str(tmp_path)])
-    trainer = ConMLTrainer(
-        model=build_model(recipe), args=recipe.training, train_dataset=build_sampler(recipe)
-    )
+    trainer = build_trainer(recipe)
 
     class PoisonAtStep3(TrainerCallback):
         def on_optimizer_step(self, args, state, control, **kwargs):

@@ -20,7 +20,7 @@ from icl_conml.callbacks import NonFiniteLossError
 from icl_conml.data import PromptSampler
 from icl_conml.recipe_parser import parse_recipe
 from icl_conml.runs.checkpoints import is_complete, latest_checkpoint
-from icl_conml.train import build_model, build_sampler, main
+from icl_conml.train import build_sampler, build_trainer, main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -122,8 +122,6 @@ class _CorruptStep(PromptSampler):
 
 
 def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
-    from icl_conml.trainer import ConMLTrainer
-
     recipe = parse_recipe(
         [*RESUME_ARGS, "--n_embd", "32", "--n_layer", "2", "--n_head", "2", "--save_steps", "2",
          "--output_dir", str(tmp_path)]
@@ -132,9 +130,7 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
     sampler = _CorruptStep(
         real.task, real.curriculum, real.global_batch_size, real.seed, conml_sampling=real.conml_sampling
     )
-    trainer = ConMLTrainer(
-        model=build_model(recipe), args=recipe.training, train_dataset=sampler, conml_args=recipe.conml
-    )
+    trainer = build_trainer(recipe, train_dataset=sampler)
     with pytest.raises(NonFiniteLossError) as raised:
         trainer.train()
     message = str(raised.value)

@@ -125,7 +125,7 @@ def compare_models(
     shortest = min(m.config.n_positions for m in loaded)
     if args.n_points is None and args.eval_set is None:
         args = dataclasses.replace(args, n_points=shortest)
-    setting = resolve_setting(config, args)
+    setting = resolve_setting(config, args, getattr(loaded[0], "task_class", None))
     if setting.n_points > shortest:
         raise EvaluationError(f"prompts of {setting.n_points} points exceed a model's n_positions={shortest}")
     errors = [

@@ -40,7 +40,7 @@ def evaluate_model(
             str(model), args.device, args.allow_unfinished, trust_remote_code=args.trust_remote_code
         )
     model.eval()
-    setting = resolve_setting(model.config, args)
+    setting = resolve_setting(model.config, args, getattr(model, "task_class", None))
     specs, notes = resolve_baselines(args.baselines, setting.task)
     errors = {
         "model": errors_of(

@@ -10,7 +10,7 @@ from typing import Any
 
 from ..baselines import BaselineError, BaselineSpec, parse_baseline, sklearn_available
 from ..data import PromptError, Prompts, sample_prompts
-from ..memory import evaluation_memory, task_parameters_per_task, too_large
+from ..memory import evaluation_memory, task_parameters, too_large
 from ..tasks import FunctionClass, get_task, resolve_task_class
 from .arguments import CommonArguments, EvaluationError, check_arguments
 from .loading import load_eval_set
@@ -53,8 +53,11 @@ def parse_task_kwargs(value: dict[str, Any] | str | None) -> dict[str, Any] | No
     return parsed
 
 
-def resolve_setting(config, args: CommonArguments) -> Setting:
-    """Task, dimension and length default to the model's saved ``config``; an eval set must match."""
+def resolve_setting(config, args: CommonArguments, own_task: FunctionClass | None = None) -> Setting:
+    """Task, dimension and length default to the model's saved ``config``; an eval set must match.
+
+    ``own_task``: the model's own function class (``ICLModel.task_class``), used when the evaluation
+    asks for exactly the task the model was trained on (rather than building another one)."""
     check_arguments(args)
     task_name = args.task or config.task
     try:
@@ -78,11 +81,12 @@ def resolve_setting(config, args: CommonArguments) -> Setting:
         )
     if args.n_prompts < 1:
         raise EvaluationError(f"--n_prompts {args.n_prompts} must be >= 1")
+    own = (task_name, dims, kwargs) == (config.task, config.n_dims, config.task_kwargs)
     try:
-        function_class = get_task(task_name, dims, **kwargs)
+        function_class = own_task if own and own_task is not None else get_task(task_name, dims, **kwargs)
     except ValueError as error:
         raise EvaluationError(str(error)) from None
-    per_task = task_parameters_per_task(task_name, dims, kwargs)
+    per_task = task_parameters(function_class)
     problem = too_large(evaluation_memory(args.n_prompts, length, dims, per_task))
     if problem is not None:
         raise EvaluationError(f"this evaluation {problem}; lower --n_prompts")

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .. import arguments
-from ..arguments import ConMLArguments, ModelArguments, Recipe, RecipeError, TaskArguments
+from ..arguments import Recipe, RecipeError
 from . import RunError
 from .checkpoints import (
     AUTO,
@@ -137,7 +137,7 @@ def _check_resumable(recipe: Recipe, checkpoint: str) -> None:
             f"resume from an earlier checkpoint-N, or 'latest'"
         ) from None
     task, model = recipe.task, recipe.model
-    expected = {"task": task.task, "n_dims": task.n_dims, "n_positions": model.n_positions or task.n_points}
+    expected = {"task": task.task, "n_dims": task.n_dims, "n_positions": recipe.n_positions}
     if not model.backbone_name_or_path:
         expected.update(n_embd=model.n_embd, n_layer=model.n_layer, n_head=model.n_head)
     for key, value in expected.items():
@@ -193,19 +193,14 @@ def prepare_output_dir(recipe: Recipe, resume: str | None) -> None:
 
 
 # ---- an honest resume: the run's own settings ----------------------------------------------------
-#: Training keys whose change makes a resumed run a different experiment than the one it continues:
-#: the recipe's experiment-defining fields and the global batch they imply.
-EXPERIMENT_TRAINING_KEYS = (*arguments.EXPERIMENT_TRAINING_KEYS, "global_batch_size")
 #: Schedules that do not depend on max_steps: a longer (or shorter) run keeps its learning rates.
 STEADY_SCHEDULES = ("constant", "constant_with_warmup", "inverse_sqrt", "reduce_lr_on_plateau")
 
 
 def _is_experiment_key(key: str) -> bool:
-    if key in EXPERIMENT_TRAINING_KEYS:
-        return True
-    sections = (ModelArguments, TaskArguments, ConMLArguments)
-    # Evaluation keys (eval_n_prompts, eval_set, ...) only change what is measured, not what is trained.
-    return any(key in section.__dataclass_fields__ for section in sections) and not key.startswith("eval_")
+    # A key's role (arguments.KeyRole) says whether a resume may change it; max_steps has its own rule.
+    role = arguments.key_role(key)
+    return key != "max_steps" and role is not None and not role.resumable
 
 
 def recorded_settings(checkpoint: str | Path) -> tuple[dict[str, Any], str]:
@@ -243,7 +238,7 @@ def check_resume(recipe, checkpoint: str, start_step: int, global_batch_size: in
     """Compare a resume with the run it continues; returns the allowed changes (key: [old, new]).
 
     Refused in one line (``RecipeError``): a change of any key that alters the experiment
-    (``EXPERIMENT_TRAINING_KEYS`` and every model/task/ConML key but the ``eval_*`` ones);
+    (a key whose ``arguments.KeyRole`` is not resumable: what is trained, and the global batch);
     ``max_steps`` below the checkpoint's step; another ``max_steps`` under a decaying schedule
     unless ``resume_extend_schedule`` (it re-plans the schedule). Everything else (logging,
     saving, evaluation, reporting, a longer run under a steady schedule) is allowed, and the
