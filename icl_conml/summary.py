@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .arguments import Recipe
+from .tasks import FunctionClass
 
 logger = logging.getLogger("icl_conml")
 
@@ -26,14 +27,24 @@ SUMMARY_SEED = 0
 REFERENCE = "least_squares"
 
 
-def summary_errors(model_dir: str | Path) -> dict[str, Any]:
-    """The saved model's and least squares' error curves on the summary prompts (``evaluate_model``)."""
+def summary_errors(model_dir: str | Path, task_class: FunctionClass | None = None) -> dict[str, Any]:
+    """The saved model's and least squares' error curves on the summary prompts (``evaluate_model``).
+
+    The model is read back from ``model_dir`` (what the run wrote is what gets summarised); the
+    run's own function class is passed in, so the reload builds no second one.
+    """
     from .evaluation import EvaluationArguments, evaluate_model
+    from .modeling import ICLModel
 
     args = EvaluationArguments(
         n_prompts=SUMMARY_PROMPTS, seed=SUMMARY_SEED, baselines=[REFERENCE], bootstrap_samples=1
     )
-    return evaluate_model(str(model_dir), args)
+    from .lora import is_lora_checkpoint
+
+    if is_lora_checkpoint(str(model_dir)):  # adapters: the evaluation merges them onto their backbone
+        return evaluate_model(str(model_dir), args)
+    model = ICLModel.from_pretrained(str(model_dir), task_class=task_class)
+    return evaluate_model(model, args, model_id=str(model_dir))
 
 
 def _number(value: float | None) -> str:
@@ -87,7 +98,7 @@ def format_summary(
 def run_summary(recipe: Recipe, metrics: dict[str, Any]) -> str:
     """``format_summary`` of the run just saved in ``output_dir`` (evaluated here)."""
     try:
-        results, problem = summary_errors(recipe.training.output_dir), ""
+        results, problem = summary_errors(recipe.training.output_dir, recipe.function_class), ""
     except Exception as error:  # noqa: BLE001 - a summary must never fail a finished run
         results, problem = None, f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
     return format_summary(recipe, metrics, results, problem)
