@@ -38,7 +38,17 @@ from typing import Any
 import yaml
 
 from .errors import OneLineParser, command_name, entry_point
-from .experiment_analysis import RUN_IDENTITY_KEYS, ExperimentError, analyze
+from .experiment_analysis import analyze, load_records
+from .experiment_records import RUN_IDENTITY_KEYS, ExperimentError, expected_settings
+from .experiment_spec import (
+    check_eval,
+    check_values,
+    find_spec,
+    path_base,
+    read_spec_yaml,
+    resolve_path,
+    resolve_recipe,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_LAUNCHER = f"{sys.executable} -m icl_conml.train"
@@ -72,6 +82,8 @@ class Spec:
     keep_weights: bool = True
     slurm: dict[str, Any] = field(default_factory=dict)
     gpu_hours: str | None = None
+    control_arm: str | None = None
+    paths_relative_to: str = "spec"
     path: Path | None = None
 
     @property
@@ -80,6 +92,7 @@ class Spec:
 
     @property
     def out(self) -> Path:
+        """The run folders' parent (``load_spec`` resolves ``output_dir``)."""
         return Path(self.output_dir or f"runs/experiments/{self.name}")
 
     @property
@@ -100,17 +113,13 @@ _SPEC_KEYS = {f for f in Spec.__dataclass_fields__ if f != "path"}
 _EVAL_KEYS = set(EvalSpec.__dataclass_fields__)
 
 
-def load_spec(path: str | Path) -> Spec:
-    """Read and check a spec file; every problem is one ``ExperimentError`` line."""
-    path = Path(path)
-    if not path.is_file():
-        raise ExperimentError(f"experiment spec {str(path)!r} not found; pass the path of a spec YAML")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise ExperimentError(f"spec {str(path)!r} is not valid YAML: {str(error).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise ExperimentError(f"spec {str(path)!r} must be a mapping (name, base_recipe, arms, seeds, ...)")
+def load_spec(path: str | Path, *, records_dir: str | None = None, output_dir: str | None = None) -> Spec:
+    """Read and check a spec file (a path, or a packaged spec's name); every problem is one
+    ``ExperimentError`` line. Relative paths in the spec are resolved against its
+    ``paths_relative_to`` folder; ``records_dir``/``output_dir`` (the command's overrides)
+    against the working directory. ``check_arms`` checks each arm's recipe."""
+    path = find_spec(str(path))
+    data = read_spec_yaml(path)
     unknown = set(data) - _SPEC_KEYS
     if unknown:
         raise ExperimentError(
@@ -119,35 +128,47 @@ def load_spec(path: str | Path) -> Spec:
     for key in ("name", "base_recipe", "arms", "seeds"):
         if key not in data:
             raise ExperimentError(f"spec {path} lacks {key!r}")
+    check_values(data, path)
     eval_data = data.pop("eval", None) or {}
-    if set(eval_data) - _EVAL_KEYS:
+    if not isinstance(eval_data, dict) or set(eval_data) - _EVAL_KEYS:
         raise ExperimentError(
             f"unknown eval key(s) {sorted(set(eval_data) - _EVAL_KEYS)} in {path}; allowed: {sorted(_EVAL_KEYS)}"
         )
-    spec = Spec(**data, eval=EvalSpec(**eval_data), path=path)
-    if not isinstance(spec.arms, dict) or len(spec.arms) < 2:
-        raise ExperimentError(f"spec {path}: arms must map at least 2 arm names to key overrides")
-    if any(not isinstance(v, dict) for v in spec.arms.values()):
-        raise ExperimentError(f"spec {path}: each arm is a mapping of recipe keys to values ({{}} for none)")
+    spec = Spec(**data, eval=EvalSpec(**check_eval(eval_data, path)), path=path)
+    spec.overrides = spec.overrides or {}
+    spec.slurm = spec.slurm or {}
     if spec.name in spec.arms:
         raise ExperimentError(
             f"spec {path}: name {spec.name!r} is also an arm's name; rename one (both are folders)"
         )
-    if spec.reference not in spec.arms:
-        raise ExperimentError(f"reference_arm={spec.reference!r} is not one of the arms {list(spec.arms)}")
-    if not spec.seeds or len(set(spec.seeds)) != len(spec.seeds):
-        raise ExperimentError(f"spec {path}: seeds must be a non-empty list of distinct integers")
+    if spec.control_arm is not None and spec.control_arm == spec.reference:
+        raise ExperimentError(
+            f"spec {path}: control_arm={spec.control_arm!r} is the reference arm; the control is another arm "
+            f"that repeats the reference's settings (with init_perturbation_std)"
+        )
     for key in RUN_IDENTITY_KEYS - {"run_name", "logging_dir"}:
         if key in spec.overrides or any(key in arm for arm in spec.arms.values()):
             raise ExperimentError(f"spec {path}: {key!r} is set by the experiment per run; remove it")
-    if not spec.eval.thresholds or spec.eval.every < 1 or spec.eval.n_prompts < 1:
-        raise ExperimentError(f"spec {path}: eval needs thresholds, every >= 1 and n_prompts >= 1")
-    base = Path(spec.base_recipe)
-    if not base.is_file() and (path.parent / base).is_file():
-        spec.base_recipe = str(path.parent / base)
-    if not Path(spec.base_recipe).is_file():
+    base = path_base(path, spec.paths_relative_to)
+    spec.base_recipe = resolve_recipe(base, spec.base_recipe)
+    if spec.eval.eval_set:  # a folder relative to the base, else a Hub id (REPO[:CONFIG]) as written
+        local = resolve_path(base, spec.eval.eval_set)
+        spec.eval.eval_set = local if Path(local).exists() else spec.eval.eval_set
+    spec.output_dir = (
+        resolve_path(Path.cwd(), output_dir)
+        if output_dir is not None
+        else resolve_path(base, spec.output_dir or f"runs/experiments/{spec.name}")
+    )
+    if records_dir is not None:
+        spec.records_dir = resolve_path(Path.cwd(), records_dir)
+        if output_dir is None:  # a study retrained from scratch: its own run folders, beside its records
+            spec.output_dir = resolve_path(Path.cwd(), os.path.join(records_dir, "runs"))
+    elif spec.records_dir is not None:
+        spec.records_dir = resolve_path(base, spec.records_dir)
+    folders = {spec.records / arm for arm in spec.arms} | {spec.analysis}
+    if spec.out in folders or any(folder in spec.out.parents for folder in folders):
         raise ExperimentError(
-            f"base_recipe {spec.base_recipe!r} not found (relative to the working directory)"
+            f"spec {path}: run folders {spec.out} would lie inside a records folder; give another output_dir"
         )
     return spec
 
@@ -435,10 +456,16 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def run_all(spec: Spec, jobs: int, only_index: int | None = None) -> list[str]:
-    """Run every missing run (``jobs`` at a time, threads split between them); returns failures."""
+def run_all(
+    spec: Spec, jobs: int, only_index: int | None = None, expected: dict[str, dict[str, Any]] | None = None
+) -> list[str]:
+    """Run every missing run (``jobs`` at a time, threads split between them); returns failures.
+
+    Every existing record is read and checked to be this spec's run first (``load_records``):
+    a damaged or foreign record stops the study before anything trains."""
     runs = spec.runs() if only_index is None else [spec.runs()[only_index]]
-    todo = [run for run in runs if not run.record_path.is_file()]
+    done = load_records(spec, expected)
+    todo = [run for run in runs if (run.arm, run.seed) not in done]
     print(f"[experiment] {spec.name}: {len(runs) - len(todo)} of {len(runs)} runs have records", flush=True)
     threads = max(1, usable_cpus() // max(1, jobs))
     # Import what records need now: a study runs for hours, and a module first imported after the
@@ -483,7 +510,19 @@ def build_parser() -> argparse.ArgumentParser:
         prog=command_name("python -m icl_conml.experiment", "icl_conml experiment"),
         description="Run and analyse a paired multi-seed study (plain ICL vs ConML arms).",
     )
-    parser.add_argument("spec", help="experiment spec YAML (see recipes/experiments/)")
+    parser.add_argument(
+        "spec",
+        help="experiment spec YAML, or a packaged spec's name (lr_paper_cpu); format: docs/experiments.md",
+    )
+    parser.add_argument(
+        "--records_dir",
+        default=None,
+        help="write and read records (and the analysis) here instead of the spec's records_dir: retrain a "
+        "study from scratch (run folders go to DIR/runs unless --output_dir)",
+    )
+    parser.add_argument(
+        "--output_dir", default=None, help="put the run folders here instead of the spec's output_dir"
+    )
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time on this machine (threads split)")
     parser.add_argument(
         "--analyze_only", action="store_true", help="only build tables and plots from records"
@@ -500,14 +539,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     """``python -m icl_conml.experiment SPEC`` (``icl_conml experiment``); exit 1 if a run failed."""
     args = build_parser().parse_args(argv)
-    spec = load_spec(args.spec)
+    spec = load_spec(args.spec, records_dir=args.records_dir, output_dir=args.output_dir)
     if args.jobs < 1:
         raise ExperimentError(f"--jobs {args.jobs} must be >= 1")
     if args.run_index is not None and not 0 <= args.run_index < len(spec.runs()):
         raise ExperimentError(f"--run_index {args.run_index} is outside 0..{len(spec.runs()) - 1}")
+    expected = expected_settings(spec)  # every arm is a valid recipe, before anything trains
     if args.dry_run:
+        done = load_records(spec, expected)
         for run in spec.runs():
-            state = "done" if run.record_path.is_file() else "todo"
+            state = "done" if (run.arm, run.seed) in done else "todo"
             print(f"{state} {run.name}: {shlex.join(run.command())}")
         return 0
     if args.slurm:
@@ -518,9 +559,9 @@ def main(argv: list[str]) -> int:
         if args.submit:
             return subprocess.run(["sbatch", str(path)]).returncode
         return 0
-    failures = [] if args.analyze_only else run_all(spec, args.jobs, args.run_index)
+    failures = [] if args.analyze_only else run_all(spec, args.jobs, args.run_index, expected)
     if not args.no_analysis and args.run_index is None:
-        report = analyze(spec)
+        report = analyze(spec, expected=expected)
         print(f"[experiment] analysis written to {report}")
     if failures:
         print(f"icl_conml: error: {len(failures)} run(s) failed: {'; '.join(failures)}", file=sys.stderr)

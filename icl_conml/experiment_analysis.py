@@ -25,28 +25,35 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import UserError
+from .experiment_records import (
+    BOOKKEEPING_KEYS,
+    RUN_IDENTITY_KEYS,
+    ExperimentError,
+    check_record_matches,
+    expected_settings,
+    read_record,
+)
 
 if TYPE_CHECKING:  # a type only: experiment.py (runs and the command line) imports this module
     from .experiment import Spec
 
 SIGNIFICANCE = 0.05
-# Keys that identify a run rather than its experiment: never compared when pairing runs.
-RUN_IDENTITY_KEYS = frozenset(
-    {"seed", "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "run_name", "logging_dir"}
-)
-
-
-class ExperimentError(UserError, ValueError):
-    """A user error in a spec or its records: reported as one line (exit 2)."""
 
 
 # ---- loading and pairing -------------------------------------------------------------------------
-def load_records(spec: Spec) -> dict[tuple[str, int], dict[str, Any]]:
+def load_records(
+    spec: Spec, expected: dict[str, dict[str, Any]] | None = None
+) -> dict[tuple[str, int], dict[str, Any]]:
+    """The spec's records, each read defensively and checked to be the run the spec asks for
+    (``expected``: each arm's resolved recipe, computed when not given)."""
+    expected = expected_settings(spec) if expected is None else expected
+    evaluation = {"n_prompts": spec.eval.n_prompts, "seed": spec.eval.seed, "eval_set": spec.eval.eval_set}
     records = {}
     for run in spec.runs():
         if run.record_path.is_file():
-            records[(run.arm, run.seed)] = json.loads(run.record_path.read_text())
+            record = read_record(run.record_path)
+            check_record_matches(run.record_path, record, run.arm, run.seed, expected[run.arm], evaluation)
+            records[(run.arm, run.seed)] = record
     return records
 
 
@@ -347,9 +354,11 @@ def markdown(spec: Spec, records: dict, comparisons: list[dict[str, Any]]) -> st
     return "\n".join(lines)
 
 
-def analyze(spec: Spec, plots: bool = True) -> Path:
-    """Write results.json, results.md (and plots) to the spec's analysis folder; returns results.md."""
-    records = load_records(spec)
+def analyze(spec: Spec, plots: bool = True, expected: dict[str, dict[str, Any]] | None = None) -> Path:
+    """Write results.json, results.md (and plots) to the spec's analysis folder; returns results.md.
+    ``expected``: each arm's resolved recipe (``experiment_records.expected_settings``), computed
+    when not given."""
+    records = load_records(spec, expected)
     if not records:
         raise ExperimentError(f"no records under {spec.records}; run the experiment first")
     check_pairing(spec, records)

@@ -1,0 +1,245 @@
+"""Reading an experiment spec: the file found by path or by packaged name, read with the recipe's
+YAML hardening, every value type-checked, every path resolved against one folder, and every
+arm's recipe checked by the training command's own parser, all before anything trains.
+
+Every problem is one ``ExperimentError`` line naming the file (exit 2). The spec format is
+documented in ``docs/experiments.md``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .experiment_analysis import ExperimentError
+from .recipe_files import MAX_RECIPE_BYTES, _RecipeLoader, _RecipeYAMLError
+
+#: Arm and spec names become folder names: letters, digits, ``_ . -``, not starting with a dot.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
+#: ``paths_relative_to`` values: the spec file's folder, or the project the spec ships in.
+RELATIVE_TO = ("spec", "project")
+
+
+class _SpecLoader(_RecipeLoader):
+    """The recipe loader (no anchors or aliases: a few nested aliases expand to gigabytes; no key
+    set twice: YAML keeps the last one, so a duplicate arm would silently replace another), with
+    messages that speak of a spec."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            kind = (
+                f"alias *{event.anchor}" if isinstance(event, yaml.AliasEvent) else f"anchor &{event.anchor}"
+            )
+            raise _RecipeYAMLError(
+                f"uses the YAML {kind} (line {event.start_mark.line + 1}); specs take no anchors or aliases: "
+                f"write each value out"
+            )
+        return super().compose_node(parent, index)
+
+
+def find_spec(name_or_path: str) -> Path:
+    """A spec file: an existing path, else a packaged spec by name (``lr_paper_cpu``,
+    ``lr_paper_cpu.yaml`` or ``experiments/lr_paper_cpu``) from any directory."""
+    given = Path(name_or_path)
+    if given.is_file():
+        return given
+    from .resources import recipes_dir
+
+    folder = recipes_dir() / "experiments"
+    text = str(name_or_path).replace("\\", "/")
+    for prefix in ("recipes/", "experiments/"):
+        text = text[len(prefix) :] if text.startswith(prefix) else text
+    for candidate in (text, f"{text}.yaml", f"{text}.yml"):
+        if "/" not in candidate and (folder / candidate).is_file():
+            return folder / candidate
+    shipped = ", ".join(sorted(p.stem for p in folder.glob("*.yaml") if _is_study(p)))
+    raise ExperimentError(
+        f"experiment spec {str(name_or_path)!r} not found; pass the path of a spec YAML or the name of a "
+        f"packaged spec ({shipped or 'none installed'})"
+    )
+
+
+def _is_study(path: Path) -> bool:
+    """Whether a YAML file of recipes/experiments is a spec (not a base recipe such as cpu_base)."""
+    try:
+        return path.stat().st_size < MAX_RECIPE_BYTES and "\narms:" in f"\n{path.read_text()}"
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def read_spec_yaml(path: Path) -> dict[str, Any]:
+    """The spec file's mapping, read as defensively as a recipe (size, text, anchors, duplicate keys)."""
+    name = str(path)
+    size = path.stat().st_size
+    if size > MAX_RECIPE_BYTES:
+        raise ExperimentError(
+            f"spec {name!r} is {size:,} bytes; a spec is a few dozen lines (at most {MAX_RECIPE_BYTES:,} "
+            f"bytes): is this the right file?"
+        )
+    raw = path.read_bytes()
+    try:
+        if b"\x00" in raw:
+            raise UnicodeDecodeError("utf-8", raw, raw.index(b"\x00"), raw.index(b"\x00") + 1, "NUL byte")
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ExperimentError(f"spec {name!r} is not a text file (UTF-8 YAML)") from None
+    try:
+        data = yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - a SafeLoader subclass
+    except _RecipeYAMLError as error:
+        raise ExperimentError(f"spec {name!r} {error}") from None
+    except yaml.YAMLError as error:
+        raise ExperimentError(f"spec {name!r} is not valid YAML: {str(error).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ExperimentError(f"spec {name!r} must be a mapping (name, base_recipe, arms, seeds, ...)")
+    return data
+
+
+# ---- value types --------------------------------------------------------------------------------------
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: Any) -> float | None:
+    """A YAML number (1e-3 without a dot is a string in YAML 1.1), or None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _name_problem(what: str, value: Any) -> str | None:
+    if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value):
+        return (
+            f"{what} {value!r} must be a folder name (letters, digits, _ . -, not starting with a dot): "
+            f"it names the run folders and records"
+        )
+    return None
+
+
+def check_values(data: dict[str, Any], path: Path) -> None:
+    """Type-check a spec's top-level values (the dataclass does not): one line per problem."""
+
+    def fail(message: str) -> None:
+        raise ExperimentError(f"spec {path}: {message}")
+
+    if problem := _name_problem("name", data["name"]):
+        fail(problem)
+    if not isinstance(data["base_recipe"], str) or not data["base_recipe"]:
+        fail("base_recipe must be the path of a recipe YAML (or a packaged recipe's name)")
+    arms = data["arms"]
+    if not isinstance(arms, dict) or len(arms) < 2:
+        fail("arms must map at least 2 arm names to key overrides")
+    for arm, overrides in arms.items():
+        if problem := _name_problem("arm name", arm):
+            fail(problem)
+        if not isinstance(overrides, dict) or any(not isinstance(key, str) for key in overrides):
+            fail(f"arm {arm!r} must be a mapping of recipe keys to values ({{}} for none)")
+    seeds = data["seeds"]
+    if not isinstance(seeds, list) or not seeds:
+        fail("seeds must be a non-empty list of distinct integers, e.g. [0, 1, 2]")
+    odd = [seed for seed in seeds if not _is_int(seed) or seed < 0]
+    if odd:
+        fail(
+            f"seed {odd[0]!r} is not a non-negative integer (a {type(odd[0]).__name__}); write seeds as "
+            f"integers, e.g. [0, 1, 2]"
+        )
+    if len(set(seeds)) != len(seeds):
+        fail(f"seeds {seeds} repeat a seed; each seed is one pair of runs")
+    if not isinstance(data.get("overrides") or {}, dict):
+        fail("overrides must be a mapping of recipe keys to values")
+    for key in ("reference_arm", "control_arm"):
+        value = data.get(key)
+        if value is not None and value not in arms:
+            fail(f"{key}={value!r} is not one of the arms {list(arms)}")
+    for key in ("output_dir", "records_dir", "launcher", "gpu_hours"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            fail(f"{key} must be a string, got {type(data[key]).__name__}")
+    if not isinstance(data.get("keep_weights", True), bool):
+        fail("keep_weights must be true or false")
+    if not isinstance(data.get("slurm") or {}, dict):
+        fail("slurm must be a mapping of #SBATCH options")
+    if data.get("paths_relative_to", "spec") not in RELATIVE_TO:
+        fail(f"paths_relative_to={data['paths_relative_to']!r} must be one of {', '.join(RELATIVE_TO)}")
+
+
+def check_eval(values: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The ``eval`` mapping with its types checked (numbers written as 1e-3 become floats)."""
+    out = dict(values)
+
+    def fail(message: str) -> None:
+        raise ExperimentError(f"spec {path}: eval {message}")
+
+    for key in ("n_prompts", "every", "bootstrap_samples"):
+        if key in out and (not _is_int(out[key]) or out[key] < 1):
+            fail(f"{key}={out[key]!r} must be an integer >= 1")
+    if "seed" in out and (not _is_int(out["seed"]) or out["seed"] < 0):
+        fail(f"seed={out['seed']!r} must be a non-negative integer")
+    if "eval_set" in out and out["eval_set"] is not None and not isinstance(out["eval_set"], str):
+        fail("eval_set must be the path of an eval set (or null)")
+    if "thresholds" in out:
+        thresholds = out["thresholds"]
+        numbers = [_number(t) for t in thresholds] if isinstance(thresholds, list) else [None]
+        if not numbers or any(n is None or not n > 0 for n in numbers):
+            fail(f"thresholds={thresholds!r} must be a non-empty list of positive numbers")
+        out["thresholds"] = numbers
+    return out
+
+
+# ---- paths --------------------------------------------------------------------------------------------
+def path_base(spec_path: Path, relative_to: str) -> Path:
+    """The folder every relative path of the spec is relative to.
+
+    ``spec`` (the default): the spec file's folder. ``project``: the project the spec ships in, the
+    folder that holds its ``recipes/`` folder (the repository root for the shipped specs in
+    ``recipes/experiments/``); a spec installed inside the package has no project around it, so
+    there it is the working directory (a study writes under the folder it is run from).
+    """
+    folder = Path(os.path.abspath(spec_path)).parent
+    if relative_to == "spec":
+        return folder
+    for parent in (folder, *folder.parents):
+        if parent.name == "recipes":
+            root = parent.parent
+            package = Path(__file__).resolve().parent
+            return Path.cwd() if root.resolve() == package else root
+    raise ExperimentError(
+        f"spec {spec_path}: paths_relative_to=project needs the spec inside a project's recipes/ folder; "
+        f"use paths_relative_to=spec (paths relative to the spec's folder)"
+    )
+
+
+def resolve_path(base: Path, value: str) -> str:
+    """``value`` relative to ``base`` (absolute stays absolute), shown relative to the working
+    directory when inside it, so that commands and records read as they did when run from there."""
+    joined = Path(os.path.normpath(os.path.join(base, os.path.expanduser(value))))
+    try:
+        return str(joined.relative_to(Path.cwd())) or "."
+    except ValueError:
+        return str(joined)
+
+
+def resolve_recipe(base: Path, value: str) -> str:
+    """The base recipe: a file relative to ``base``, else a packaged recipe by name."""
+    candidate = resolve_path(base, value)
+    if Path(candidate).is_file():
+        return candidate
+    from .resources import ResourceNotFound, resolve
+
+    try:
+        return resolve_path(Path.cwd(), str(resolve(value)))
+    except ResourceNotFound:
+        raise ExperimentError(
+            f"base_recipe {value!r} not found: not {candidate!r} (paths in a spec are relative to "
+            f"{base}) and not a packaged recipe name"
+        ) from None
