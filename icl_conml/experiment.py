@@ -37,8 +37,9 @@ from typing import Any
 
 import yaml
 
-from .errors import OneLineParser, command_name, entry_point
+from .errors import EXIT_CTRL_C, EXIT_INTERRUPTED, OneLineParser, command_name, entry_point
 from .experiment_analysis import analyze, load_records
+from .experiment_control import Children, RunClaim
 from .experiment_records import RUN_IDENTITY_KEYS, ExperimentError, expected_settings
 from .experiment_spec import (
     check_eval,
@@ -251,12 +252,44 @@ def _finished_steps(output_dir: Path) -> int | None:
     return int(json.loads(state.read_text()).get("global_step", 0))
 
 
-def execute(run: Run, threads: int) -> dict[str, Any] | None:
-    """Train (or resume) one run, evaluate it and write its record; ``None`` if it already has one."""
-    from .runs.checkpoints import latest_checkpoint, previous_run
+class RunStopped(ExperimentError):
+    """A run stopped by a stop signal (its training saved a checkpoint): not a failure, resumable."""
 
+
+#: ``execute``'s answer for a run another experiment command is working on (try it again later).
+CLAIMED = "claimed"
+
+
+def execute(
+    run: Run, threads: int, children: Children | None = None, wait: bool = False
+) -> dict[str, Any] | str | None:
+    """Train (or resume) one run, evaluate it and write its record; ``None`` if it already has one.
+
+    The run is claimed first (``RunClaim``): if another experiment command holds it, return
+    ``CLAIMED`` (``wait=False``) or wait for it to finish (its record then exists)."""
+    children = children or Children()
     if run.record_path.is_file():
         return None
+    claim = RunClaim(run.output_dir)
+    if not claim.try_acquire():
+        if not wait:
+            return CLAIMED
+        print(f"[experiment] waiting for {run.name}: another experiment command is training it", flush=True)
+        if not claim.wait(children.stop):
+            raise RunStopped(f"run {run.name}: stopped while waiting for another experiment command")
+    try:
+        if run.record_path.is_file():  # the other command finished it meanwhile
+            print(f"[experiment] done {run.name} (by another experiment command)", flush=True)
+            return None
+        return _train_and_record(run, threads, children)
+    finally:
+        claim.release()
+
+
+def _train_and_record(run: Run, threads: int, children: Children) -> dict[str, Any]:
+    """Train or resume ``run`` (claimed by this command) and write its record."""
+    from .runs.checkpoints import latest_checkpoint, previous_run
+
     start = time.time()
     run.output_dir.mkdir(parents=True, exist_ok=True)
     command = run.command()
@@ -283,8 +316,12 @@ def execute(run: Run, threads: int) -> dict[str, Any] | None:
         print(f"[experiment] start {run.name}: {shlex.join(command)}", flush=True)
         segment_id, segment_start = _begin_segment(run.output_dir, command)
         with open(run.output_dir / "train.log", "a") as log:
-            code = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+            code = children.run(command, env, log)
         _end_segment(run.output_dir, segment_id, code, time.time() - segment_start)
+        if code in (EXIT_INTERRUPTED, EXIT_CTRL_C) or (code < 0 and children.stop.is_set()):
+            raise RunStopped(
+                f"run {run.name} interrupted (exit {code}); re-run the command to resume it from its checkpoint"
+            )
         if code != 0:
             raise ExperimentError(
                 f"run {run.name} failed (exit {code}); see {run.output_dir / 'train.log'} and re-run to resume"
@@ -420,7 +457,11 @@ def build_record(run: Run, command: list[str]) -> dict[str, Any]:
         **({k: segments[-1][k] for k in ("commit", "dirty")} if segments else git_commit()),
         "segments": segments,
         "finished_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "wall_seconds": sum(segment.get("seconds") or 0.0 for segment in segments),
+        # A refused attempt (exit 2: the training command refused to start, e.g. its folder was
+        # locked by another process) trained nothing: its seconds are not the run's cost.
+        "wall_seconds": sum(
+            segment.get("seconds") or 0.0 for segment in segments if segment.get("exit") != 2
+        ),
         # False when a segment was killed before it could write its time: wall_seconds is then a lower bound.
         "wall_seconds_complete": all(segment.get("seconds") is not None for segment in segments),
         "n_dims": model.config.n_dims,
@@ -456,13 +497,28 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+@dataclass
+class Outcome:
+    """What ``run_all`` did: the runs that failed and those a stop request interrupted."""
+
+    failures: list[str] = field(default_factory=list)
+    interrupted: list[str] = field(default_factory=list)
+
+
 def run_all(
-    spec: Spec, jobs: int, only_index: int | None = None, expected: dict[str, dict[str, Any]] | None = None
-) -> list[str]:
-    """Run every missing run (``jobs`` at a time, threads split between them); returns failures.
+    spec: Spec,
+    jobs: int,
+    only_index: int | None = None,
+    expected: dict[str, dict[str, Any]] | None = None,
+    children: Children | None = None,
+) -> Outcome:
+    """Run every missing run (``jobs`` at a time, threads split between them).
 
     Every existing record is read and checked to be this spec's run first (``load_records``):
-    a damaged or foreign record stops the study before anything trains."""
+    a damaged or foreign record stops the study before anything trains. Runs another experiment
+    command is training are left to the end and then waited for; after a stop request
+    (``children``) no run starts."""
+    children = children or Children()
     runs = spec.runs() if only_index is None else [spec.runs()[only_index]]
     done = load_records(spec, expected)
     todo = [run for run in runs if (run.arm, run.seed) not in done]
@@ -472,20 +528,31 @@ def run_all(
     # working tree moved to another commit would mix two versions of the package in this process.
     from . import evaluation  # noqa: F401
 
-    failures: list[str] = []
+    outcome = Outcome()
+    claimed: list[Run] = []
 
-    def one(run: Run) -> None:
+    def one(run: Run, wait: bool = False) -> None:
+        if children.stop.is_set():
+            outcome.interrupted.append(run.name)
+            return
         try:
-            execute(run, threads)
+            if execute(run, threads, children, wait) == CLAIMED:
+                claimed.append(run)
+        except RunStopped as stopped:
+            outcome.interrupted.append(run.name)
+            print(f"[experiment] interrupted {str(stopped).removeprefix('run ')}", flush=True)
         except Exception as error:  # one run's failure must not stop the others
-            failures.append(
+            outcome.failures.append(
                 f"{run.name}: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
             )
-            print(f"[experiment] FAILED {failures[-1]}", flush=True)
+            print(f"[experiment] FAILED {outcome.failures[-1]}", flush=True)
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         list(pool.map(one, todo))
-    return failures
+    if claimed:  # trained by another experiment command: wait for them (their records end the wait)
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            list(pool.map(lambda run: one(run, wait=True), claimed))
+    return outcome
 
 
 def slurm_script(spec: Spec, spec_path: str) -> str:
@@ -559,13 +626,34 @@ def main(argv: list[str]) -> int:
         if args.submit:
             return subprocess.run(["sbatch", str(path)]).returncode
         return 0
-    failures = [] if args.analyze_only else run_all(spec, args.jobs, args.run_index, expected)
+    outcome = Outcome()
+    if not args.analyze_only:
+        children = Children()
+        children.install()  # stop signals reach the training runs, which checkpoint and stop
+        try:
+            outcome = run_all(spec, args.jobs, args.run_index, expected, children)
+        finally:
+            children.restore()
+        if children.signal is not None:
+            print(
+                f"icl_conml: interrupted: {len(outcome.interrupted)} run(s) stopped (they resume from their "
+                f"checkpoints when the command is run again)",
+                file=sys.stderr,
+            )
+            return children.exit_code
     if not args.no_analysis and args.run_index is None:
         report = analyze(spec, expected=expected)
         print(f"[experiment] analysis written to {report}")
-    if failures:
+    if outcome.failures:
+        failures = outcome.failures
         print(f"icl_conml: error: {len(failures)} run(s) failed: {'; '.join(failures)}", file=sys.stderr)
         return 1
+    if outcome.interrupted:  # a training run was stopped from outside (a signal to it alone)
+        print(
+            f"icl_conml: interrupted: {', '.join(outcome.interrupted)} stopped; re-run the command to resume",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
     return 0
 
 

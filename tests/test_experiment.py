@@ -24,6 +24,7 @@ from icl_conml.experiment_analysis import (
     table5_pair,
     wilcoxon_signed_rank,
 )
+from icl_conml.experiment_records import expected_settings
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = REPO / "recipes" / "experiments" / "cpu_base.yaml"
@@ -212,14 +213,18 @@ def test_steps_to_reach_reads_the_first_evaluation_below_the_threshold():
     assert steps_to_reach(history, 1, 0.1) is None
 
 
-def _fake_record(arm: str, seed: int, curve: list[float], **recipe) -> dict:
+def _fake_record(spec, arm: str, seed: int, curve: list[float], **changes) -> dict:
+    """A record as the experiment writes it for ``arm``/``seed`` of ``spec`` (its resolved recipe),
+    with made-up curves; ``changes`` alter its recipe."""
+    recipe = {**expected_settings(spec)[arm], "seed": seed, **changes}
     return {
         "arm": arm,
         "seed": seed,
-        "recipe": {"n_dims": 2, "learning_rate": 0.001, **recipe},
+        "recipe": recipe,
         "attn_implementation": "eager",
-        "max_steps": 100,
+        "max_steps": recipe["max_steps"],
         "n_dims": 2,
+        "eval": {"n_prompts": spec.eval.n_prompts, "seed": spec.eval.seed, "eval_set": None},
         "final_curve": {"mean": curve},
         "eval_history": [{"step": 100, "curve": curve}],
         "wall_seconds": 1.0,
@@ -237,10 +242,10 @@ def _write_records(spec, records: dict) -> None:
 def test_analysis_refuses_to_pair_runs_whose_settings_differ(tmp_path):
     spec = load_spec(write_spec(tmp_path, seeds=[0, 1]))
     records = {
-        ("plain", 0): _fake_record("plain", 0, [1.0, 0.5, 0.2, 0.1, 0.1], conml_lambda=0.0),
-        ("conml", 0): _fake_record("conml", 0, [1.0, 0.4, 0.1, 0.05, 0.05], conml_lambda=0.5),
-        ("plain", 1): _fake_record("plain", 1, [1.0, 0.5, 0.2, 0.1, 0.1], conml_lambda=0.0),
-        ("conml", 1): _fake_record("conml", 1, [1.0, 0.6, 0.3, 0.2, 0.2], conml_lambda=0.5),
+        ("plain", 0): _fake_record(spec, "plain", 0, [1.0, 0.5, 0.2, 0.1, 0.1]),
+        ("conml", 0): _fake_record(spec, "conml", 0, [1.0, 0.4, 0.1, 0.05, 0.05]),
+        ("plain", 1): _fake_record(spec, "plain", 1, [1.0, 0.5, 0.2, 0.1, 0.1]),
+        ("conml", 1): _fake_record(spec, "conml", 1, [1.0, 0.6, 0.3, 0.2, 0.2]),
     }
     _write_records(spec, records)
     report = analyze(spec, plots=False)
@@ -258,10 +263,16 @@ def test_analysis_refuses_to_pair_runs_whose_settings_differ(tmp_path):
     other_report = analyze(other, plots=False)
     assert other_report.parent != report.parent and report.is_file() and other_report.is_file()
 
+    # Runs that differ outside their arm's keys cannot be paired (here: the arm's records are
+    # checked against the spec first, and both checks name the key).
+    with pytest.raises(ExperimentError, match="learning_rate"):
+        changed = dict(records)
+        changed[("conml", 1)] = _fake_record(spec, "conml", 1, [1.0, 0.6], learning_rate=0.01)
+        check_pairing(spec, changed)
     records[("conml", 1)]["recipe"]["learning_rate"] = 0.01
     _write_records(spec, records)
-    with pytest.raises(ExperimentError, match="learning_rate"):
-        check_pairing(spec, load_records(spec))
+    with pytest.raises(ExperimentError, match=r"seed1.json was trained with other settings .*learning_rate"):
+        load_records(spec)
 
 
 def test_spec_errors_are_one_line(tmp_path, capsys):
@@ -314,3 +325,139 @@ def test_every_shipped_spec_loads_and_each_arm_is_a_valid_recipe(monkeypatch):
         for run in spec.runs()[: len(spec.arms)]:  # every arm of the first seed
             recipe = parse_recipe(run.train_args())
             assert recipe.training.seed == spec.seeds[0], path.name
+
+
+def _write_yaml_text(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "raw.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_the_whole_spec_is_checked_before_anything_trains(tmp_path, capsys):
+    """Issue 22 items 3 and 14: every problem of a spec is one line, found before any run starts."""
+    # An alias bomb (9 nested aliases: billions of items if expanded) is refused at its first anchor.
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n"
+        for i in range(9)
+    )
+    assert main([str(_write_yaml_text(tmp_path, bomb)), "--dry_run"]) == 2
+    err = capsys.readouterr().err
+    assert "uses the YAML anchor &a (line 1); specs take no anchors or aliases" in err
+    assert len(err.strip().splitlines()) == 1
+
+    # A duplicate arm name (YAML keeps the last one) is refused, naming both lines.
+    duplicate = write_spec(tmp_path).read_text().replace("  conml:", "  plain:")
+    assert main([str(_write_yaml_text(tmp_path, duplicate)), "--dry_run"]) == 2
+    assert "sets 'plain' twice (lines" in capsys.readouterr().err
+
+    # Seeds are integers: strings ("0" and "00" would both train seed 0) and booleans are refused.
+    for seeds, shown in ((["0", "00"], "'0'"), ([0, "0"], "'0'"), ([True, 2], "True"), ([1, 1], None)):
+        assert main([str(write_spec(tmp_path, seeds=seeds)), "--dry_run"]) == 2
+        err = capsys.readouterr().err
+        assert (f"seed {shown} is not a non-negative integer" if shown else "repeat a seed") in err, err
+
+    # An arm name is a folder name.
+    assert main([str(write_spec(tmp_path, arms={"plain": {}, "../x": {}})), "--dry_run"]) == 2
+    assert "arm name '../x' must be a folder name" in capsys.readouterr().err
+
+    # An unknown key in the second arm is found before the first arm trains.
+    typo = write_spec(tmp_path, arms={"plain": {"conml_lambda": 0.0}, "conml": {"conml_lamda": 0.5}})
+    assert main([str(typo)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "arm 'conml' is not a valid recipe: unknown option --conml_lamda; did you mean 'conml_lambda'?" in err
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def _record_spec(tmp_path: Path):
+    spec = load_spec(write_spec(tmp_path, seeds=[0]))
+    records = {
+        ("plain", 0): _fake_record(spec, "plain", 0, [1.0, 0.5, 0.2, 0.1, 0.1]),
+        ("conml", 0): _fake_record(spec, "conml", 0, [1.0, 0.4, 0.1, 0.05, 0.05]),
+    }
+    return spec, records
+
+
+def test_a_record_is_reused_only_if_it_is_this_specs_run(tmp_path, capsys):
+    """Issue 22 item 13: another spec's run of the same arm name (other settings) is refused in
+    one line, by the runner and by the analysis; a record from older code that lacks keys added
+    since (init_perturbation_std, ...) is the same run when those keys are at their defaults."""
+    spec, records = _record_spec(tmp_path)
+    old = dict(records[("conml", 0)]["recipe"])
+    for key in ("init_perturbation_std", "conml_lambda_start", "conml_lambda_warmup", "task_kwargs"):
+        old.pop(key, None)  # written before these keys existed
+    records[("conml", 0)]["recipe"] = old
+    _write_records(spec, records)
+    assert main([str(spec.path), "--dry_run"]) == 0
+    assert capsys.readouterr().out.count("done ") == 2
+    assert main([str(spec.path), "--analyze_only"]) == 0
+    capsys.readouterr()
+
+    for changes, shown in (
+        ({"conml_lambda": 0.02}, "conml_lambda 0.02 (record) vs 0.5 (spec)"),
+        ({"init_perturbation_std": 1e-7}, "init_perturbation_std 1e-07 (record) vs 0.0 (spec)"),
+        ({"max_steps": 8000}, "max_steps 8000 (record) vs 50 (spec)"),
+    ):
+        records[("conml", 0)] = _fake_record(spec, "conml", 0, [1.0, 0.5], **changes)
+        _write_records(spec, records)
+        for mode in ("--dry_run", "--analyze_only"):
+            assert main([str(spec.path), mode]) == 2
+            err = capsys.readouterr().err
+            assert f"record {spec.records / 'conml' / 'seed0.json'} was trained with other settings" in err
+            assert shown in err and "--records_dir" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_damaged_record_is_one_line_naming_the_file(tmp_path, capsys):
+    """Issue 22 item 15: a truncated record stops the study and the analysis in one line."""
+    spec, records = _record_spec(tmp_path)
+    _write_records(spec, records)
+    path = spec.records / "plain" / "seed0.json"
+    path.write_text(path.read_text()[:100])
+    for mode in ("--dry_run", "--analyze_only", "--no_analysis"):
+        assert main([str(spec.path), mode]) == 2
+        err = capsys.readouterr().err
+        assert f"record {path} is not valid JSON" in err and f"delete {path} and re-run" in err
+    path.write_text(json.dumps({"arm": "plain"}))
+    assert main([str(spec.path), "--analyze_only"]) == 2
+    assert "lacks seed, recipe, n_dims, final_curve, eval_history" in capsys.readouterr().err
+
+
+def test_packaged_specs_run_by_name_from_any_directory(tmp_path, monkeypatch, capsys):
+    """Issue 25 item 2: a shipped spec by name, from another folder, finds its repository's records;
+    --records_dir starts the study afresh in another folder (its runs beside the records)."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["lr_paper_cpu", "--dry_run"]) == 0
+    out = capsys.readouterr().out
+    assert "done plain/seed0: " in out and "done paper/seed9: " in out  # the committed records
+    assert f" {REPO / 'recipes' / 'experiments' / 'cpu_base.yaml'} " in out
+    assert f"--output_dir {REPO / 'runs' / 'experiments' / 'lr_cpu' / 'plain' / 'seed0'} " in out
+
+    assert main(["lr_paper_cpu.yaml", "--dry_run", "--records_dir", "fresh"]) == 0
+    out = capsys.readouterr().out
+    assert "done" not in out and out.count("todo ") == len(
+        load_spec(REPO / "recipes/experiments/lr_paper_cpu.yaml").runs()
+    )
+    assert "--output_dir fresh/runs/plain/seed0 " in out
+    assert main(["lr_paper_cpu", "--dry_run", "--records_dir", "fresh", "--output_dir", "elsewhere"]) == 0
+    assert "--output_dir elsewhere/plain/seed0 " in capsys.readouterr().out
+
+    assert main(["no_such_spec", "--dry_run"]) == 2
+    assert (
+        "not found; pass the path of a spec YAML or the name of a packaged spec (" in capsys.readouterr().err
+    )
+
+
+def test_paths_in_a_spec_are_relative_to_its_folder(tmp_path, monkeypatch, capsys):
+    """Issue 25 item 2: base_recipe, output_dir and records_dir of a spec are relative to the
+    spec's folder wherever the command runs."""
+    folder = tmp_path / "study"
+    folder.mkdir()
+    (folder / "base.yaml").write_text(BASE.read_text())
+    spec = write_spec(folder, base_recipe="base.yaml", output_dir="runs", records_dir="records")
+    monkeypatch.chdir(REPO)
+    assert main([str(spec), "--dry_run"]) == 0
+    out = capsys.readouterr().out
+    assert f"icl_conml.train {folder / 'base.yaml'} " in out
+    assert f"--output_dir {folder / 'runs' / 'plain' / 'seed0'} " in out
+    assert load_spec(spec).records == folder / "records"
