@@ -39,7 +39,7 @@ import yaml
 
 from .errors import EXIT_CTRL_C, EXIT_INTERRUPTED, OneLineParser, command_name, entry_point
 from .experiment_analysis import analyze, load_records
-from .experiment_control import Children, RunClaim
+from .experiment_processes import Children, RunClaim
 from .experiment_records import RUN_IDENTITY_KEYS, ExperimentError, expected_settings
 from .experiment_spec import (
     check_eval,
@@ -503,6 +503,7 @@ class Outcome:
 
     failures: list[str] = field(default_factory=list)
     interrupted: list[str] = field(default_factory=list)
+    not_started: list[str] = field(default_factory=list)
 
 
 def run_all(
@@ -533,7 +534,7 @@ def run_all(
 
     def one(run: Run, wait: bool = False) -> None:
         if children.stop.is_set():
-            outcome.interrupted.append(run.name)
+            outcome.not_started.append(run.name)
             return
         try:
             if execute(run, threads, children, wait) == CLAIMED:
@@ -636,8 +637,8 @@ def main(argv: list[str]) -> int:
             children.restore()
         if children.signal is not None:
             print(
-                f"icl_conml: interrupted: {len(outcome.interrupted)} run(s) stopped (they resume from their "
-                f"checkpoints when the command is run again)",
+                f"icl_conml: interrupted: {len(outcome.interrupted)} run(s) stopped, {len(outcome.not_started)} "
+                f"not started; re-run the command to resume them from their checkpoints",
                 file=sys.stderr,
             )
             return children.exit_code

@@ -4,8 +4,10 @@ For each arm A against the reference arm R (plain ICL), per seed (a pair shares 
 weights and training prompts):
 
 - Rel. Min. Error = min_k err_A / min_k err_R (< 1: A's best error is lower).
-- Shot Spare = (first k with err_A ≤ min_k err_R) − argmin_k err_R (< 0: A needs fewer
-  examples). When A never reaches R's minimum it is **censored**: only "> k_max − argmin" is
+- Shot Spare = (first k with err_A ≤ min_k err_R × (1 + 10⁻³)) − argmin_k err_R (< 0: A needs
+  fewer examples; the relative tolerance ``SHOT_SPARE_TOLERANCE`` keeps an error equal to R's
+  minimum up to rounding from counting as "never reached"). When A never reaches R's minimum it
+  is **censored**: only "> k_max − argmin" is
   known. Censored pairs are counted and shown, never dropped; the rank test places them as
   their lower bound k_max − argmin + 1 (worse than any defined value).
 - meta-training speed: the first training step at which the eval error at k = d (and 2d)
@@ -25,6 +27,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .evaluation.statistics import pairs_bootstrap_interval, seed_statistics, wilcoxon_signed_rank
+from .experiment_aa import against_control
+from .experiment_aa import markdown as aa_markdown
 from .experiment_records import (
     BOOKKEEPING_KEYS,
     RUN_IDENTITY_KEYS,
@@ -38,6 +43,9 @@ if TYPE_CHECKING:  # a type only: experiment.py (runs and the command line) impo
     from .experiment import Spec
 
 SIGNIFICANCE = 0.05
+#: Shot Spare: the arm "reaches" the reference's minimum error where it is at most this much
+#: above it, relatively (errors equal up to float rounding or evaluation noise are not a censor).
+SHOT_SPARE_TOLERANCE = 1e-3
 
 
 # ---- loading and pairing -------------------------------------------------------------------------
@@ -104,12 +112,15 @@ def check_pairing(spec: Spec, records: dict[tuple[str, int], dict[str, Any]]) ->
 
 
 # ---- per-pair metrics --------------------------------------------------------------------------------
-def table5_pair(curve_arm: list[float], curve_ref: list[float]) -> dict[str, Any]:
-    """Rel. Min. Error and (possibly censored) Shot Spare of one pair."""
+def table5_pair(
+    curve_arm: list[float], curve_ref: list[float], tolerance: float = SHOT_SPARE_TOLERANCE
+) -> dict[str, Any]:
+    """Rel. Min. Error and (possibly censored) Shot Spare of one pair. The arm reaches the
+    reference's minimum where its error is within ``tolerance`` (relative) of it."""
     best_ref = min(curve_ref)
     at_ref = curve_ref.index(best_ref)
     k_max = len(curve_ref) - 1
-    reached = [k for k, value in enumerate(curve_arm) if value <= best_ref]
+    reached = [k for k, value in enumerate(curve_arm) if value <= best_ref * (1 + tolerance)]
     spare = reached[0] - at_ref if reached else None
     return {
         "rel_min_error": min(curve_arm) / best_ref if best_ref > 0 else math.nan,
@@ -130,62 +141,9 @@ def steps_to_reach(eval_history: list[dict[str, Any]], k: int, threshold: float)
 
 
 # ---- seed-level statistics ----------------------------------------------------------------------------
-def mean_std(values: list[float]) -> dict[str, float | None]:
-    if not values:
-        return {"n": 0, "mean": None, "std": None, "median": None}
-    tensor = torch.tensor(values, dtype=torch.float64)
-    return {
-        "n": len(values),
-        "mean": float(tensor.mean()),
-        "std": float(tensor.std()) if len(values) > 1 else None,
-        "median": float(tensor.quantile(0.5)),  # torch.median takes the lower middle value for even n
-    }
-
-
-def bootstrap_interval(values: list[float], samples: int = 10000, seed: int = 0) -> list[float] | None:
-    """95% percentile interval of the mean over pairs resampled with replacement."""
-    if len(values) < 2:
-        return None
-    data = torch.tensor(values, dtype=torch.float64)
-    generator = torch.Generator().manual_seed(seed)
-    index = torch.randint(0, len(values), (samples, len(values)), generator=generator)
-    means = data[index].mean(dim=1)
-    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64))
-    return [float(low), float(high)]
-
-
-def wilcoxon_signed_rank(differences: list[float]) -> dict[str, float | int | None]:
-    """Exact two-sided Wilcoxon signed-rank test of median 0 (zeros dropped, ties get mean ranks).
-
-    The null distribution of W+ is enumerated exactly with a subset-sum count over the
-    (doubled, hence integer) ranks, so it is exact also with ties, for any n this study has.
-    """
-    nonzero = [d for d in differences if d != 0 and not math.isnan(d)]
-    n = len(nonzero)
-    if n == 0:
-        return {"n": 0, "w_plus": None, "p_value": None}
-    order = sorted(range(n), key=lambda i: abs(nonzero[i]))
-    ranks = [0.0] * n
-    i = 0
-    while i < n:
-        j = i
-        while j + 1 < n and abs(nonzero[order[j + 1]]) == abs(nonzero[order[i]]):
-            j += 1
-        for position in range(i, j + 1):
-            ranks[order[position]] = (i + j) / 2 + 1
-        i = j + 1
-    doubled = [round(2 * r) for r in ranks]
-    w_plus = sum(r for r, d in zip(doubled, nonzero, strict=True) if d > 0)
-    total = sum(doubled)
-    counts = [0] * (total + 1)  # counts[s]: sign assignments whose positive ranks sum to s
-    counts[0] = 1
-    for rank in doubled:
-        for s in range(total, rank - 1, -1):
-            counts[s] += counts[s - rank]
-    center = total / 2
-    extreme = abs(w_plus - center)
-    tail = sum(c for s, c in enumerate(counts) if abs(s - center) >= extreme - 1e-9)
-    return {"n": n, "w_plus": w_plus / 2, "p_value": min(1.0, tail / 2**n)}
+# One implementation for the project: evaluation.statistics (re-exported here by their old names).
+mean_std = seed_statistics
+bootstrap_interval = pairs_bootstrap_interval
 
 
 def _summary(values: list[float], null: float) -> dict[str, Any]:
@@ -295,7 +253,10 @@ def _geometric(log_stats: dict[str, Any]) -> str:
     return f"{_fmt(math.exp(log_stats['mean']))} {interval}{star}"
 
 
-def markdown(spec: Spec, records: dict, comparisons: list[dict[str, Any]]) -> str:
+def markdown(
+    spec: Spec, records: dict, comparisons: list[dict[str, Any]], control: dict[str, Any] | None = None
+) -> str:
+    """results.md: Table 5 over seeds, meta-training speed, per-pair values (and the A/A section)."""
     lines = [
         f"# Experiment `{spec.name}`",
         "",
@@ -317,14 +278,19 @@ def markdown(spec: Spec, records: dict, comparisons: list[dict[str, Any]]) -> st
         censored = (
             f"{spare['n_censored']} censored (> k_max − argmin)" if spare["n_censored"] else "0 censored"
         )
+        name = f"{c['arm']} (A/A control)" if c["arm"] == spec.control_arm else c["arm"]
         lines.append(
-            f"| {c['arm']} | {len(c['pairs'])} | {_fmt(rel['mean'])} ± {_fmt(rel['std'])} {_interval(rel)} "
+            f"| {name} | {len(c['pairs'])} | {_fmt(rel['mean'])} ± {_fmt(rel['std'])} {_interval(rel)} "
             f"(p={_fmt(rel['wilcoxon_p'])}){star} | {_fmt(rel['median'])}; {_geometric(c['log_rel_min_error'])} "
             f"| {_fmt(spare['mean'])} ± {_fmt(spare['std'])} "
             f"{_interval(spare)} ({spare['n_defined']} defined / {censored}; p={_fmt(spare['wilcoxon_p'])}) "
             f"| {mins} |"
         )
     lines += [
+        "",
+        f"Shot Spare: an arm reaches the reference's minimum error at the first k where its error is at most "
+        f"that minimum × (1 + {SHOT_SPARE_TOLERANCE:g}) (relative tolerance {SHOT_SPARE_TOLERANCE:g}); a pair "
+        f"where it never does is censored.",
         "",
         "Meta-training speed: training steps until the eval error at k first reaches ε "
         "(median over seeds, never-reached runs counted as +∞; paired difference arm − ref over the "
@@ -350,6 +316,8 @@ def markdown(spec: Spec, records: dict, comparisons: list[dict[str, Any]]) -> st
             for p in c["pairs"]
         ]
         lines.append(f"- {c['arm']}: " + "; ".join(cells))
+    if control is not None:
+        lines += aa_markdown(control)
     lines += ["", "![curves](curves.png)", "![paired](paired.png)", "![training](training.png)", ""]
     return "\n".join(lines)
 
@@ -372,10 +340,14 @@ def analyze(spec: Spec, plots: bool = True, expected: dict[str, dict[str, Any]] 
         "runs": len(records),
         "cost_cpu_process_hours": cost / 3600,
         "commits": sorted({str(r.get("commit")) for r in records.values()}),
+        "shot_spare_tolerance": SHOT_SPARE_TOLERANCE,
         "comparisons": comparisons,
     }
+    control = against_control(spec, records, comparisons)
+    if control is not None:
+        result["against_control"] = control
     (folder / "results.json").write_text(json.dumps(result, indent=1))
-    text = markdown(spec, records, comparisons)
+    text = markdown(spec, records, comparisons, control)
     text += f"\nStudy cost: {len(records)} runs, {cost / 3600:.2f} process-hours of wall time in all.\n"
     (folder / "results.md").write_text(text)
     if plots and comparisons:

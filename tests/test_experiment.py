@@ -68,8 +68,15 @@ def run_experiment(spec: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_a_two_seed_two_arm_study_runs_resumes_and_analyses(tmp_path):
-    spec_path = write_spec(tmp_path)
+def test_a_two_seed_study_with_an_aa_control_runs_resumes_and_analyses(tmp_path):
+    """The tiny A/A study: plain, ConML and the A/A control (plain with its initial weights moved
+    by 1e-7), 2 seeds, interrupted once and resumed, then analysed against the noise floor."""
+    arms = {
+        "plain": {"conml_lambda": 0.0},
+        "conml": {"conml_lambda": 0.5},
+        "aa": {"conml_lambda": 0.0, "init_perturbation_std": 1e-7},
+    }
+    spec_path = write_spec(tmp_path, arms=arms, control_arm="aa")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}
     # Interrupt the study once its first record exists (the other runs are mid-way or not started).
     process = subprocess.Popen(
@@ -92,8 +99,10 @@ def test_a_two_seed_two_arm_study_runs_resumes_and_analyses(tmp_path):
 
     result = run_experiment(spec_path, "--jobs", "2")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "1 of 4 runs have records" in result.stdout  # the finished run was not trained again
+    assert "1 of 6 runs have records" in result.stdout  # the finished run was not trained again
     assert sorted(p.relative_to(records).as_posix() for p in records.glob("*/seed*.json")) == [
+        "aa/seed0.json",
+        "aa/seed1.json",
         "conml/seed0.json",
         "conml/seed1.json",
         "plain/seed0.json",
@@ -121,12 +130,20 @@ def test_a_two_seed_two_arm_study_runs_resumes_and_analyses(tmp_path):
     # logged ICL losses differ only by what ConML changed in 10 steps (plain seeds 0 and 1 differ more).
     plain = [json.loads((records / "plain" / f"seed{s}.json").read_text()) for s in (0, 1)]
     assert plain[0]["final_curve"]["mean"] != plain[1]["final_curve"]["mean"]
+    # The A/A run is plain moved by rounding-level noise: another run, as close as a rerun can be.
+    aa = json.loads((records / "aa" / "seed0.json").read_text())
+    assert aa["recipe"]["init_perturbation_std"] == 1e-7
+    assert aa["final_curve"]["mean"] != plain[0]["final_curve"]["mean"]
+    assert aa["final_curve"]["mean"] == pytest.approx(plain[0]["final_curve"]["mean"], rel=0.05)
 
     analysis = records / "tiny"  # each spec's report has its own folder: specs may share records
     results = json.loads((analysis / "results.json").read_text())
     comparison = results["comparisons"][0]
     assert comparison["arm"] == "conml" and comparison["seeds"] == [0, 1]
-    assert (analysis / "results.md").read_text().startswith("# Experiment `tiny`")
+    report = (analysis / "results.md").read_text()
+    assert report.startswith("# Experiment `tiny`") and "| aa (A/A control) | 2 |" in report
+    assert "## Against the A/A control `aa` (the noise floor)" in report
+    assert [entry["arm"] for entry in results["against_control"]["arms"]] == ["conml"]
     for image in ("curves.png", "paired.png", "training.png"):
         assert (analysis / image).stat().st_size > 0
 
@@ -461,3 +478,214 @@ def test_paths_in_a_spec_are_relative_to_its_folder(tmp_path, monkeypatch, capsy
     assert f"icl_conml.train {folder / 'base.yaml'} " in out
     assert f"--output_dir {folder / 'runs' / 'plain' / 'seed0'} " in out
     assert load_spec(spec).records == folder / "records"
+
+
+# ---- real processes: signals, two commands, refused attempts (issue 22 items 16 and 17) ----------
+FAST = {"n_layer": 1, "n_embd": 16, "n_head": 2, "warmup_steps": 2, "per_device_train_batch_size": 8}
+
+
+def _fast_spec(tmp_path: Path, steps: int, **overrides) -> Path:
+    return write_spec(
+        tmp_path,
+        overrides={**FAST, "max_steps": steps, "logging_steps": 2, "save_steps": 1000, **overrides},
+        seeds=[0],
+        eval={"n_prompts": 32, "every": steps // 2, "thresholds": [2.0], "bootstrap_samples": 20},
+    )
+
+
+def _start(spec: Path, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "icl_conml.experiment", str(spec), "--jobs", "1", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # the test can end the whole group if an assertion fails
+    )
+
+
+def _wait_for_training(run_dir: Path, timeout: float = 300) -> int:
+    """Wait until the run in run_dir has logged a training step; returns its training pid."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        log = run_dir / "train.log"
+        if log.is_file() and "'loss'" in log.read_text(errors="replace"):
+            return int(json.loads((run_dir / ".lock").read_text())["pid"])
+        time.sleep(0.2)
+    raise AssertionError(f"{run_dir} never started training")
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+@pytest.mark.slow
+def test_stop_signals_reach_the_training_runs_and_the_study_resumes(tmp_path):
+    """SIGTERM, then Ctrl-C (SIGINT), to the experiment process alone: the training child saves a
+    checkpoint and stops (no orphan), no other run starts, the command exits 75 (130) with the runs
+    labelled interrupted, and the next command resumes them to the end."""
+    spec = _fast_spec(tmp_path, 60)
+    out = tmp_path / "out"
+    for signum, code, run in ((signal.SIGTERM, 75, "plain"), (signal.SIGINT, 130, "conml")):
+        process = _start(spec, "--no_analysis")
+        try:
+            child = _wait_for_training(out / run / "seed0")
+            os.kill(process.pid, signum)
+            stdout, stderr = process.communicate(timeout=300)
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+        assert process.returncode == code, stderr[-2000:]
+        assert f"[experiment] interrupted {run}/seed0" in stdout and "FAILED" not in stdout + stderr
+        assert "icl_conml: interrupted: 1 run(s) stopped" in stderr
+        assert _gone(child), "the training child outlived the experiment command"
+        assert list((out / run / "seed0").glob("checkpoint-*")), "the stopped run saved no checkpoint"
+        if run == "plain":
+            assert not (out / "conml").exists(), "a run started after the stop request"
+    result = run_experiment(spec, "--no_analysis")
+    assert result.returncode == 0, result.stderr[-2000:]
+    for arm in ("plain", "conml"):
+        record = json.loads((tmp_path / "records" / arm / "seed0.json").read_text())
+        assert record["global_step"] == 60
+        assert [s["exit"] for s in record["segments"]][-1] == 0 and record["segments"][-2]["exit"] == 75
+
+
+@pytest.mark.slow
+def test_two_commands_on_one_spec_share_its_runs(tmp_path):
+    """Two experiment commands on one spec at once: each run is trained once (by one of them),
+    neither reports the other's runs as failures, and both end with every record."""
+    spec = _fast_spec(tmp_path, 10)
+    first, second = _start(spec, "--no_analysis"), _start(spec, "--no_analysis")
+    try:
+        outputs = [process.communicate(timeout=600) for process in (first, second)]
+    finally:
+        for process in (first, second):
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+    for process, (stdout, stderr) in zip((first, second), outputs, strict=True):
+        assert process.returncode == 0, stdout[-1500:] + stderr[-1500:]
+        assert "FAILED" not in stdout
+    for arm in ("plain", "conml"):
+        lines = (tmp_path / "out" / arm / "seed0" / "experiment_segments.jsonl").read_text().splitlines()
+        assert sum(json.loads(line).get("event") == "start" for line in lines) == 1, lines
+        assert (tmp_path / "records" / arm / "seed0.json").is_file()
+
+
+@pytest.mark.slow
+def test_a_refused_attempt_fails_and_costs_no_wall_time(tmp_path):
+    """A run whose folder another process holds is refused by training (exit 2): the experiment
+    reports it, and the run's record later counts only the attempt that trained."""
+    from icl_conml.run_lock import OutputDirLock
+
+    spec = _fast_spec(tmp_path, 10)
+    folder = tmp_path / "out" / "plain" / "seed0"
+    folder.mkdir(parents=True)
+    lock = OutputDirLock(folder)
+    lock.acquire()
+    try:
+        refused = run_experiment(spec, "--run_index", "0")
+    finally:
+        lock.release()
+    assert refused.returncode == 1
+    assert "FAILED plain/seed0: run plain/seed0 failed (exit 2)" in refused.stdout
+    assert "1 run(s) failed" in refused.stderr
+    result = run_experiment(spec, "--run_index", "0")
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = json.loads((tmp_path / "records" / "plain" / "seed0.json").read_text())
+    assert [segment["exit"] for segment in record["segments"]] == [2, 0]
+    assert record["wall_seconds"] == record["segments"][1]["seconds"]
+
+
+def test_the_aa_control_shows_the_noise_floor_and_tests_each_arm_against_it(tmp_path):
+    """Issue 23: with control_arm, the report compares each arm with the A/A arm seed by seed."""
+    seeds = list(range(8))
+    arms = {
+        "plain": {"conml_lambda": 0.0},
+        "conml": {"conml_lambda": 0.5},
+        "same": {"conml_lambda": 0.1},
+        "aa": {"conml_lambda": 0.0, "init_perturbation_std": 1e-7},
+    }
+    spec = load_spec(write_spec(tmp_path, arms=arms, seeds=seeds, control_arm="aa"))
+    records = {}
+    for seed in seeds:
+        wobble = 1 + 0.01 * (seed % 3 - 1)  # rounding-level differences, both directions
+        base = [1.0, 0.5, 0.2, 0.1 * (1 + 0.02 * seed), 0.1 * (1 + 0.02 * seed)]
+        curves = {
+            "plain": base,
+            "aa": [v * wobble for v in base],
+            "conml": [v * 2.0 for v in base],  # twice the error on every seed
+            "same": [v * (1 + 0.01 * ((seed + 1) % 3 - 1)) for v in base],  # like a rerun
+        }
+        for arm, curve in curves.items():
+            records[(arm, seed)] = _fake_record(spec, arm, seed, curve)
+    _write_records(spec, records)
+    report = analyze(spec, plots=False)
+    text = report.read_text()
+    assert "| aa (A/A control) | 8 |" in text
+    assert "## Against the A/A control `aa` (the noise floor)" in text
+    control = json.loads((report.parent / "results.json").read_text())["against_control"]
+    by_arm = {entry["arm"]: entry for entry in control["arms"]}
+    assert set(by_arm) == {"conml", "same"}
+    assert by_arm["conml"]["location_p"] == pytest.approx(2 / 2**8) and by_arm["conml"]["distinguishable"]
+    assert by_arm["conml"]["arm_over_aa_geometric_mean"] == pytest.approx(2.0, rel=0.02)
+    assert not by_arm["same"]["distinguishable"] and by_arm["same"]["location_p"] > 0.2
+    assert "| conml | 8 | 2 |" in text and "| **yes** |" in text
+    assert control["floor"]["rel_min_error"]["n"] == 8
+
+
+def test_shot_spare_uses_a_relative_tolerance_and_the_report_says_so(tmp_path):
+    """Issue 25 item 7: a minimum equal to the reference's up to 1e-6 is reached, not censored."""
+    reference = [1.0, 0.5, 0.2, 0.1, 0.1]
+    assert table5_pair([1.0, 0.5, 0.2, 0.1000001, 0.1000001], reference)["shot_spare"] == 0
+    assert table5_pair([1.0, 0.5, 0.2, 0.1002, 0.1002], reference)["censored"]
+    spec, records = _record_spec(tmp_path)
+    _write_records(spec, records)
+    assert "(relative tolerance 0.001)" in analyze(spec, plots=False).read_text()
+
+
+def test_compare_pairs_models_by_the_experiments_rules(tmp_path, capsys):
+    """Issue 25 item 4: compare refuses models that are not pairs (seed 42 at 8000 steps against
+    seed 1 at 200), and one pair has no spread ("n/a", not "± 0")."""
+    import torch
+
+    from icl_conml import ICLConfig, ICLModel
+    from icl_conml import evaluation as ev
+
+    def model(name: str, seed: int, steps: int, **recipe) -> str:
+        torch.manual_seed(seed)
+        folder = tmp_path / name
+        config = ICLConfig(n_dims=3, n_positions=7, n_embd=16, n_layer=1, n_head=2)
+        ICLModel(config).save_pretrained(folder)
+        settings = {"n_dims": 3, "seed": seed, "max_steps": steps, "learning_rate": 0.001, **recipe}
+        (folder / "recipe.yaml").write_text(yaml.safe_dump(settings))
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": steps}))
+        return str(folder)
+
+    out = str(tmp_path / "cmp")
+    a42, b1 = model("a42", 42, 8000, conml_lambda=0.02), model("b1", 1, 200)
+    b42, b1_long = model("b42", 42, 8000), model("b1x", 1, 8000)
+    a1 = model("a1", 1, 8000, conml_lambda=0.02, learning_rate=0.01)
+    capsys.readouterr()
+    assert ev.main(["compare", "--models", a42, "--against", b1, "--output_dir", out]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert f"A {a42!r} (seed 42, 8000 steps) and B {b1!r} (seed 1, 200 steps) are not a pair" in err[0]
+
+    assert (
+        ev.main(["compare", "--models", a42, "--against", b42, "--output_dir", out, "--n_prompts", "32"]) == 0
+    )
+    assert (
+        "± n/a" in (tmp_path / "cmp" / "compare.md").read_text()
+        and "± 0 " not in (tmp_path / "cmp" / "compare.md").read_text()
+    )
+    assert json.loads((tmp_path / "cmp" / "compare.json").read_text())["metadata"]["pairing"] == "checked"
+
+    assert ev.main(["compare", "--models", a42, a1, "--against", b42, b1_long, "--output_dir", out]) == 2
+    err = capsys.readouterr().err
+    assert f"A models {a42!r} and {a1!r} differ outside their seed (learning_rate: 0.01 vs 0.001" in err

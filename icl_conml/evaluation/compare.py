@@ -13,6 +13,7 @@ import torch
 from .. import __version__
 from .arguments import CompareArguments, EvaluationError
 from .loading import load_model
+from .pairing import check_pairs
 from .predictions import errors_of, model_predictions
 from .setting import resolve_setting
 from .statistics import bootstrap_means, curve_with_interval, mean_std, percentile_interval, table5_metrics
@@ -100,6 +101,9 @@ def compare_models(
 ) -> dict[str, Any]:
     """The paper's Table 5 for models A_i against B_i (paired by position), on identical prompts.
 
+    The pairs are checked first (``pairing.check_pairs``: a pair shares its seed and training
+    length, one side's models differ only in their seed), as the experiment analysis pairs runs.
+
     Models are ``ICLModel`` objects or local paths / Hub ids; ``args`` default to
     ``CompareArguments()``. The task, dimension and prompt length default to the first A
     model's config (the length to the shortest n_positions).
@@ -109,6 +113,7 @@ def compare_models(
         raise _unpaired(len(models_a), len(models_b))
     ids_a = [_model_id(m, f"A{i}") for i, m in enumerate(models_a)]
     ids_b = [_model_id(m, f"B{i}") for i, m in enumerate(models_b)]
+    pairing = check_pairs(ids_a, ids_b, list(models_a), list(models_b))  # before any model is loaded
     loaded = [
         load_model(m, args.device, args.allow_unfinished, trust_remote_code=args.trust_remote_code)
         if isinstance(m, str | Path)
@@ -143,6 +148,7 @@ def compare_models(
         "labels": list(args.labels),
         "models_a": ids_a,
         "models_b": ids_b,
+        "pairing": pairing,
         **setting.metadata(),
         "bootstrap_samples": args.bootstrap_samples,
         "dtype": args.dtype,

@@ -69,7 +69,9 @@ def comparison_table(result: dict[str, Any]) -> str:
         return f"[{fmt(entry['low'])}, {fmt(entry['high'])}]"
 
     def mean_std(entry: dict[str, Any]) -> str:
-        return "—" if entry["mean"] is None else f"{entry['mean']:.3g} ± {entry['std']:.3g}"
+        if entry["mean"] is None:
+            return "—"
+        return f"{entry['mean']:.3g} ± {'n/a' if entry['std'] is None else format(entry['std'], '.3g')}"
 
     spare = over["shot_spare"]
     lines = [

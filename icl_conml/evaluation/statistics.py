@@ -46,11 +46,11 @@ def percentile_interval(samples: torch.Tensor) -> dict[str, Any]:
 
 
 def mean_std(values: list[float]) -> dict[str, float | None]:
-    """Mean and sample standard deviation (0 for one value; None for none)."""
+    """Mean and sample standard deviation (None below two values: one pair has no spread)."""
     if not values:
         return {"mean": None, "std": None}
     tensor = torch.tensor(values, dtype=torch.float64)
-    std = float(tensor.std(unbiased=True)) if len(values) > 1 else 0.0
+    std = float(tensor.std(unbiased=True)) if len(values) > 1 else None
     return {"mean": float(tensor.mean()), "std": std}
 
 
@@ -113,3 +113,64 @@ def curve_metrics(task: FunctionClass, threshold: float = 0.1) -> Callable[[Any]
         return {**summary, **per_k}
 
     return compute
+
+
+# ---- over seeds (a study's pairs) ---------------------------------------------------------------------
+def seed_statistics(values: list[float]) -> dict[str, float | None]:
+    """n, mean, sample std (None below 2 values) and median of per-seed values (a study's pairs)."""
+    if not values:
+        return {"n": 0, "mean": None, "std": None, "median": None}
+    tensor = torch.tensor(values, dtype=torch.float64)
+    return {
+        "n": len(values),
+        "mean": float(tensor.mean()),
+        "std": float(tensor.std()) if len(values) > 1 else None,
+        "median": float(tensor.quantile(0.5)),  # torch.median takes the lower middle value for even n
+    }
+
+
+def pairs_bootstrap_interval(values: list[float], samples: int = 10000, seed: int = 0) -> list[float] | None:
+    """95% percentile interval of the mean of per-pair values, pairs resampled with replacement
+    (``bootstrap_means`` resamples prompts instead)."""
+    if len(values) < 2:
+        return None
+    data = torch.tensor(values, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(seed)
+    index = torch.randint(0, len(values), (samples, len(values)), generator=generator)
+    means = data[index].mean(dim=1)
+    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64))
+    return [float(low), float(high)]
+
+
+def wilcoxon_signed_rank(differences: list[float]) -> dict[str, float | int | None]:
+    """Exact two-sided Wilcoxon signed-rank test of median 0 (zeros dropped, ties get mean ranks).
+
+    The null distribution of W+ is enumerated exactly with a subset-sum count over the
+    (doubled, hence integer) ranks, so it is exact also with ties, for any n this study has.
+    """
+    nonzero = [d for d in differences if d != 0 and not math.isnan(d)]
+    n = len(nonzero)
+    if n == 0:
+        return {"n": 0, "w_plus": None, "p_value": None}
+    order = sorted(range(n), key=lambda i: abs(nonzero[i]))
+    ranks = [0.0] * n
+    i = 0
+    while i < n:
+        j = i
+        while j + 1 < n and abs(nonzero[order[j + 1]]) == abs(nonzero[order[i]]):
+            j += 1
+        for position in range(i, j + 1):
+            ranks[order[position]] = (i + j) / 2 + 1
+        i = j + 1
+    doubled = [round(2 * r) for r in ranks]
+    w_plus = sum(r for r, d in zip(doubled, nonzero, strict=True) if d > 0)
+    total = sum(doubled)
+    counts = [0] * (total + 1)  # counts[s]: sign assignments whose positive ranks sum to s
+    counts[0] = 1
+    for rank in doubled:
+        for s in range(total, rank - 1, -1):
+            counts[s] += counts[s - rank]
+    center = total / 2
+    extreme = abs(w_plus - center)
+    tail = sum(c for s, c in enumerate(counts) if abs(s - center) >= extreme - 1e-9)
+    return {"n": n, "w_plus": w_plus / 2, "p_value": min(1.0, tail / 2**n)}
