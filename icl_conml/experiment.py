@@ -557,8 +557,10 @@ def run_all(
 
 
 def slurm_script(spec: Spec, spec_path: str) -> str:
-    """A job array with one training run per task; each task skips a run that has a record."""
+    """A job array with one training run per task; each task skips a run that has a record.
+    The tasks get the resolved records and run folders (the command line's overrides included)."""
     count = len(spec.runs())
+    folders = f"--records_dir {shlex.quote(str(spec.records))} --output_dir {shlex.quote(str(spec.out))}"
     extra = "".join(f"#SBATCH --{key}={value}\n" for key, value in spec.slurm.items())
     logs = spec.out / "slurm"
     return (
@@ -569,7 +571,8 @@ def slurm_script(spec: Spec, spec_path: str) -> str:
         f"{extra}"
         "set -euo pipefail\n"
         f"cd {shlex.quote(str(Path.cwd()))}\n"
-        f'python -m icl_conml.experiment {shlex.quote(spec_path)} --run_index "$SLURM_ARRAY_TASK_ID" --no_analysis\n'
+        f"python -m icl_conml.experiment {shlex.quote(spec_path)} {folders} "
+        '--run_index "$SLURM_ARRAY_TASK_ID" --no_analysis\n'
     )
 
 

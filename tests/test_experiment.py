@@ -310,6 +310,7 @@ def test_slurm_array_has_one_task_per_run(tmp_path):
     script = (tmp_path / "out" / "slurm" / "tiny.sbatch").read_text()
     assert "#SBATCH --array=0-3" in script and "#SBATCH --gres=gpu:1" in script
     assert '--run_index "$SLURM_ARRAY_TASK_ID"' in script
+    assert f"--records_dir {tmp_path / 'records'} --output_dir {tmp_path / 'out'} " in script
     result = subprocess.run(["bash", "-n", str(tmp_path / "out" / "slurm" / "tiny.sbatch")])
     assert result.returncode == 0
 
