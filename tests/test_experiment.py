@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from icl_conml.experiment import ExperimentError, load_spec, main, usable_cpus
-from icl_conml.experiment_analysis import (
+from icl_conml.experiment.analysis import (
     analyze,
     check_pairing,
     load_records,
@@ -24,7 +24,7 @@ from icl_conml.experiment_analysis import (
     table5_pair,
     wilcoxon_signed_rank,
 )
-from icl_conml.experiment_records import expected_settings
+from icl_conml.experiment.records import expected_settings
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = REPO / "recipes" / "experiments" / "cpu_base.yaml"
@@ -582,7 +582,7 @@ def test_two_commands_on_one_spec_share_its_runs(tmp_path):
 def test_a_refused_attempt_fails_and_costs_no_wall_time(tmp_path):
     """A run whose folder another process holds is refused by training (exit 2): the experiment
     reports it, and the run's record later counts only the attempt that trained."""
-    from icl_conml.run_lock import OutputDirLock
+    from icl_conml.runs.lock import OutputDirLock
 
     spec = _fast_spec(tmp_path, 10)
     folder = tmp_path / "out" / "plain" / "seed0"
@@ -690,3 +690,17 @@ def test_compare_pairs_models_by_the_experiments_rules(tmp_path, capsys):
     assert ev.main(["compare", "--models", a42, a1, "--against", b42, b1_long, "--output_dir", out]) == 2
     err = capsys.readouterr().err
     assert f"A models {a42!r} and {a1!r} differ outside their seed (learning_rate: 0.01 vs 0.001" in err
+
+
+def test_a_spec_installed_inside_the_package_writes_under_the_working_directory(tmp_path, monkeypatch):
+    """paths_relative_to: project in a wheel (the spec inside icl_conml/recipes/): no repository
+    around it, so its relative paths are the working directory's, never site-packages."""
+    import icl_conml
+    from icl_conml.experiment.spec import path_base
+
+    installed = Path(icl_conml.__file__).resolve().parent / "recipes" / "experiments" / "lr_paper_cpu.yaml"
+    monkeypatch.chdir(tmp_path)
+    assert path_base(installed, "project") == Path.cwd()
+    assert path_base(REPO / "recipes" / "experiments" / "lr_paper_cpu.yaml", "project") == REPO
+    with pytest.raises(ExperimentError, match="needs the spec inside a project's recipes/ folder"):
+        path_base(tmp_path / "spec.yaml", "project")

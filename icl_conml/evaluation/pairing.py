@@ -47,8 +47,8 @@ def _describe(name: str, facts: dict[str, Any]) -> str:
 def check_pairs(ids_a: list[str], ids_b: list[str], models_a: list[Any], models_b: list[Any]) -> str:
     """Refuse (one ``EvaluationError`` line) models that are not pairs; returns how the pairing was
     checked ("checked" or which models could not be) for the metadata."""
-    from ..experiment_records import setting_differences
-    from ..tasks import TASK_REGISTRY
+    from ..run_settings import setting_differences
+    from ..tasks import resolve_task_class
 
     facts_a = [run_facts(m) for m in models_a]
     facts_b = [run_facts(m) for m in models_b]
@@ -65,7 +65,10 @@ def check_pairs(ids_a: list[str], ids_b: list[str], models_a: list[Any], models_
         known = [(name, f) for name, f in zip(ids, facts, strict=True) if f is not None]
         for name, f in known[1:]:
             first_name, first = known[0]
-            task = TASK_REGISTRY.get(str(first["recipe"].get("task", "linear_regression")))
+            try:  # a registered task only: a model folder is data, an import path in it is not imported
+                task = resolve_task_class(str(first["recipe"].get("task", "linear_regression")))
+            except ValueError:
+                task = None
             differ = setting_differences(f["recipe"], first["recipe"], task)
             if differ:
                 shown = ", ".join(f"{k}: {x!r} vs {y!r}" for k, x, y in differ[:3])

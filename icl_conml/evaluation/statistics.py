@@ -45,15 +45,6 @@ def percentile_interval(samples: torch.Tensor) -> dict[str, Any]:
     return {"low": float(low), "high": float(high), "undefined_fraction": undefined}
 
 
-def mean_std(values: list[float]) -> dict[str, float | None]:
-    """Mean and sample standard deviation (None below two values: one pair has no spread)."""
-    if not values:
-        return {"mean": None, "std": None}
-    tensor = torch.tensor(values, dtype=torch.float64)
-    std = float(tensor.std(unbiased=True)) if len(values) > 1 else None
-    return {"mean": float(tensor.mean()), "std": std}
-
-
 def needed_context_length(curve: Sequence[float], threshold: float) -> int | None:
     """The smallest k whose error is ≤ threshold; ``None`` if no k in the curve gets there."""
     for k, value in enumerate(curve):
@@ -62,15 +53,19 @@ def needed_context_length(curve: Sequence[float], threshold: float) -> int | Non
     return None
 
 
-def table5_metrics(curve_a: torch.Tensor, curve_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def table5_metrics(
+    curve_a: torch.Tensor, curve_b: torch.Tensor, tolerance: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The paper's Table 5 for curves (..., n) of A against B, batched over leading dims.
 
-    Rel. Min. Error = min_k A / min_k B. Shot Spare = (first k with A ≤ min_k B) − argmin_k B,
-    NaN where A never reaches B's minimum (undefined, never invented). Negative = A needs fewer.
+    Rel. Min. Error = min_k A / min_k B. Shot Spare = (first k with A ≤ min_k B × (1 + tolerance))
+    − argmin_k B, NaN where A never reaches B's minimum (undefined, never invented). Negative = A
+    needs fewer. ``tolerance`` (relative; 0 for ``compare``, 1e-3 for a study) keeps an error equal
+    to B's minimum up to rounding from counting as never reached.
     """
-    best_b, at_b = curve_b.min(dim=-1)
+    best_b, at_b = curve_b.min(dim=-1)  # the first minimum's index, as argmin
     relative = curve_a.min(dim=-1).values / best_b
-    reached = curve_a <= best_b.unsqueeze(-1)
+    reached = curve_a <= (best_b * (1 + tolerance)).unsqueeze(-1)
     first = reached.float().argmax(dim=-1)  # first True (argmax returns the first maximum)
     spare = (first - at_b).float()
     return relative, torch.where(reached.any(dim=-1), spare, torch.full_like(spare, math.nan))
@@ -127,6 +122,10 @@ def seed_statistics(values: list[float]) -> dict[str, float | None]:
         "std": float(tensor.std()) if len(values) > 1 else None,
         "median": float(tensor.quantile(0.5)),  # torch.median takes the lower middle value for even n
     }
+
+
+#: The summary ``compare`` reports over pairs (the same one as a study's).
+mean_std = seed_statistics
 
 
 def pairs_bootstrap_interval(values: list[float], samples: int = 10000, seed: int = 0) -> list[float] | None:

@@ -27,10 +27,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .evaluation.statistics import pairs_bootstrap_interval, seed_statistics, wilcoxon_signed_rank
-from .experiment_aa import against_control
-from .experiment_aa import markdown as aa_markdown
-from .experiment_records import (
+from ..evaluation.statistics import (
+    pairs_bootstrap_interval,
+    seed_statistics,
+    table5_metrics,
+    wilcoxon_signed_rank,
+)
+from .aa import against_control
+from .aa import markdown as aa_markdown
+from .records import (
     BOOKKEEPING_KEYS,
     RUN_IDENTITY_KEYS,
     ExperimentError,
@@ -40,7 +45,7 @@ from .experiment_records import (
 )
 
 if TYPE_CHECKING:  # a type only: experiment.py (runs and the command line) imports this module
-    from .experiment import Spec
+    from .spec import Spec
 
 SIGNIFICANCE = 0.05
 #: Shot Spare: the arm "reaches" the reference's minimum error where it is at most this much
@@ -69,8 +74,8 @@ def _experiment_settings(recipe: dict[str, Any], ignored: set[str]) -> dict[str,
     """What defines the experiment in a recorded recipe, in one spelling whatever the code version
     wrote: keys whose role is not paired dropped (``arguments.KeyRole``), and flat task keys (``sparsity``, ``depth``, ...) kept only
     for a task that takes them."""
-    from .arguments import FLAT_TASK_KEYS, key_role
-    from .tasks import hyperparameter_names, resolve_task_class
+    from ..arguments import FLAT_TASK_KEYS, key_role
+    from ..tasks import hyperparameter_names, resolve_task_class
 
     try:
         hyperparameters = set(
@@ -117,18 +122,18 @@ def table5_pair(
 ) -> dict[str, Any]:
     """Rel. Min. Error and (possibly censored) Shot Spare of one pair. The arm reaches the
     reference's minimum where its error is within ``tolerance`` (relative) of it."""
-    best_ref = min(curve_ref)
-    at_ref = curve_ref.index(best_ref)
-    k_max = len(curve_ref) - 1
-    reached = [k for k, value in enumerate(curve_arm) if value <= best_ref * (1 + tolerance)]
-    spare = reached[0] - at_ref if reached else None
+    arm = torch.tensor(curve_arm, dtype=torch.float64)
+    ref = torch.tensor(curve_ref, dtype=torch.float64)
+    relative, shot_spare = table5_metrics(arm, ref, tolerance)  # the one Table 5 of the project
+    best_ref = float(ref.min())
+    spare = None if math.isnan(float(shot_spare)) else int(shot_spare)
     return {
-        "rel_min_error": min(curve_arm) / best_ref if best_ref > 0 else math.nan,
-        "min_error_arm": min(curve_arm),
+        "rel_min_error": float(relative) if best_ref > 0 else math.nan,
+        "min_error_arm": float(arm.min()),
         "min_error_ref": best_ref,
         "shot_spare": spare,
         "censored": spare is None,
-        "shot_spare_bound": k_max - at_ref,  # censored: Shot Spare > this
+        "shot_spare_bound": len(curve_ref) - 1 - int(ref.argmin()),  # censored: Shot Spare > this
     }
 
 
@@ -351,7 +356,7 @@ def analyze(spec: Spec, plots: bool = True, expected: dict[str, dict[str, Any]] 
     text += f"\nStudy cost: {len(records)} runs, {cost / 3600:.2f} process-hours of wall time in all.\n"
     (folder / "results.md").write_text(text)
     if plots and comparisons:
-        from .extras import is_available
+        from ..extras import is_available
 
         if is_available("matplotlib"):
             from .experiment_plots import plot_experiment

@@ -25,10 +25,10 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from .evaluation.statistics import seed_statistics, wilcoxon_signed_rank
+from ..evaluation.statistics import seed_statistics, wilcoxon_signed_rank
 
 if TYPE_CHECKING:
-    from .experiment import Spec
+    from .spec import Spec
 
 #: Family-wise level of the two tests per arm (location, dispersion), Bonferroni-corrected.
 FAMILY_SIGNIFICANCE = 0.05

@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .experiment_analysis import ExperimentError
-from .recipe_files import MAX_RECIPE_BYTES, _RecipeLoader, _RecipeYAMLError
+from ..recipe_files import MAX_RECIPE_BYTES, _RecipeLoader, _RecipeYAMLError
+from .records import RUN_IDENTITY_KEYS, ExperimentError
+
+DEFAULT_LAUNCHER = f"{sys.executable} -m icl_conml.train"
 
 #: Arm and spec names become folder names: letters, digits, ``_ . -``, not starting with a dot.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
@@ -48,7 +53,7 @@ def find_spec(name_or_path: str) -> Path:
     given = Path(name_or_path)
     if given.is_file():
         return given
-    from .resources import recipes_dir
+    from ..resources import recipes_dir
 
     folder = recipes_dir() / "experiments"
     text = str(name_or_path).replace("\\", "/")
@@ -211,7 +216,7 @@ def path_base(spec_path: Path, relative_to: str) -> Path:
     for parent in (folder, *folder.parents):
         if parent.name == "recipes":
             root = parent.parent
-            package = Path(__file__).resolve().parent
+            package = Path(__file__).resolve().parents[1]
             return Path.cwd() if root.resolve() == package else root
     raise ExperimentError(
         f"spec {spec_path}: paths_relative_to=project needs the spec inside a project's recipes/ folder; "
@@ -234,7 +239,7 @@ def resolve_recipe(base: Path, value: str) -> str:
     candidate = resolve_path(base, value)
     if Path(candidate).is_file():
         return candidate
-    from .resources import ResourceNotFound, resolve
+    from ..resources import ResourceNotFound, resolve
 
     try:
         return resolve_path(Path.cwd(), str(resolve(value)))
@@ -243,3 +248,171 @@ def resolve_recipe(base: Path, value: str) -> str:
             f"base_recipe {value!r} not found: not {candidate!r} (paths in a spec are relative to "
             f"{base}) and not a packaged recipe name"
         ) from None
+
+
+# ---- the spec and its runs ------------------------------------------------------------------------
+@dataclass
+class EvalSpec:
+    """How every run is evaluated: the same prompts for all (``eval_set``, or sampled from ``seed``)."""
+
+    n_prompts: int = 1000
+    seed: int = 20261130
+    eval_set: str | None = None
+    every: int = 250
+    thresholds: list[float] = field(default_factory=lambda: [0.1, 0.05])
+    bootstrap_samples: int = 1000
+
+
+@dataclass
+class Spec:
+    name: str
+    base_recipe: str
+    arms: dict[str, dict[str, Any]]
+    seeds: list[int]
+    overrides: dict[str, Any] = field(default_factory=dict)
+    reference_arm: str | None = None
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    output_dir: str | None = None
+    records_dir: str | None = None
+    launcher: str | None = None
+    keep_weights: bool = True
+    slurm: dict[str, Any] = field(default_factory=dict)
+    gpu_hours: str | None = None
+    control_arm: str | None = None
+    paths_relative_to: str = "spec"
+    path: Path | None = None
+
+    @property
+    def reference(self) -> str:
+        return self.reference_arm or next(iter(self.arms))
+
+    @property
+    def out(self) -> Path:
+        """The run folders' parent (``load_spec`` resolves ``output_dir``)."""
+        return Path(self.output_dir or f"runs/experiments/{self.name}")
+
+    @property
+    def records(self) -> Path:
+        return Path(self.records_dir) if self.records_dir else self.out / "records"
+
+    @property
+    def analysis(self) -> Path:
+        """Where this spec's tables and plots go: a folder of its own, since specs may share records."""
+        return self.records / self.name
+
+    def runs(self) -> list[Run]:
+        """Seed-major order, so that an interrupted study leaves complete pairs behind."""
+        return [Run(self, arm, seed) for seed in self.seeds for arm in self.arms]
+
+
+_SPEC_KEYS = {f for f in Spec.__dataclass_fields__ if f != "path"}
+_EVAL_KEYS = set(EvalSpec.__dataclass_fields__)
+
+
+def load_spec(path: str | Path, *, records_dir: str | None = None, output_dir: str | None = None) -> Spec:
+    """Read and check a spec file (a path, or a packaged spec's name); every problem is one
+    ``ExperimentError`` line. Relative paths in the spec are resolved against its
+    ``paths_relative_to`` folder; ``records_dir``/``output_dir`` (the command's overrides)
+    against the working directory. ``check_arms`` checks each arm's recipe."""
+    path = find_spec(str(path))
+    data = read_spec_yaml(path)
+    unknown = set(data) - _SPEC_KEYS
+    if unknown:
+        raise ExperimentError(
+            f"unknown spec key(s) {sorted(unknown)} in {path}; allowed: {sorted(_SPEC_KEYS)}"
+        )
+    for key in ("name", "base_recipe", "arms", "seeds"):
+        if key not in data:
+            raise ExperimentError(f"spec {path} lacks {key!r}")
+    check_values(data, path)
+    eval_data = data.pop("eval", None) or {}
+    if not isinstance(eval_data, dict) or set(eval_data) - _EVAL_KEYS:
+        raise ExperimentError(
+            f"unknown eval key(s) {sorted(set(eval_data) - _EVAL_KEYS)} in {path}; allowed: {sorted(_EVAL_KEYS)}"
+        )
+    spec = Spec(**data, eval=EvalSpec(**check_eval(eval_data, path)), path=path)
+    spec.overrides = spec.overrides or {}
+    spec.slurm = spec.slurm or {}
+    if spec.name in spec.arms:
+        raise ExperimentError(
+            f"spec {path}: name {spec.name!r} is also an arm's name; rename one (both are folders)"
+        )
+    if spec.control_arm is not None and spec.control_arm == spec.reference:
+        raise ExperimentError(
+            f"spec {path}: control_arm={spec.control_arm!r} is the reference arm; the control is another arm "
+            f"that repeats the reference's settings (with init_perturbation_std)"
+        )
+    for key in RUN_IDENTITY_KEYS - {"run_name", "logging_dir"}:
+        if key in spec.overrides or any(key in arm for arm in spec.arms.values()):
+            raise ExperimentError(f"spec {path}: {key!r} is set by the experiment per run; remove it")
+    base = path_base(path, spec.paths_relative_to)
+    spec.base_recipe = resolve_recipe(base, spec.base_recipe)
+    if spec.eval.eval_set:  # a folder relative to the base, else a Hub id (REPO[:CONFIG]) as written
+        local = resolve_path(base, spec.eval.eval_set)
+        spec.eval.eval_set = local if Path(local).exists() else spec.eval.eval_set
+    spec.output_dir = (
+        resolve_path(Path.cwd(), output_dir)
+        if output_dir is not None
+        else resolve_path(base, spec.output_dir or f"runs/experiments/{spec.name}")
+    )
+    if records_dir is not None:
+        spec.records_dir = resolve_path(Path.cwd(), records_dir)
+        if output_dir is None:  # a study retrained from scratch: its own run folders, beside its records
+            spec.output_dir = resolve_path(Path.cwd(), os.path.join(records_dir, "runs"))
+    elif spec.records_dir is not None:
+        spec.records_dir = resolve_path(base, spec.records_dir)
+    folders = {spec.records / arm for arm in spec.arms} | {spec.analysis}
+    if spec.out in folders or any(folder in spec.out.parents for folder in folders):
+        raise ExperimentError(
+            f"spec {path}: run folders {spec.out} would lie inside a records folder; give another output_dir"
+        )
+    return spec
+
+
+def _flags(values: dict[str, Any]) -> list[str]:
+    out = []
+    for key, value in values.items():
+        if isinstance(value, list):
+            out += [f"--{key}", *map(str, value)]
+        else:
+            out += [f"--{key}", "null" if value is None else str(value)]
+    return out
+
+
+@dataclass
+class Run:
+    spec: Spec
+    arm: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.arm}/seed{self.seed}"
+
+    @property
+    def output_dir(self) -> Path:
+        return self.spec.out / self.arm / f"seed{self.seed}"
+
+    @property
+    def record_path(self) -> Path:
+        return self.spec.records / self.arm / f"seed{self.seed}.json"
+
+    def train_args(self) -> list[str]:
+        ev = self.spec.eval
+        args = [self.spec.base_recipe, *_flags(self.spec.overrides), *_flags(self.spec.arms[self.arm])]
+        args += ["--seed", str(self.seed), "--output_dir", str(self.output_dir)]
+        args += ["--eval_strategy", "steps", "--eval_steps", str(ev.every), "--disable_tqdm", "true"]
+        if ev.eval_set:
+            args += ["--eval_set", ev.eval_set]
+        else:
+            args += ["--eval_n_prompts", str(ev.n_prompts), "--eval_seed", str(ev.seed)]
+        return args
+
+    def command(self) -> list[str]:
+        return [*shlex.split(self.spec.launcher or DEFAULT_LAUNCHER), *self.train_args()]
+
+    def max_steps(self) -> int:
+        """The training length this run asks for, as the training command will resolve it."""
+        from ..recipe_parser import parse_recipe
+
+        return parse_recipe(self.train_args()).training.max_steps

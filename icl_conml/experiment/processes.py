@@ -24,7 +24,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from .errors import EXIT_CTRL_C, EXIT_INTERRUPTED
+from ..errors import EXIT_CTRL_C, EXIT_INTERRUPTED
 
 CLAIM_NAME = ".experiment.lock"
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)

@@ -1,34 +1,17 @@
-"""Paired multi-seed studies: ``python -m icl_conml.experiment SPEC.yaml [--jobs N]``.
+"""Running a study: each run trained (or resumed) in its own process, claimed so that no two
+experiment commands train it at once, stopped cleanly on a stop signal, and recorded.
 
-A spec names a base recipe, the arms (plain ICL and ConML variants as recipe-key overrides),
-the seeds and the evaluation. Every arm of a seed trains from the same seed, hence the same
-initial weights and training prompts: only the arm's keys differ (pairing). Each run is an
-ordinary training run (``python -m icl_conml.train``, or any ``launcher`` such as
-``accelerate launch -m icl_conml.train``) in its own process, evaluated during training on one
-fixed prompt set shared by every run. When a run ends, a small JSON record (resolved recipe,
-commit, version, attention kernel, training log, eval curves) is written under ``records_dir``;
-a run with a record is never trained again, so re-running the command resumes a study (an
-interrupted run resumes from its latest checkpoint). Specs may share a ``records_dir`` (an arm
-with the same name and settings is then the same run, trained once). A spec with a larger
-``max_steps`` that shares ``output_dir`` with a finished one continues its runs from their last
-checkpoint (a longer study at the cost of the extra steps; records stay per spec). The analysis
-(``experiment_analysis``) reads only records, so it works on any machine that has them, and
-writes each spec's tables and plots to ``records_dir/<spec name>/``.
-
-    python -m icl_conml.experiment recipes/experiments/lr_paper_cpu.yaml --jobs 2
-    python -m icl_conml.experiment SPEC --analyze_only          # tables and plots from records
-    python -m icl_conml.experiment SPEC --slurm [--submit]      # a SLURM job array, one run per task
+``execute`` trains one run and writes its record; ``run_all`` runs every run without a record
+(``jobs`` at a time); ``build_record`` is what the analysis reads of a finished run.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
 import shlex
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -37,151 +20,14 @@ from typing import Any
 
 import yaml
 
-from .errors import EXIT_CTRL_C, EXIT_INTERRUPTED, OneLineParser, command_name, entry_point
-from .experiment_analysis import analyze, load_records
-from .experiment_processes import Children, RunClaim
-from .experiment_records import RUN_IDENTITY_KEYS, ExperimentError, expected_settings
-from .experiment_spec import (
-    check_eval,
-    check_values,
-    find_spec,
-    path_base,
-    read_spec_yaml,
-    resolve_path,
-    resolve_recipe,
-)
+from ..errors import EXIT_CTRL_C, EXIT_INTERRUPTED
+from .analysis import load_records
+from .processes import Children, RunClaim
+from .records import ExperimentError
+from .spec import Run, Spec
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_LAUNCHER = f"{sys.executable} -m icl_conml.train"
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SEGMENTS = "experiment_segments.jsonl"
-
-
-@dataclass
-class EvalSpec:
-    """How every run is evaluated: the same prompts for all (``eval_set``, or sampled from ``seed``)."""
-
-    n_prompts: int = 1000
-    seed: int = 20261130
-    eval_set: str | None = None
-    every: int = 250
-    thresholds: list[float] = field(default_factory=lambda: [0.1, 0.05])
-    bootstrap_samples: int = 1000
-
-
-@dataclass
-class Spec:
-    name: str
-    base_recipe: str
-    arms: dict[str, dict[str, Any]]
-    seeds: list[int]
-    overrides: dict[str, Any] = field(default_factory=dict)
-    reference_arm: str | None = None
-    eval: EvalSpec = field(default_factory=EvalSpec)
-    output_dir: str | None = None
-    records_dir: str | None = None
-    launcher: str | None = None
-    keep_weights: bool = True
-    slurm: dict[str, Any] = field(default_factory=dict)
-    gpu_hours: str | None = None
-    control_arm: str | None = None
-    paths_relative_to: str = "spec"
-    path: Path | None = None
-
-    @property
-    def reference(self) -> str:
-        return self.reference_arm or next(iter(self.arms))
-
-    @property
-    def out(self) -> Path:
-        """The run folders' parent (``load_spec`` resolves ``output_dir``)."""
-        return Path(self.output_dir or f"runs/experiments/{self.name}")
-
-    @property
-    def records(self) -> Path:
-        return Path(self.records_dir) if self.records_dir else self.out / "records"
-
-    @property
-    def analysis(self) -> Path:
-        """Where this spec's tables and plots go: a folder of its own, since specs may share records."""
-        return self.records / self.name
-
-    def runs(self) -> list[Run]:
-        """Seed-major order, so that an interrupted study leaves complete pairs behind."""
-        return [Run(self, arm, seed) for seed in self.seeds for arm in self.arms]
-
-
-_SPEC_KEYS = {f for f in Spec.__dataclass_fields__ if f != "path"}
-_EVAL_KEYS = set(EvalSpec.__dataclass_fields__)
-
-
-def load_spec(path: str | Path, *, records_dir: str | None = None, output_dir: str | None = None) -> Spec:
-    """Read and check a spec file (a path, or a packaged spec's name); every problem is one
-    ``ExperimentError`` line. Relative paths in the spec are resolved against its
-    ``paths_relative_to`` folder; ``records_dir``/``output_dir`` (the command's overrides)
-    against the working directory. ``check_arms`` checks each arm's recipe."""
-    path = find_spec(str(path))
-    data = read_spec_yaml(path)
-    unknown = set(data) - _SPEC_KEYS
-    if unknown:
-        raise ExperimentError(
-            f"unknown spec key(s) {sorted(unknown)} in {path}; allowed: {sorted(_SPEC_KEYS)}"
-        )
-    for key in ("name", "base_recipe", "arms", "seeds"):
-        if key not in data:
-            raise ExperimentError(f"spec {path} lacks {key!r}")
-    check_values(data, path)
-    eval_data = data.pop("eval", None) or {}
-    if not isinstance(eval_data, dict) or set(eval_data) - _EVAL_KEYS:
-        raise ExperimentError(
-            f"unknown eval key(s) {sorted(set(eval_data) - _EVAL_KEYS)} in {path}; allowed: {sorted(_EVAL_KEYS)}"
-        )
-    spec = Spec(**data, eval=EvalSpec(**check_eval(eval_data, path)), path=path)
-    spec.overrides = spec.overrides or {}
-    spec.slurm = spec.slurm or {}
-    if spec.name in spec.arms:
-        raise ExperimentError(
-            f"spec {path}: name {spec.name!r} is also an arm's name; rename one (both are folders)"
-        )
-    if spec.control_arm is not None and spec.control_arm == spec.reference:
-        raise ExperimentError(
-            f"spec {path}: control_arm={spec.control_arm!r} is the reference arm; the control is another arm "
-            f"that repeats the reference's settings (with init_perturbation_std)"
-        )
-    for key in RUN_IDENTITY_KEYS - {"run_name", "logging_dir"}:
-        if key in spec.overrides or any(key in arm for arm in spec.arms.values()):
-            raise ExperimentError(f"spec {path}: {key!r} is set by the experiment per run; remove it")
-    base = path_base(path, spec.paths_relative_to)
-    spec.base_recipe = resolve_recipe(base, spec.base_recipe)
-    if spec.eval.eval_set:  # a folder relative to the base, else a Hub id (REPO[:CONFIG]) as written
-        local = resolve_path(base, spec.eval.eval_set)
-        spec.eval.eval_set = local if Path(local).exists() else spec.eval.eval_set
-    spec.output_dir = (
-        resolve_path(Path.cwd(), output_dir)
-        if output_dir is not None
-        else resolve_path(base, spec.output_dir or f"runs/experiments/{spec.name}")
-    )
-    if records_dir is not None:
-        spec.records_dir = resolve_path(Path.cwd(), records_dir)
-        if output_dir is None:  # a study retrained from scratch: its own run folders, beside its records
-            spec.output_dir = resolve_path(Path.cwd(), os.path.join(records_dir, "runs"))
-    elif spec.records_dir is not None:
-        spec.records_dir = resolve_path(base, spec.records_dir)
-    folders = {spec.records / arm for arm in spec.arms} | {spec.analysis}
-    if spec.out in folders or any(folder in spec.out.parents for folder in folders):
-        raise ExperimentError(
-            f"spec {path}: run folders {spec.out} would lie inside a records folder; give another output_dir"
-        )
-    return spec
-
-
-def _flags(values: dict[str, Any]) -> list[str]:
-    out = []
-    for key, value in values.items():
-        if isinstance(value, list):
-            out += [f"--{key}", *map(str, value)]
-        else:
-            out += [f"--{key}", "null" if value is None else str(value)]
-    return out
 
 
 def git_commit() -> dict[str, Any]:
@@ -200,45 +46,6 @@ def git_commit() -> dict[str, Any]:
     except (OSError, subprocess.CalledProcessError):
         return {"commit": None, "dirty": None}
     return {"commit": commit, "dirty": bool(dirty)}
-
-
-@dataclass
-class Run:
-    spec: Spec
-    arm: str
-    seed: int
-
-    @property
-    def name(self) -> str:
-        return f"{self.arm}/seed{self.seed}"
-
-    @property
-    def output_dir(self) -> Path:
-        return self.spec.out / self.arm / f"seed{self.seed}"
-
-    @property
-    def record_path(self) -> Path:
-        return self.spec.records / self.arm / f"seed{self.seed}.json"
-
-    def train_args(self) -> list[str]:
-        ev = self.spec.eval
-        args = [self.spec.base_recipe, *_flags(self.spec.overrides), *_flags(self.spec.arms[self.arm])]
-        args += ["--seed", str(self.seed), "--output_dir", str(self.output_dir)]
-        args += ["--eval_strategy", "steps", "--eval_steps", str(ev.every), "--disable_tqdm", "true"]
-        if ev.eval_set:
-            args += ["--eval_set", ev.eval_set]
-        else:
-            args += ["--eval_n_prompts", str(ev.n_prompts), "--eval_seed", str(ev.seed)]
-        return args
-
-    def command(self) -> list[str]:
-        return [*shlex.split(self.spec.launcher or DEFAULT_LAUNCHER), *self.train_args()]
-
-    def max_steps(self) -> int:
-        """The training length this run asks for, as the training command will resolve it."""
-        from .recipe_parser import parse_recipe
-
-        return parse_recipe(self.train_args()).training.max_steps
 
 
 def _finished_steps(output_dir: Path) -> int | None:
@@ -288,7 +95,7 @@ def execute(
 
 def _train_and_record(run: Run, threads: int, children: Children) -> dict[str, Any]:
     """Train or resume ``run`` (claimed by this command) and write its record."""
-    from .runs.checkpoints import latest_checkpoint, previous_run
+    from ..runs.checkpoints import latest_checkpoint, previous_run
 
     start = time.time()
     run.output_dir.mkdir(parents=True, exist_ok=True)
@@ -411,10 +218,10 @@ def build_record(run: Run, command: list[str]) -> dict[str, Any]:
     import torch
     import transformers
 
-    from . import __version__
-    from .evaluation.loading import load_model as load_icl_model
-    from .evaluation.predictions import errors_of, model_predictions
-    from .evaluation.statistics import curve_with_interval
+    from .. import __version__
+    from ..evaluation.loading import load_model as load_icl_model
+    from ..evaluation.predictions import errors_of, model_predictions
+    from ..evaluation.statistics import curve_with_interval
 
     out = run.output_dir
     state = json.loads((out / "trainer_state.json").read_text())
@@ -478,9 +285,9 @@ def build_record(run: Run, command: list[str]) -> dict[str, Any]:
 
 def _eval_prompts(spec: Spec, config):
     """The prompts every run is evaluated on (the ones training evaluated on, at full length)."""
-    from .data import Prompts
-    from .evaluation.loading import load_eval_set
-    from .tasks import get_task
+    from ..data import Prompts
+    from ..evaluation.loading import load_eval_set
+    from ..tasks import get_task
 
     task = get_task(config.task, config.n_dims, **config.task_kwargs)
     if spec.eval.eval_set:
@@ -527,7 +334,7 @@ def run_all(
     threads = max(1, usable_cpus() // max(1, jobs))
     # Import what records need now: a study runs for hours, and a module first imported after the
     # working tree moved to another commit would mix two versions of the package in this process.
-    from . import evaluation  # noqa: F401
+    from .. import evaluation  # noqa: F401
 
     outcome = Outcome()
     claimed: list[Run] = []
@@ -554,112 +361,3 @@ def run_all(
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
             list(pool.map(lambda run: one(run, wait=True), claimed))
     return outcome
-
-
-def slurm_script(spec: Spec, spec_path: str) -> str:
-    """A job array with one training run per task; each task skips a run that has a record.
-    The tasks get the resolved records and run folders (the command line's overrides included)."""
-    count = len(spec.runs())
-    folders = f"--records_dir {shlex.quote(str(spec.records))} --output_dir {shlex.quote(str(spec.out))}"
-    extra = "".join(f"#SBATCH --{key}={value}\n" for key, value in spec.slurm.items())
-    logs = spec.out / "slurm"
-    return (
-        "#!/bin/bash\n"
-        f"#SBATCH --job-name={spec.name}\n"
-        f"#SBATCH --array=0-{count - 1}\n"
-        f"#SBATCH --output={logs}/%A_%a.out\n"
-        f"{extra}"
-        "set -euo pipefail\n"
-        f"cd {shlex.quote(str(Path.cwd()))}\n"
-        f"python -m icl_conml.experiment {shlex.quote(spec_path)} {folders} "
-        '--run_index "$SLURM_ARRAY_TASK_ID" --no_analysis\n'
-    )
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(
-        prog=command_name("python -m icl_conml.experiment", "icl_conml experiment"),
-        description="Run and analyse a paired multi-seed study (plain ICL vs ConML arms).",
-    )
-    parser.add_argument(
-        "spec",
-        help="experiment spec YAML, or a packaged spec's name (lr_paper_cpu); format: docs/experiments.md",
-    )
-    parser.add_argument(
-        "--records_dir",
-        default=None,
-        help="write and read records (and the analysis) here instead of the spec's records_dir: retrain a "
-        "study from scratch (run folders go to DIR/runs unless --output_dir)",
-    )
-    parser.add_argument(
-        "--output_dir", default=None, help="put the run folders here instead of the spec's output_dir"
-    )
-    parser.add_argument("--jobs", type=int, default=1, help="runs at a time on this machine (threads split)")
-    parser.add_argument(
-        "--analyze_only", action="store_true", help="only build tables and plots from records"
-    )
-    parser.add_argument("--no_analysis", action="store_true", help="train only")
-    parser.add_argument("--run_index", type=int, default=None, help="run only this run (SLURM array task)")
-    parser.add_argument("--slurm", action="store_true", help="write a SLURM job array script and exit")
-    parser.add_argument("--submit", action="store_true", help="with --slurm: submit it with sbatch")
-    parser.add_argument("--dry_run", action="store_true", help="print each run's command and exit")
-    return parser
-
-
-@entry_point
-def main(argv: list[str]) -> int:
-    """``python -m icl_conml.experiment SPEC`` (``icl_conml experiment``); exit 1 if a run failed."""
-    args = build_parser().parse_args(argv)
-    spec = load_spec(args.spec, records_dir=args.records_dir, output_dir=args.output_dir)
-    if args.jobs < 1:
-        raise ExperimentError(f"--jobs {args.jobs} must be >= 1")
-    if args.run_index is not None and not 0 <= args.run_index < len(spec.runs()):
-        raise ExperimentError(f"--run_index {args.run_index} is outside 0..{len(spec.runs()) - 1}")
-    expected = expected_settings(spec)  # every arm is a valid recipe, before anything trains
-    if args.dry_run:
-        done = load_records(spec, expected)
-        for run in spec.runs():
-            state = "done" if (run.arm, run.seed) in done else "todo"
-            print(f"{state} {run.name}: {shlex.join(run.command())}")
-        return 0
-    if args.slurm:
-        path = spec.out / "slurm" / f"{spec.name}.sbatch"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(slurm_script(spec, args.spec))
-        print(f"wrote {path} ({len(spec.runs())} array tasks)")
-        if args.submit:
-            return subprocess.run(["sbatch", str(path)]).returncode
-        return 0
-    outcome = Outcome()
-    if not args.analyze_only:
-        children = Children()
-        children.install()  # stop signals reach the training runs, which checkpoint and stop
-        try:
-            outcome = run_all(spec, args.jobs, args.run_index, expected, children)
-        finally:
-            children.restore()
-        if children.signal is not None:
-            print(
-                f"icl_conml: interrupted: {len(outcome.interrupted)} run(s) stopped, {len(outcome.not_started)} "
-                f"not started; re-run the command to resume them from their checkpoints",
-                file=sys.stderr,
-            )
-            return children.exit_code
-    if not args.no_analysis and args.run_index is None:
-        report = analyze(spec, expected=expected)
-        print(f"[experiment] analysis written to {report}")
-    if outcome.failures:
-        failures = outcome.failures
-        print(f"icl_conml: error: {len(failures)} run(s) failed: {'; '.join(failures)}", file=sys.stderr)
-        return 1
-    if outcome.interrupted:  # a training run was stopped from outside (a signal to it alone)
-        print(
-            f"icl_conml: interrupted: {', '.join(outcome.interrupted)} stopped; re-run the command to resume",
-            file=sys.stderr,
-        )
-        return EXIT_INTERRUPTED
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
