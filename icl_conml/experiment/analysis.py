@@ -359,7 +359,7 @@ def analyze(spec: Spec, plots: bool = True, expected: dict[str, dict[str, Any]] 
         from ..extras import is_available
 
         if is_available("matplotlib"):
-            from .experiment_plots import plot_experiment
+            from ..experiment_plots import plot_experiment
 
             plot_experiment(spec, records, comparisons, folder)
         else:  # the tables and JSON are written; the plots need the plots extra
