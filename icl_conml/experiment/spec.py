@@ -174,7 +174,7 @@ def check_values(data: dict[str, Any], path: Path) -> None:
         fail("keep_weights must be true or false")
     if not isinstance(data.get("slurm") or {}, dict):
         fail("slurm must be a mapping of #SBATCH options")
-    if data.get("paths_relative_to", "spec") not in RELATIVE_TO:
+    if data.get("paths_relative_to") not in (*RELATIVE_TO, None):
         fail(f"paths_relative_to={data['paths_relative_to']!r} must be one of {', '.join(RELATIVE_TO)}")
 
 
@@ -279,7 +279,7 @@ class Spec:
     slurm: dict[str, Any] = field(default_factory=dict)
     gpu_hours: str | None = None
     control_arm: str | None = None
-    paths_relative_to: str = "spec"
+    paths_relative_to: str | None = None  # None: project inside a recipes/ folder, else spec
     path: Path | None = None
 
     @property
@@ -345,6 +345,9 @@ def load_spec(path: str | Path, *, records_dir: str | None = None, output_dir: s
     for key in RUN_IDENTITY_KEYS - {"run_name", "logging_dir"}:
         if key in spec.overrides or any(key in arm for arm in spec.arms.values()):
             raise ExperimentError(f"spec {path}: {key!r} is set by the experiment per run; remove it")
+    if spec.paths_relative_to is None:  # a spec in a project's recipes/ folder is written for the project
+        inside = any(parent.name == "recipes" for parent in Path(os.path.abspath(path)).parents)
+        spec.paths_relative_to = "project" if inside else "spec"
     base = path_base(path, spec.paths_relative_to)
     spec.base_recipe = resolve_recipe(base, spec.base_recipe)
     if spec.eval.eval_set:  # a folder relative to the base, else a Hub id (REPO[:CONFIG]) as written
