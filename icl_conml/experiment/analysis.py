@@ -36,7 +36,6 @@ from ..evaluation.statistics import (
 from .aa import against_control
 from .aa import markdown as aa_markdown
 from .records import (
-    BOOKKEEPING_KEYS,
     RUN_IDENTITY_KEYS,
     ExperimentError,
     check_record_matches,
