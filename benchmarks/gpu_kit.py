@@ -61,7 +61,7 @@ IMPORTS = [
     ("hjson", "deepspeed"), ("pydantic", "deepspeed"), ("evaluate", "the icl_curve metric"),
     ("peft", "LoRA"), ("matplotlib", "study plots"), ("icl_conml", "everything"),
     ("icl_conml.train", "training"), ("icl_conml.experiment", "the study"),
-    ("icl_conml.experiment_analysis", "the study's analysis"), ("icl_conml.evaluation", "records"),
+    ("icl_conml.experiment.analysis", "the study's analysis"), ("icl_conml.evaluation", "records"),
 ]  # fmt: skip
 LADDER = (5000, 10000, 20000, 40000, 80000)
 SPEC_PATTERN = "recipes/experiments/lr_paper_gpu_{k}k.yaml"

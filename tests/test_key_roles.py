@@ -13,10 +13,11 @@ import types
 
 import pytest
 import yaml
-from icl_conml.experiment_analysis import ExperimentError, check_pairing
 
 from icl_conml import arguments
 from icl_conml.arguments import known_keys
+from icl_conml.experiment import ExperimentError
+from icl_conml.experiment.analysis import check_pairing
 from icl_conml.recipe_parser import parse_recipe
 from icl_conml.runs.resume import check_resume
 

@@ -141,7 +141,7 @@ def test_an_experiment_record_runs_no_code(attacker):
     script = textwrap.dedent(
         f"""
         from types import SimpleNamespace
-        from icl_conml.experiment_analysis import check_pairing
+        from icl_conml.experiment.analysis import check_pairing
         recipe = {{"task": {TASK!r}, "n_dims": 3, "depth": 2}}
         records = {{("a", 0): {{"recipe": recipe}}, ("a", 1): {{"recipe": recipe}}}}
         check_pairing(SimpleNamespace(arms={{"a": {{}}}}), records)
