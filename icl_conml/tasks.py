@@ -35,8 +35,23 @@ TaskT = TypeVar("TaskT", bound="type[FunctionClass]")
 #: Every function class by name (built-ins and ``@register_task`` classes); a recipe may also
 #: name one by import path (``registry.Registry.resolve``).
 TASKS: Registry[type[FunctionClass]] = Registry(
-    "task", lambda obj: isinstance(obj, type) and issubclass(obj, FunctionClass), "a FunctionClass subclass"
+    "task",
+    lambda obj: _is_concrete_function_class(obj),
+    "a FunctionClass subclass that implements sample_params and evaluate",
 )
+
+
+def _is_concrete_function_class(obj: object) -> bool:
+    """A ``FunctionClass`` subclass with its own ``sample_params`` and ``evaluate`` (the base's
+    raise ``NotImplementedError``: naming the base itself must be a one-line error, not a traceback)."""
+    return (
+        isinstance(obj, type)
+        and issubclass(obj, FunctionClass)
+        and all(
+            getattr(obj, method) is not getattr(FunctionClass, method)
+            for method in ("sample_params", "evaluate")
+        )
+    )
 
 
 def register_task(name: str) -> Callable[[TaskT], TaskT]:

@@ -117,3 +117,23 @@ def test_a_scaled_shift_leaves_the_error_of_sign_labels_as_is():
     assert ood_error_scale(get_task("linear_regression", 3), "scale_x=3") == 9.0
     assert ood_error_scale(get_task("linear_classification", 3), "scale_x=3") == 1.0
     assert ood_error_scale(Renamed(3), "scale_y=0.5") == 1.0
+
+
+def test_the_abstract_base_named_as_a_task_is_one_line(tmp_path):
+    """``task: icl_conml.tasks:FunctionClass`` (the base, whose methods raise NotImplementedError)
+    is refused when the recipe is read, in one line, not with a traceback from the first step."""
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "icl_conml.train", "--task", "icl_conml.tasks:FunctionClass",
+         "--max_steps", "1", "--output_dir", str(tmp_path / "out")],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "icl_conml: error: task='icl_conml.tasks:FunctionClass': task 'icl_conml.tasks:FunctionClass': "
+        "icl_conml.tasks.FunctionClass is not a FunctionClass subclass that implements sample_params and evaluate"
+    ]
+    assert not (tmp_path / "out").exists()
