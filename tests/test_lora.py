@@ -319,7 +319,11 @@ def test_a_moved_backbone_is_named_and_can_be_pointed_at(trained_gpt2, gpt2_path
     config = json.loads((moved / "config.json").read_text())
     config["backbone_name_or_path"] = str(tmp_path / "gone")
     (moved / "config.json").write_text(json.dumps(config))
-    with pytest.raises(OSError, match=r"needs its pretrained backbone '.*gone'.*pass backbone_name_or_path="):
+    with pytest.raises(
+        OSError,
+        match=r"needs its pretrained backbone '.*gone'.*set backbone_name_or_path in the run's config\.json .*"
+        r"pass load_lora_model\(\.\.\., backbone_name_or_path=\.\.\.\)",
+    ):
         load_lora_model(moved)
     xs, ys = prompts()
     loaded = load_lora_model(moved, backbone_name_or_path=str(gpt2_path))
