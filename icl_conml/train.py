@@ -408,7 +408,10 @@ def _train(argv: list[str], ended: dict[str, bool]) -> int:
         metrics = run(recipe)  # run() validates before anything is built
         crashed = False
         if recipe.training.process_index == 0:
-            print(run_summary(recipe, metrics), flush=True)
+            # Outside ZeRO-3's partitioned construction: the summary reloads the model in this
+            # process alone, and a partitioned build would wait for the other processes for ever.
+            with _whole_weights(recipe.training):
+                print(run_summary(recipe, metrics), flush=True)
     except RunInterrupted as error:
         crashed = error.code == EXIT_CTRL_C  # a signal stop ends every process after the same step
         raise
