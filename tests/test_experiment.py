@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -512,7 +513,7 @@ def _wait_for_training(run_dir: Path, timeout: float = 300) -> int:
     deadline = time.time() + timeout
     while time.time() < deadline:
         log = run_dir / "train.log"
-        if log.is_file() and "'loss'" in log.read_text(errors="replace"):
+        if log.is_file() and re.search(r"step [1-9]\d*/\d+: loss ", log.read_text(errors="replace")):
             return int(json.loads((run_dir / ".lock").read_text())["pid"])
         time.sleep(0.2)
     raise AssertionError(f"{run_dir} never started training")
