@@ -64,14 +64,25 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _read_recipe(path: Path) -> Any:
-    """The parsed YAML of a recipe file, or ``RecipeError`` (one line) for a file that is not one."""
+def read_hardened_yaml(
+    path: Path,
+    *,
+    what: str,
+    error: type[Exception],
+    size_advice: str,
+    not_text_advice: str = "",
+    loader: type[yaml.SafeLoader] | None = None,
+) -> Any:
+    """Parse a YAML file a user hands us (a recipe, an experiment spec) defensively: a size cap, text
+    only (UTF-8, no NUL), the hardened loader (no anchors or aliases, no key twice). Every problem is
+    one ``error`` line naming the file as ``what``; ``size_advice`` and ``not_text_advice`` say what
+    such a file should look like."""
     name = str(path)
     size = path.stat().st_size
     if size > MAX_RECIPE_BYTES:
-        raise RecipeError(
-            f"recipe {name!r} is {size:,} bytes; a recipe is a short list of key: value lines (at most "
-            f"{MAX_RECIPE_BYTES:,} bytes): is this the right file?"
+        raise error(
+            f"{what} {name!r} is {size:,} bytes; {size_advice} (at most {MAX_RECIPE_BYTES:,} bytes): "
+            f"is this the right file?"
         )
     raw = path.read_bytes()
     try:
@@ -79,13 +90,25 @@ def _read_recipe(path: Path) -> Any:
             raise UnicodeDecodeError("utf-8", raw, raw.index(b"\x00"), raw.index(b"\x00") + 1, "NUL byte")
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise RecipeError(f"recipe {name!r} is not a text file (UTF-8 YAML); pass a YAML recipe") from None
+        raise error(f"{what} {name!r} is not a text file (UTF-8 YAML){not_text_advice}") from None
     try:
-        data = yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
-    except _RecipeYAMLError as error:
-        raise RecipeError(f"recipe {name!r} {error}") from None
-    except yaml.YAMLError as error:
-        raise RecipeError(f"recipe {name!r} is not valid YAML: {str(error).splitlines()[0]}") from None
+        return yaml.load(text, Loader=loader or _RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+    except _RecipeYAMLError as problem:
+        raise error(f"{what} {name!r} {problem}") from None
+    except yaml.YAMLError as problem:
+        raise error(f"{what} {name!r} is not valid YAML: {str(problem).splitlines()[0]}") from None
+
+
+def _read_recipe(path: Path) -> Any:
+    """The parsed YAML of a recipe file, or ``RecipeError`` (one line) for a file that is not one."""
+    name = str(path)
+    data = read_hardened_yaml(
+        path,
+        what="recipe",
+        error=RecipeError,
+        size_advice="a recipe is a short list of key: value lines",
+        not_text_advice="; pass a YAML recipe",
+    )
     if data is None:
         raise RecipeError(
             f"recipe {name!r} is empty; write key: value lines (see recipes/), or give no recipe to run the "

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from ..recipe_files import MAX_RECIPE_BYTES, _RecipeLoader, _RecipeYAMLError
+from ..recipe_files import MAX_RECIPE_BYTES, _RecipeLoader, _RecipeYAMLError, read_hardened_yaml
 from .records import RUN_IDENTITY_KEYS, ExperimentError
 
 DEFAULT_LAUNCHER = f"{sys.executable} -m icl_conml.train"
@@ -80,25 +80,13 @@ def _is_study(path: Path) -> bool:
 def read_spec_yaml(path: Path) -> dict[str, Any]:
     """The spec file's mapping, read as defensively as a recipe (size, text, anchors, duplicate keys)."""
     name = str(path)
-    size = path.stat().st_size
-    if size > MAX_RECIPE_BYTES:
-        raise ExperimentError(
-            f"spec {name!r} is {size:,} bytes; a spec is a few dozen lines (at most {MAX_RECIPE_BYTES:,} "
-            f"bytes): is this the right file?"
-        )
-    raw = path.read_bytes()
-    try:
-        if b"\x00" in raw:
-            raise UnicodeDecodeError("utf-8", raw, raw.index(b"\x00"), raw.index(b"\x00") + 1, "NUL byte")
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ExperimentError(f"spec {name!r} is not a text file (UTF-8 YAML)") from None
-    try:
-        data = yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - a SafeLoader subclass
-    except _RecipeYAMLError as error:
-        raise ExperimentError(f"spec {name!r} {error}") from None
-    except yaml.YAMLError as error:
-        raise ExperimentError(f"spec {name!r} is not valid YAML: {str(error).splitlines()[0]}") from None
+    data = read_hardened_yaml(
+        path,
+        what="spec",
+        error=ExperimentError,
+        size_advice="a spec is a few dozen lines",
+        loader=_SpecLoader,
+    )
     if not isinstance(data, dict):
         raise ExperimentError(f"spec {name!r} must be a mapping (name, base_recipe, arms, seeds, ...)")
     return data
