@@ -47,7 +47,7 @@ from transformers import TrainerCallback  # noqa: E402
 
 from icl_conml import conml  # noqa: E402
 from icl_conml.recipe_parser import parse_recipe  # noqa: E402
-from icl_conml.train import build_model, build_sampler  # noqa: E402
+from icl_conml.train import build_model, build_sampler, build_trainer  # noqa: E402
 from icl_conml.trainer import ConMLTrainer  # noqa: E402
 
 ROWS = (
@@ -167,13 +167,7 @@ def measure(args: argparse.Namespace, name: str, precision: str, overrides: list
             model, recipe.model.n_layer, recipe.model.n_embd, length
         )
         timer = StepTimer()
-        trainer = ConMLTrainer(
-            model=model,
-            args=recipe.training,
-            train_dataset=sampler,
-            conml_args=recipe.conml,
-            callbacks=[timer],
-        )
+        trainer = build_trainer(recipe, model=model, train_dataset=sampler, callbacks=[timer])
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -250,12 +244,7 @@ def kernels(args: argparse.Namespace, overrides: list[str]) -> None:
     for conml_lambda in ("0", "0.02"):
         with tempfile.TemporaryDirectory() as scratch:
             recipe = _recipe(args, overrides, scratch, "--conml_lambda", conml_lambda, "--max_steps", "1")
-            trainer = ConMLTrainer(
-                model=build_model(recipe),
-                args=recipe.training,
-                train_dataset=build_sampler(recipe),
-                conml_args=recipe.conml,
-            )
+            trainer = build_trainer(recipe)
             model = trainer.model.train()
             batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
             for precision in ("fp32", "bf16"):
@@ -299,13 +288,7 @@ def learn(args: argparse.Namespace, overrides: list[str]) -> None:
             "--curriculum_dims_interval", "1000000000", "--curriculum_points_interval", "1000000000",
         )  # fmt: skip
         limit = TimeLimit(args.seconds)
-        trainer = ConMLTrainer(
-            model=build_model(recipe),
-            args=recipe.training,
-            train_dataset=build_sampler(recipe),
-            conml_args=recipe.conml,
-            callbacks=[limit],
-        )
+        trainer = build_trainer(recipe, callbacks=[limit])
         trainer.train()
         seconds = time.perf_counter() - limit.start
         curve = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
@@ -473,13 +456,7 @@ def rate_one(args: argparse.Namespace, overrides: list[str]) -> None:
         ]  # fmt: skip
         recipe = parse_recipe(train_args)
         limit = TimeLimit(args.seconds)
-        trainer = ConMLTrainer(
-            model=build_model(recipe),
-            args=recipe.training,
-            train_dataset=build_sampler(recipe),
-            conml_args=recipe.conml,
-            callbacks=[limit],
-        )
+        trainer = build_trainer(recipe, callbacks=[limit])
         first_step, ends = [], []
 
         class Wall(TrainerCallback):

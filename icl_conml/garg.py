@@ -123,8 +123,8 @@ def garg_to_icl_config(settings: dict[str, Any], attn_implementation: str = "eag
         task=settings["task"],
         task_kwargs=settings["task_kwargs"],
         backbone_config=backbone,
+        attn_implementation=attn_implementation,  # PretrainedConfig sets it on the backbone's too
     )
-    config.backbone_config._attn_implementation = attn_implementation
     return config
 
 

@@ -126,6 +126,9 @@ class _RecipeLoader(yaml.SafeLoader):
     aliases (a few lines of nested aliases expand to gigabytes) and duplicate keys (YAML silently
     keeps the last one)."""
 
+    #: What the messages call the files this loader reads.
+    documents = "recipes"
+
     def compose_node(self, parent, index):
         event = self.peek_event()
         if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
@@ -133,8 +136,8 @@ class _RecipeLoader(yaml.SafeLoader):
                 f"alias *{event.anchor}" if isinstance(event, yaml.AliasEvent) else f"anchor &{event.anchor}"
             )
             raise _RecipeYAMLError(
-                f"uses the YAML {kind} (line {event.start_mark.line + 1}); recipes take no anchors or aliases: "
-                f"write each value out"
+                f"uses the YAML {kind} (line {event.start_mark.line + 1}); {self.documents} take no anchors or "
+                f"aliases: write each value out"
             )
         return super().compose_node(parent, index)
 

@@ -2,9 +2,9 @@
 spelling, whatever version of the code wrote them.
 
 Used where runs are paired or reused (the experiment's records, ``compare``'s model folders).
-Bookkeeping keys (logging, saving, reporting) and the run's identity (seed, folder) are not
-compared; the task's hyper-parameters are (``task_kwargs`` and the flat keys merged, class
-defaults filled in). A key one recipe does not hold equals that key's default, so a key added
+Keys whose declared role is not paired (output, bookkeeping, run control: ``arguments.KeyRole``)
+and the run's identity (seed, folder) are not compared; the task's hyper-parameters are
+(``task_kwargs`` and the flat keys merged, class defaults filled in). A key one recipe does not hold equals that key's default, so a key added
 later whose default keeps the old behaviour never makes an old run "different". Nothing named
 in a recipe is imported.
 """
@@ -20,16 +20,18 @@ from typing import Any
 RUN_IDENTITY_KEYS = frozenset(
     {"seed", "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "run_name", "logging_dir"}
 )
-# Keys that change what is logged or kept, not what is trained or evaluated.
-BOOKKEEPING_KEYS = frozenset(
-    {"report_to", "disable_tqdm", "logging_steps", "logging_strategy", "save_steps", "save_strategy",
-     "save_total_limit", "push_to_hub", "hub_model_id", "hub_strategy", "hub_private_repo"}
-)  # fmt: skip
 
 
-#: Recipe keys not compared: the run's identity, bookkeeping, and the evaluation strategy (always
-#: "steps" in a study).
-NOT_COMPARED = RUN_IDENTITY_KEYS | BOOKKEEPING_KEYS | {"eval_strategy"}
+def is_compared(key: str) -> bool:
+    """Whether two runs that differ in ``key`` ran different settings: not for the run's identity,
+    a key whose role is not paired (``arguments.KeyRole``: output, bookkeeping, run control) or
+    the evaluation strategy (always "steps" in a study)."""
+    from .arguments import key_role
+
+    role = key_role(key)
+    return key not in RUN_IDENTITY_KEYS and key != "eval_strategy" and (role is None or role.paired)
+
+
 _ABSENT = object()
 
 
@@ -79,7 +81,7 @@ def comparable_settings(recipe: dict[str, Any], task_class: type | None) -> dict
     settings = {
         key: value
         for key, value in recipe.items()
-        if key not in NOT_COMPARED and key not in FLAT_TASK_KEYS and key != "task_kwargs"
+        if is_compared(key) and key not in FLAT_TASK_KEYS and key != "task_kwargs"
     }
     hyperparameters = _task_hyperparameters(recipe, task_class)
     if hyperparameters is not None:

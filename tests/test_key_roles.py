@@ -146,3 +146,18 @@ def test_declared_roles_name_fields_of_their_dataclass():
         assert set(getattr(section, "_key_roles", {})) <= fields, section.__name__
     assert arguments.key_role("global_batch_size") is arguments.EXPERIMENT
     assert arguments.key_role("no_such_key") is None
+
+
+def test_reusing_a_record_compares_what_pairing_compares(tmp_path):
+    """``run_settings`` (is a record, or ``compare``'s model folder, the same run?) reads the same
+    roles as pairing: they disagree only where pairing takes a key from the record's top level
+    (attn_implementation, max_steps), on eval_strategy, which a study always sets to "steps", and
+    on task_kwargs, which run_settings compares as the task's hyper-parameters (with the class)."""
+    from icl_conml.run_settings import setting_differences
+
+    disagree = {
+        key
+        for key, (_, _, paired) in _answers(tmp_path).items()
+        if bool(setting_differences({key: "one"}, {key: "two"}, None)) != paired
+    }
+    assert disagree == {"attn_implementation", "max_steps", "eval_strategy", "task_kwargs"}

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EXIT_CTRL_C, EXIT_INTERRUPTED
+from ..runs.signals import SignalHandlers
 
 CLAIM_NAME = ".experiment.lock"
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -65,29 +66,20 @@ class RunClaim:
             self._fd = None
 
 
-class Children:
+class Children(SignalHandlers):
     """The live training processes of this command and the stop request that ends them."""
 
+    handled_signals = FORWARDED
+
     def __init__(self) -> None:
+        super().__init__()
         self.stop = threading.Event()
         self.signal: int | None = None
         self._lock = threading.Lock()
         self._live: set[subprocess.Popen] = set()
         self._interrupts = 0
-        self._previous: dict[int, Any] = {}
 
-    # ---- signals (the main thread only) ----
-    def install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for signum in FORWARDED:
-            self._previous[signum] = signal.signal(signum, self._handle)
-
-    def restore(self) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
-        self._previous.clear()
-
+    # ---- signals (install/restore: SignalHandlers) ----
     def _handle(self, signum: int, frame: Any) -> None:
         first = self.signal is None
         if first:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from ..run_settings import BOOKKEEPING_KEYS, RUN_IDENTITY_KEYS, same_setting, setting_differences, short
+from ..run_settings import RUN_IDENTITY_KEYS, same_setting, setting_differences, short
 
 
 class ExperimentError(UserError, ValueError):
@@ -25,7 +25,7 @@ class ExperimentError(UserError, ValueError):
 
 #: Keys every record has and the analysis reads.
 REQUIRED_KEYS = ("arm", "seed", "recipe", "n_dims", "final_curve", "eval_history")
-__all__ = ["BOOKKEEPING_KEYS", "RUN_IDENTITY_KEYS", "ExperimentError", "read_record", "check_record_matches"]
+__all__ = ["RUN_IDENTITY_KEYS", "ExperimentError", "read_record", "check_record_matches"]
 
 
 def read_record(path: Path) -> dict[str, Any]:

@@ -16,9 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from ..recipe_files import MAX_RECIPE_BYTES, _RecipeLoader, _RecipeYAMLError, read_hardened_yaml
+from ..recipe_files import MAX_RECIPE_BYTES, _RecipeLoader, read_hardened_yaml
 from .records import RUN_IDENTITY_KEYS, ExperimentError
 
 DEFAULT_LAUNCHER = f"{sys.executable} -m icl_conml.train"
@@ -34,17 +32,7 @@ class _SpecLoader(_RecipeLoader):
     set twice: YAML keeps the last one, so a duplicate arm would silently replace another), with
     messages that speak of a spec."""
 
-    def compose_node(self, parent, index):
-        event = self.peek_event()
-        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
-            kind = (
-                f"alias *{event.anchor}" if isinstance(event, yaml.AliasEvent) else f"anchor &{event.anchor}"
-            )
-            raise _RecipeYAMLError(
-                f"uses the YAML {kind} (line {event.start_mark.line + 1}); specs take no anchors or aliases: "
-                f"write each value out"
-            )
-        return super().compose_node(parent, index)
+    documents = "specs"
 
 
 def find_spec(name_or_path: str) -> Path:

@@ -7,6 +7,8 @@ module              owns
                     and an early stop as its one line and exit status
 ``lock``            one run per ``output_dir``: the flock, its owner record, heartbeat, stale locks
 ``preemption``      SIGTERM/SIGUSR1 → a checkpoint at the next step end, then ``RunInterrupted``
+``signals``         signal handlers set for a while and put back (the base of ``preemption``'s and of
+                    the experiment command's forwarding)
 ``record``          ``run_status.json`` and ``run_history.jsonl``: what the run does, what each
                     segment did
 ``checkpoints``     where a run stands on disk: intact checkpoints, manifests, what to resume from

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import threading
 from typing import Any
 
 import torch
@@ -20,6 +19,7 @@ from transformers import TrainerCallback
 
 from ..distributed import reduce_max
 from ..errors import EXIT_CTRL_C, CommandError
+from .signals import SignalHandlers
 
 logger = logging.getLogger("icl_conml")
 
@@ -39,7 +39,7 @@ class RunInterrupted(CommandError):
         self.traceback_on_request = code == EXIT_CTRL_C
 
 
-class StopOnSignal(TrainerCallback):
+class StopOnSignal(SignalHandlers, TrainerCallback):
     """SIGTERM/SIGUSR1 → save a checkpoint at the next step boundary and stop training.
 
     The flag is reduced over processes at every step end, so every process stops after the
@@ -48,21 +48,12 @@ class StopOnSignal(TrainerCallback):
     after its checkpoint the run would still write a final model and log "finished".
     """
 
+    handled_signals = STOP_SIGNALS
+
     def __init__(self) -> None:
+        super().__init__()
         self.signal: int | None = None
         self.stopped_at: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # signal handlers can only be set from the main thread
-        for signum in STOP_SIGNALS:
-            self._previous[signum] = signal.signal(signum, self._handle)
-
-    def restore(self) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
-        self._previous.clear()
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signal is None:
