@@ -4,9 +4,9 @@ spelling, whatever version of the code wrote them.
 Used where runs are paired or reused (the experiment's records, ``compare``'s model folders).
 Keys whose declared role is not paired (output, bookkeeping, run control: ``arguments.KeyRole``)
 and the run's identity (seed, folder) are not compared; the task's hyper-parameters are
-(``task_kwargs`` and the flat keys merged, class defaults filled in). A key one recipe does not hold equals that key's default, so a key added
-later whose default keeps the old behaviour never makes an old run "different". Nothing named
-in a recipe is imported.
+(``task_kwargs`` and the flat keys merged, class defaults filled in). A key one recipe does not
+hold equals that key's default, so a key added later whose default keeps the old behaviour never
+makes an old run "different". Nothing named in a recipe is imported.
 """
 
 from __future__ import annotations
