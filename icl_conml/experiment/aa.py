@@ -118,11 +118,13 @@ def against_control(
     return result
 
 
-def _fmt(value: Any) -> str:
+def table_number(value: Any, digits: int = 3) -> str:
+    """A value in the study's Markdown tables: ``digits`` significant digits below 1000, whole
+    numbers above, "n/a" for none (the experiment analysis uses it too)."""
     if value is None:
         return "n/a"
     if isinstance(value, float):
-        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+        return f"{value:.{digits}g}" if abs(value) < 1000 else f"{value:.0f}"
     return str(value)
 
 
@@ -140,8 +142,8 @@ def markdown(result: dict[str, Any]) -> list[str]:
     lines += [
         f"`{control}` repeats `{reference}` with rounding-level noise on its initial weights: its Rel. Min. "
         f"Error against `{reference}` is what rounding alone does (over {floor['rel_min_error']['n']} seeds: "
-        f"median {_fmt(floor['rel_min_error']['median'])}, median |log RME| "
-        f"{_fmt(floor['abs_log_rel_min_error']['median'])}). Each arm is compared with it seed by seed by two "
+        f"median {table_number(floor['rel_min_error']['median'])}, median |log RME| "
+        f"{table_number(floor['abs_log_rel_min_error']['median'])}). Each arm is compared with it seed by seed by two "
         f"exact Wilcoxon signed-rank tests: location on log RME_arm − log RME_aa, dispersion on |log RME_arm| − "
         f"|log RME_aa|; distinguishable from A/A when either p < {FAMILY_SIGNIFICANCE / TESTS_PER_ARM:g} "
         f"(Bonferroni over the two tests).",
@@ -152,9 +154,9 @@ def markdown(result: dict[str, Any]) -> list[str]:
     ]
     for entry in result["arms"]:
         lines.append(
-            f"| {entry['arm']} | {len(entry['seeds'])} | {_fmt(entry['arm_over_aa_geometric_mean'])} | "
-            f"{_fmt(entry['median_abs_log_rme_arm'])} vs {_fmt(entry['median_abs_log_rme_aa'])} | "
-            f"{_fmt(entry['location_p'])} | {_fmt(entry['dispersion_p'])} | {_verdict(entry)} |"
+            f"| {entry['arm']} | {len(entry['seeds'])} | {table_number(entry['arm_over_aa_geometric_mean'])} | "
+            f"{table_number(entry['median_abs_log_rme_arm'])} vs {table_number(entry['median_abs_log_rme_aa'])} | "
+            f"{table_number(entry['location_p'])} | {table_number(entry['dispersion_p'])} | {_verdict(entry)} |"
         )
     lines += [
         "",
@@ -171,8 +173,8 @@ def markdown(result: dict[str, Any]) -> list[str]:
             eps, k = key.split("_")
             lines.append(
                 f"| {entry['arm']} | {eps[3:]}, {k[1:]} | {s['arm_flips']} vs {s['aa_flips']} | "
-                f"{_fmt(s['arm_median_abs_delta'])} vs {_fmt(s['aa_median_abs_delta'])} | "
-                f"{_fmt(s['location_p'])} | {_fmt(s['dispersion_p'])} | {_verdict(s)} |"
+                f"{table_number(s['arm_median_abs_delta'])} vs {table_number(s['aa_median_abs_delta'])} | "
+                f"{table_number(s['location_p'])} | {table_number(s['dispersion_p'])} | {_verdict(s)} |"
             )
     lines += ["", "Per seed (Rel. Min. Error against the reference: arm vs A/A):", ""]
     for entry in result["arms"]:

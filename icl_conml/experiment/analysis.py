@@ -33,7 +33,7 @@ from ..evaluation.statistics import (
     table5_metrics,
     wilcoxon_signed_rank,
 )
-from .aa import against_control
+from .aa import against_control, table_number
 from .aa import markdown as aa_markdown
 from .records import (
     RUN_IDENTITY_KEYS,
@@ -234,17 +234,9 @@ def _censored_median(steps: list[int | None]) -> float | str | None:
 
 
 # ---- report ------------------------------------------------------------------------------------------
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:.{digits}g}" if abs(value) < 1000 else f"{value:.0f}"
-    return str(value)
-
-
 def _interval(stats: dict[str, Any]) -> str:
     low_high = stats.get("interval")
-    return "n/a" if not low_high else f"[{_fmt(low_high[0])}, {_fmt(low_high[1])}]"
+    return "n/a" if not low_high else f"[{table_number(low_high[0])}, {table_number(low_high[1])}]"
 
 
 def _geometric(log_stats: dict[str, Any]) -> str:
@@ -252,9 +244,13 @@ def _geometric(log_stats: dict[str, Any]) -> str:
     if log_stats.get("mean") is None:
         return "n/a"
     low_high = log_stats.get("interval")
-    interval = "n/a" if not low_high else f"[{_fmt(math.exp(low_high[0]))}, {_fmt(math.exp(low_high[1]))}]"
+    interval = (
+        "n/a"
+        if not low_high
+        else f"[{table_number(math.exp(low_high[0]))}, {table_number(math.exp(low_high[1]))}]"
+    )
     star = " **significant**" if log_stats.get("significant") else ""
-    return f"{_fmt(math.exp(log_stats['mean']))} {interval}{star}"
+    return f"{table_number(math.exp(log_stats['mean']))} {interval}{star}"
 
 
 def markdown(
@@ -276,18 +272,18 @@ def markdown(
         rel, spare = c["rel_min_error"], c["shot_spare"]
         star = " **significant**" if rel["significant"] else ""
         mins = (
-            f"{_fmt(sum(p['min_error_arm'] for p in c['pairs']) / len(c['pairs']))} vs "
-            f"{_fmt(sum(p['min_error_ref'] for p in c['pairs']) / len(c['pairs']))}"
+            f"{table_number(sum(p['min_error_arm'] for p in c['pairs']) / len(c['pairs']))} vs "
+            f"{table_number(sum(p['min_error_ref'] for p in c['pairs']) / len(c['pairs']))}"
         )
         censored = (
             f"{spare['n_censored']} censored (> k_max − argmin)" if spare["n_censored"] else "0 censored"
         )
         name = f"{c['arm']} (A/A control)" if c["arm"] == spec.control_arm else c["arm"]
         lines.append(
-            f"| {name} | {len(c['pairs'])} | {_fmt(rel['mean'])} ± {_fmt(rel['std'])} {_interval(rel)} "
-            f"(p={_fmt(rel['wilcoxon_p'])}){star} | {_fmt(rel['median'])}; {_geometric(c['log_rel_min_error'])} "
-            f"| {_fmt(spare['mean'])} ± {_fmt(spare['std'])} "
-            f"{_interval(spare)} ({spare['n_defined']} defined / {censored}; p={_fmt(spare['wilcoxon_p'])}) "
+            f"| {name} | {len(c['pairs'])} | {table_number(rel['mean'])} ± {table_number(rel['std'])} {_interval(rel)} "
+            f"(p={table_number(rel['wilcoxon_p'])}){star} | {table_number(rel['median'])}; {_geometric(c['log_rel_min_error'])} "
+            f"| {table_number(spare['mean'])} ± {table_number(spare['std'])} "
+            f"{_interval(spare)} ({spare['n_defined']} defined / {censored}; p={table_number(spare['wilcoxon_p'])}) "
             f"| {mins} |"
         )
     lines += [
@@ -308,9 +304,9 @@ def markdown(
             eps, k = key.split("_")
             lines.append(
                 f"| {c['arm']} | {eps[3:]}, {k[1:]} | {s['arm_reached']} / {s['ref_reached']} | "
-                f"{_fmt(s['arm_median_steps'])} vs {_fmt(s['ref_median_steps'])} | "
-                f"{_fmt(s['paired_difference']['mean'])} {_interval(s['paired_difference'])} "
-                f"(p={_fmt(s['wilcoxon_p'])}) |"
+                f"{table_number(s['arm_median_steps'])} vs {table_number(s['ref_median_steps'])} | "
+                f"{table_number(s['paired_difference']['mean'])} {_interval(s['paired_difference'])} "
+                f"(p={table_number(s['wilcoxon_p'])}) |"
             )
     lines += ["", "Per pair (seed: Rel. Min. Error, Shot Spare):", ""]
     for c in comparisons:
