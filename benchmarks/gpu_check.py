@@ -172,41 +172,70 @@ def measure(args: argparse.Namespace, name: str, precision: str, overrides: list
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         trainer.train()
-        if torch.cuda.is_available():
-            peak_bytes, memory_kind = torch.cuda.max_memory_allocated(), "GPU, torch max_memory_allocated"
-        else:
-            peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            memory_kind = "host peak RSS of the process (no GPU)"
+        peak_bytes, memory_kind = _peak_memory()
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         if not trainer.is_world_process_zero():
             return None
         launcher = _launcher(trainer)
-    timed = timer.times[args.warmup :] or timer.times
+    return throughput_row(
+        args, name=name, launcher=launcher, processes=recipe.training.world_size, precision=precision,
+        global_batch=sampler.global_batch_size, length=length, conml_lambda=recipe.conml.conml_lambda,
+        step_times=timer.times, flops_per_step=flops_per_step, peak_bytes=peak_bytes,
+        memory_kind=memory_kind, final_loss=losses[-1] if losses else None,
+    )  # fmt: skip
+
+
+def _peak_memory() -> tuple[int, str]:
+    """Peak memory so far and what it measures: the GPU allocator's peak, else the host's peak RSS."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated(), "GPU, torch max_memory_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "host peak RSS of the process (no GPU)"
+
+
+def throughput_row(
+    args: argparse.Namespace,
+    *,
+    name: str,
+    launcher: str,
+    processes: int,
+    precision: str,
+    global_batch: int,
+    length: int,
+    conml_lambda: float,
+    step_times: list[float],
+    flops_per_step: float,
+    peak_bytes: int,
+    memory_kind: str,
+    final_loss: float | None,
+) -> dict:
+    """One row of the report (the Trainer's stages and the bare loop alike): the mean step time
+    after ``args.warmup`` steps and the rates, memory and FLOP/s that follow from it."""
+    timed = step_times[args.warmup :] or step_times
     step_time = sum(timed) / len(timed)
     achieved = flops_per_step / step_time / 1e12
     peak = args.peak_tflops_bf16 if precision == "bf16" else args.peak_tflops_fp32
     return {
         "name": name,
         "launcher": launcher,
-        "processes": recipe.training.world_size,
+        "processes": processes,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",
         "precision": precision,
-        "global_batch": sampler.global_batch_size,
+        "global_batch": global_batch,
         "tokens_per_sequence": length,
-        "conml_lambda": recipe.conml.conml_lambda,
+        "conml_lambda": conml_lambda,
         "steps": args.steps,
         "timed_steps": len(timed),
         "step_time_s": step_time,
         "steps_per_s": 1.0 / step_time,
-        "tokens_per_s": sampler.global_batch_size * length / step_time,
-        "samples_per_s": sampler.global_batch_size / step_time,
+        "tokens_per_s": global_batch * length / step_time,
+        "samples_per_s": global_batch / step_time,
         "peak_memory_gib": peak_bytes / 2**30,
         "memory_kind": memory_kind,
         "model_tflop_per_step": flops_per_step / 1e12,
         "achieved_tflops": achieved,
         "peak_tflops": peak,
         "fraction_of_peak": achieved / peak,
-        "final_loss": losses[-1] if losses else None,
+        "final_loss": final_loss,
     }
 
 
@@ -361,38 +390,13 @@ def bare(args: argparse.Namespace, overrides: list[str]) -> None:
                 optimizer.zero_grad(set_to_none=True)
                 _sync()
                 times.append(time.perf_counter() - start)
-            if torch.cuda.is_available():
-                peak_bytes, memory_kind = torch.cuda.max_memory_allocated(), "GPU, torch max_memory_allocated"
-            else:
-                peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-                memory_kind = "host peak RSS of the process (no GPU)"
-        timed = times[args.warmup :] or times
-        step_time = sum(timed) / len(timed)
-        achieved = flops_per_step / step_time / 1e12
-        peak = args.peak_tflops_bf16 if precision == "bf16" else args.peak_tflops_fp32
-        row = {
-            "name": f"bare {precision} plain",
-            "launcher": f"bare PyTorch loop ({'fused ' if fused else ''}AdamW)",
-            "processes": 1,
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",
-            "precision": precision,
-            "global_batch": sampler.global_batch_size,
-            "tokens_per_sequence": length,
-            "conml_lambda": 0.0,
-            "steps": args.steps,
-            "timed_steps": len(timed),
-            "step_time_s": step_time,
-            "steps_per_s": 1.0 / step_time,
-            "tokens_per_s": sampler.global_batch_size * length / step_time,
-            "samples_per_s": sampler.global_batch_size / step_time,
-            "peak_memory_gib": peak_bytes / 2**30,
-            "memory_kind": memory_kind,
-            "model_tflop_per_step": flops_per_step / 1e12,
-            "achieved_tflops": achieved,
-            "peak_tflops": peak,
-            "fraction_of_peak": achieved / peak,
-            "final_loss": float(loss) if loss is not None else None,
-        }
+            peak_bytes, memory_kind = _peak_memory()
+        row = throughput_row(
+            args, name=f"bare {precision} plain", launcher=f"bare PyTorch loop ({'fused ' if fused else ''}AdamW)",
+            processes=1, precision=precision, global_batch=sampler.global_batch_size, length=length,
+            conml_lambda=0.0, step_times=times, flops_per_step=flops_per_step, peak_bytes=peak_bytes,
+            memory_kind=memory_kind, final_loss=float(loss) if loss is not None else None,
+        )  # fmt: skip
         Path(args.out_dir, row["name"].replace(" ", "_") + ".row.json").write_text(json.dumps(row, indent=1))
         print(json.dumps(row))
 
