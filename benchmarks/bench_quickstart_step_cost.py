@@ -6,6 +6,10 @@ better CPU default (docs/benchmarks.md, "The quickstart's default"). Each varian
 round by round, so background load hits them alike; the median over rounds is reported.
 
     python benchmarks/bench_quickstart_step_cost.py [--steps 40] [--rounds 3]
+    python benchmarks/bench_quickstart_step_cost.py --variant "plain=--conml_lambda 0" --variant ...
+
+``--variant NAME=FLAGS`` (repeatable) measures the quickstart against these variants instead of
+the built-in list.
 """
 
 from __future__ import annotations
@@ -46,10 +50,17 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS")
     args = parser.parse_args()
-    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    variants = VARIANTS
+    if args.variant:
+        variants = {"quickstart": []}
+        for spec in args.variant:
+            name, _, flags = spec.partition("=")
+            variants[name] = flags.split()
+    times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.rounds):
-        for name, flags in VARIANTS.items():
+        for name, flags in variants.items():
             times[name].append(seconds_per_step(flags, args.steps))
     reference = statistics.median(times["quickstart"])
     for name, values in times.items():

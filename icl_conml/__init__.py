@@ -5,6 +5,8 @@
 ``--help``, ``--version`` and usage errors need no model, so in that process the package imports
 nothing heavy up front and each subcommand's module imports what it uses (``modeling`` among
 them, which registers the Auto classes all the same); the names below then load on first use.
+A bare ``--help`` of any command prints its cached text before torch is imported
+(``help_cache``).
 """
 
 import os
@@ -16,6 +18,12 @@ __all__ = ["ICLConfig", "ICLModel", "ICLOutput", "ConMLTrainer", "__version__"]
 
 #: The console scripts (``[project.scripts]``) whose start-up stays light.
 CONSOLE_SCRIPTS = ("icl_conml", "icl_conml.exe")
+
+if sys.argv[:1] == ["-m"]:  # `python -m icl_conml.MODULE ...` while the package is imported
+    from .help_cache import print_cached_help
+
+    if print_cached_help():  # a bare --help printed as last time: no torch to import
+        sys.exit(0)
 
 if os.path.basename(sys.argv[0] if sys.argv else "") not in CONSOLE_SCRIPTS:
     from .modeling import ICLConfig, ICLModel, ICLOutput  # registers the Auto classes

@@ -23,7 +23,7 @@ import importlib
 import sys
 from typing import NamedTuple
 
-from . import errors
+from . import errors, help_cache
 
 
 class Subcommand(NamedTuple):
@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return errors.EXIT_USAGE
+    if help_cache.print_cached_help():  # as the command printed it last time, without torch
+        return 0
     errors.use_cli_names()
     module = importlib.import_module(command.module)
     return module.main([*command.prefix, *rest, *leading])

@@ -18,8 +18,9 @@ status    meaning
 ========  ======================================================================================
 
 Every such error derives from ``CommandError``; ``run_main`` is the one place that turns them
-into the line and the status. This module imports nothing else of the package, so every module
-can raise these errors without an import circle.
+into the line and the status. This module imports nothing else of the package up front
+(``run_main`` imports the equally light ``help_cache`` when it runs), so every module can raise
+these errors without an import circle.
 """
 
 from __future__ import annotations
@@ -124,10 +125,13 @@ def run_main(
     ``argv`` defaults to ``sys.argv[1:]``; ``--traceback`` is removed before ``fn`` sees it.
     ``fn`` returns its status (``None`` = 0) or raises a ``CommandError``.
     """
+    from .help_cache import recording  # imports nothing of the package up front either
+
     argv = list(sys.argv[1:] if argv is None else argv)
     argv, show_traceback = split_traceback_flag(argv, debug_alias)
     try:
-        return fn(argv) or 0
+        with recording():  # a bare --help's text is kept, to be printed without torch next time
+            return fn(argv) or 0
     except CommandError as error:
         if show_traceback and error.traceback_on_request:
             raise

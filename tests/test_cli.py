@@ -211,6 +211,64 @@ def test_the_console_scripts_help_imports_no_torch(args):
     assert done.stdout.strip().splitlines()[-1] == "torch imported: False exit: 0", done.stderr[-2000:]
 
 
+def _help_call(
+    command: list[str], tmp_path: Path, *, block_torch: bool, **env: str
+) -> subprocess.CompletedProcess:
+    """``command`` run with the help cache under ``tmp_path``; with ``block_torch``, importing torch
+    fails loudly (a ``torch`` package that raises shadows the real one)."""
+    blocker = tmp_path / "no_torch"
+    (blocker / "torch").mkdir(parents=True, exist_ok=True)
+    (blocker / "torch" / "__init__.py").write_text("raise ImportError('torch was imported')\n")
+    environment = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "COLUMNS": "100", **env}
+    if block_torch:
+        environment["PYTHONPATH"] = os.pathsep.join([str(blocker), environment.get("PYTHONPATH", "")])
+    return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        [sys.executable, "-m", "icl_conml.train", "--help"],
+        [sys.executable, "-m", "icl_conml.evaluation", "compare", "-h"],
+        [str(Path(sys.executable).with_name("icl_conml")), "eval", "--help"],
+    ],
+    ids=["python -m train", "python -m evaluation compare", "icl_conml eval"],
+)
+def test_a_bare_help_is_printed_again_without_importing_torch(command, tmp_path):
+    """The first ``--help`` renders the text (torch and all) and keeps it; the next prints the same
+    text with torch unimportable. Another terminal width is another text: rendered anew."""
+    if not Path(command[0]).exists():
+        pytest.skip("the icl_conml console script is not installed next to this Python")
+    first = _help_call(command, tmp_path, block_torch=False)
+    assert first.returncode == 0 and "usage:" in first.stdout, first.stderr[-2000:]
+    again = _help_call(command, tmp_path, block_torch=True)
+    assert again.returncode == 0 and again.stdout == first.stdout, again.stderr[-2000:]
+    wider = _help_call(command, tmp_path, block_torch=True, COLUMNS="160")
+    assert wider.returncode != 0 and "torch was imported" in wider.stderr  # not served stale
+
+
+def test_help_with_a_recipe_or_a_value_is_never_cached(tmp_path):
+    """The text of ``train RECIPE --help`` depends on the recipe's content: always rendered. And
+    ``ICL_CONML_HELP_CACHE=0`` turns the cache off."""
+    recipe = REPO / "recipes" / "quickstart.yaml"
+    command = [sys.executable, "-m", "icl_conml.train", str(recipe), "--help"]
+    assert _help_call(command, tmp_path, block_torch=False).returncode == 0
+    bare = [sys.executable, "-m", "icl_conml.train", "--help"]
+    assert _help_call(bare, tmp_path, block_torch=False, ICL_CONML_HELP_CACHE="0").returncode == 0
+    assert not (tmp_path / "cache").exists()
+
+
+def test_the_package_digest_changes_with_any_file(tmp_path):
+    from icl_conml.help_cache import package_digest
+
+    (tmp_path / "module.py").write_text("x = 1\n")
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "a.yaml").write_text("n_dims: 5\n")
+    before = package_digest(tmp_path)
+    (tmp_path / "recipes" / "a.yaml").write_text("n_dims: 6\n")
+    assert package_digest(tmp_path) != before
+
+
 def test_import_icl_conml_still_registers_the_auto_classes():
     code = "import icl_conml, transformers; print(transformers.AutoConfig.for_model('icl_conml').__class__.__name__)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
@@ -243,5 +301,6 @@ def test_eval_device_help_says_one_default(capsys):
     with pytest.raises(SystemExit):
         cli.main(["eval", "--help"])
     words = " ".join(capsys.readouterr().out.split())
-    assert "(default: cuda when a GPU is visible, else cpu; on this machine: cpu)" in words
+    # The same text on every machine (it is cached: help_cache); auto is resolved after parsing.
+    assert "auto (cuda when a GPU is visible, else cpu), cpu, cuda, cuda:1, ... (default: auto)" in words
     assert "(default: cpu)" not in words

@@ -39,13 +39,12 @@ class EvaluationParser(HfArgumentParser, OneLineParser):
 
 
 def _finish(parser: EvaluationParser) -> EvaluationParser:
-    """What dataclass fields cannot say: the device default of the machine, ``--baselines``
-    with no value (= none)."""
-    parser.set_defaults(device="cuda" if torch.cuda.is_available() else "cpu")
-    parser._option_string_actions["--device"].help = (
-        "Device of the model, e.g. cpu, cuda, cuda:1 (default: cuda when a GPU is visible, else cpu; "
-        "on this machine: %(default)s)."
-    )
+    """What dataclass fields cannot say: the device ``auto`` (resolved after parsing, so that the
+    help is the same on every machine), ``--baselines`` with no value (= none)."""
+    parser.set_defaults(device="auto")
+    parser._option_string_actions[
+        "--device"
+    ].help = "Device of the model: auto (cuda when a GPU is visible, else cpu), cpu, cuda, cuda:1, ..."
     if "--baselines" in parser._option_string_actions:
         parser._option_string_actions["--baselines"].nargs = "*"
     if "--labels" in parser._option_string_actions:
@@ -156,6 +155,8 @@ def main(argv: list[str]) -> int:
         selection, args, output = parse_args(build_compare_parser(), argv[1:])
     else:
         selection, args, output = parse_args(build_parser(), argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.task_kwargs = parse_task_kwargs(args.task_kwargs)  # before any model is loaded
     check_arguments(args)
     check_output_dir(output.output_dir)  # before the computation, not after it

@@ -1,0 +1,125 @@
+"""A command's ``--help`` without importing torch: the text is cached once it has been rendered.
+
+Rendering ``train --help`` needs transformers' ``TrainingArguments``, hence torch: 3–4 s on a
+quiet machine, 15 s on a busy one, for a text that changes only with the installed code. So a
+bare ``COMMAND [SUBCOMMAND] --help`` prints the text it printed last time when nothing it depends
+on has changed (the exact command line, the package's files, Python, transformers, the terminal
+width); otherwise the command renders it as before and it is stored for the next time.
+
+The cache is a folder of plain text files under ``$XDG_CACHE_HOME/icl_conml/help`` (else
+``~/.cache``); ``ICL_CONML_HELP_CACHE=0`` turns it off. A file that cannot be written is skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import io
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+HELP_FLAGS = ("-h", "--help")
+#: ``icl_conml recipes``' own subcommands (the others' are in ``cli.SUBCOMMANDS``).
+_RECIPES_SUBCOMMANDS = ("list", "path", "copy")
+#: Interpreter options that take the next word as their value.
+_OPTIONS_WITH_VALUE = ("-X", "-W")
+PACKAGE = Path(__file__).resolve().parent
+
+
+def help_call() -> list[str] | None:
+    """This process's command line (without the interpreter) if it is a bare help call of an
+    ``icl_conml`` command (``python -m icl_conml.MODULE [SUB] --help``, ``icl_conml CMD --help``)."""
+    words = list(getattr(sys, "orig_argv", sys.argv))[1:]
+    i = 0
+    while i < len(words) and words[i].startswith("-") and words[i] != "-m":
+        i += 2 if words[i] in _OPTIONS_WITH_VALUE else 1
+    if words[i : i + 1] == ["-m"]:
+        command, rest = words[i + 1 : i + 2], words[i + 2 :]
+        ours = bool(command) and command[0].split(".")[0] == "icl_conml"
+    else:
+        command, rest = words[i : i + 1], words[i + 1 :]
+        ours = bool(command) and Path(command[0]).stem == "icl_conml"
+    if not ours or not rest or rest[-1] not in HELP_FLAGS:
+        return None
+    from .cli import SUBCOMMANDS  # here, not above: cli imports this module
+
+    # Only subcommand words before --help: never a file or a value, which the text could depend on.
+    allowed = {
+        *SUBCOMMANDS,
+        *(word for c in SUBCOMMANDS.values() for word in c.prefix),
+        *_RECIPES_SUBCOMMANDS,
+    }
+    return words if set(rest[:-1]) <= allowed else None
+
+
+def help_file() -> Path | None:
+    """The cache file of this process's help text, or None when this is not a bare help call."""
+    words = help_call()
+    if words is None or os.environ.get("ICL_CONML_HELP_CACHE", "1") == "0":
+        return None
+    key = hashlib.sha256()
+    for part in (*words, sys.version, _transformers_version(), str(shutil.get_terminal_size().columns)):
+        key.update(part.encode() + b"\0")
+    key.update(package_digest().encode())
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "icl_conml" / "help"
+    return cache / f"{key.hexdigest()[:32]}.txt"
+
+
+def package_digest(root: Path = PACKAGE) -> str:
+    """sha256 of the package's files (code, recipes, templates): any edit changes it."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def _transformers_version() -> str:
+    try:
+        return importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
+def print_cached_help() -> bool:
+    """Print this help call's cached text; False when there is none (the command renders it)."""
+    path = help_file()
+    if path is None or not path.is_file():
+        return False
+    sys.stdout.write(path.read_text(encoding="utf-8"))
+    sys.stdout.flush()
+    return True
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[None]:
+    """Around a command's parsing: what a help call prints (exit 0) is stored for the next time."""
+    path = help_file()
+    if path is None:
+        yield
+        return
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(captured):
+            yield
+    except SystemExit as stop:
+        if stop.code in (0, None):
+            _store(path, captured.getvalue())
+        raise
+    finally:
+        sys.stdout.write(captured.getvalue())
+
+
+def _store(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a new file renamed into place; give up quietly."""
+    if not text:
+        return
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}")
+        with open(temporary, "x", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(temporary, path)
