@@ -304,3 +304,15 @@ def test_eval_device_help_says_one_default(capsys):
     # The same text on every machine (it is cached: help_cache); auto is resolved after parsing.
     assert "auto (cuda when a GPU is visible, else cpu), cpu, cuda, cuda:1, ... (default: auto)" in words
     assert "(default: cpu)" not in words
+
+
+def test_eval_device_auto_is_resolved_when_parsed():
+    import torch
+
+    from icl_conml.evaluation import build_parser
+    from icl_conml.evaluation.cli import parse_args
+
+    _, args, _ = parse_args(build_parser(), ["--model", "m", "--output_dir", "o"])
+    assert args.device == ("cuda" if torch.cuda.is_available() else "cpu")
+    _, args, _ = parse_args(build_parser(), ["--model", "m", "--output_dir", "o", "--device", "cpu"])
+    assert args.device == "cpu"

@@ -39,7 +39,7 @@ class CommonArguments:
     batch_size: int = _help("Prompts per forward pass.", default=256)
     bootstrap_samples: int = _help("Bootstrap resamples.", default=1000)
     device: str = _help(
-        "Device of the model (the CLI's default: cuda when available, else cpu).", default="cpu"
+        "Device of the model (the CLI's default is auto: cuda when available, else cpu).", default="cpu"
     )
     dtype: Literal["float32", "bfloat16"] = _help("Model forward precision (autocast).", default="float32")
     allow_unfinished: bool = _help(

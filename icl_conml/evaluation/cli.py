@@ -75,13 +75,18 @@ def build_compare_parser() -> EvaluationParser:
 
 
 def parse_args(parser: EvaluationParser, argv: list[str]) -> tuple[Any, ...]:
-    """The parser's dataclasses; unknown arguments are a usage error, as with ``argparse``."""
+    """The parser's dataclasses, ``--device auto`` resolved; unknown arguments are a usage error,
+    as with ``argparse``."""
     *outputs, remaining = parser.parse_args_into_dataclasses(
         args=argv, return_remaining_strings=True, look_for_args_file=False
     )
     if remaining:
         parser.error(f"unrecognized arguments: {' '.join(remaining)}")
-    return tuple(outputs[: len(parser.dataclass_types)])  # (not the namespace of non-field options)
+    outputs = outputs[: len(parser.dataclass_types)]  # (not the namespace of non-field options)
+    for dataclass in outputs:
+        if getattr(dataclass, "device", None) == "auto":
+            dataclass.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return tuple(outputs)  # (not the namespace of non-field options)
 
 
 def check_output_dir(output_dir: str) -> None:
@@ -155,8 +160,6 @@ def main(argv: list[str]) -> int:
         selection, args, output = parse_args(build_compare_parser(), argv[1:])
     else:
         selection, args, output = parse_args(build_parser(), argv)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.task_kwargs = parse_task_kwargs(args.task_kwargs)  # before any model is loaded
     check_arguments(args)
     check_output_dir(output.output_dir)  # before the computation, not after it
