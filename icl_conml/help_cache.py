@@ -23,8 +23,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 HELP_FLAGS = ("-h", "--help")
-#: ``icl_conml recipes``' own subcommands (the others' are in ``cli.SUBCOMMANDS``).
-_RECIPES_SUBCOMMANDS = ("list", "path", "copy")
+#: The words that may stand between a command and ``--help``: subcommands, never a file or a
+#: value, on which the text could depend (``cli.SUBCOMMANDS`` and the modules' own; a test checks
+#: that they are all here: one missing would only go uncached).
+SUBCOMMAND_WORDS = frozenset(
+    ("train", "eval", "compare", "card", "push", "merge", "make-eval-sets", "experiment")
+    + ("convert-garg", "recipes", "list", "path", "copy")
+)
 #: Interpreter options that take the next word as their value.
 _OPTIONS_WITH_VALUE = ("-X", "-W")
 PACKAGE = Path(__file__).resolve().parent
@@ -45,15 +50,7 @@ def help_call() -> list[str] | None:
         ours = bool(command) and Path(command[0]).stem == "icl_conml"
     if not ours or not rest or rest[-1] not in HELP_FLAGS:
         return None
-    from .cli import SUBCOMMANDS  # here, not above: cli imports this module
-
-    # Only subcommand words before --help: never a file or a value, which the text could depend on.
-    allowed = {
-        *SUBCOMMANDS,
-        *(word for c in SUBCOMMANDS.values() for word in c.prefix),
-        *_RECIPES_SUBCOMMANDS,
-    }
-    return words if set(rest[:-1]) <= allowed else None
+    return words if set(rest[:-1]) <= SUBCOMMAND_WORDS else None
 
 
 def help_file() -> Path | None:

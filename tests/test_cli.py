@@ -258,6 +258,16 @@ def test_help_with_a_recipe_or_a_value_is_never_cached(tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
+def test_every_subcommand_word_may_precede_a_cached_help(capsys):
+    from icl_conml.help_cache import SUBCOMMAND_WORDS
+
+    words = {*cli.SUBCOMMANDS, *(word for command in cli.SUBCOMMANDS.values() for word in command.prefix)}
+    with pytest.raises(SystemExit):
+        cli.main(["recipes", "--help"])
+    recipes_words = capsys.readouterr().out.split("{", 1)[1].split("}", 1)[0].split(",")  # {list,path,copy}
+    assert words | set(recipes_words) <= SUBCOMMAND_WORDS, (words | set(recipes_words)) - SUBCOMMAND_WORDS
+
+
 def test_the_package_digest_changes_with_any_file(tmp_path):
     from icl_conml.help_cache import package_digest
 
