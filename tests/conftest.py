@@ -8,6 +8,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tiny models gain nothing from intra-op threads, and oversubscribed threads are very slow on a
 # busy 2-core machine; subprocesses launched by tests inherit this too.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# No --help text cached in the user's ~/.cache by the suite (test_cli's cache tests use their own).
+os.environ["ICL_CONML_HELP_CACHE"] = "0"
 
 from pathlib import Path  # noqa: E402
 

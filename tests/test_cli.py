@@ -219,7 +219,8 @@ def _help_call(
     blocker = tmp_path / "no_torch"
     (blocker / "torch").mkdir(parents=True, exist_ok=True)
     (blocker / "torch" / "__init__.py").write_text("raise ImportError('torch was imported')\n")
-    environment = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "COLUMNS": "100", **env}
+    environment = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "COLUMNS": "100"}
+    environment.update({"ICL_CONML_HELP_CACHE": "1", **env})
     if block_torch:
         environment["PYTHONPATH"] = os.pathsep.join([str(blocker), environment.get("PYTHONPATH", "")])
     return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)
