@@ -114,9 +114,12 @@ def _store(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a new file renamed into place; give up quietly."""
     if not text:
         return
-    with contextlib.suppress(OSError):
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}")
-        with open(temporary, "x", encoding="utf-8") as handle:
+        with open(temporary, "x", encoding="utf-8") as handle:  # "x": never through a link
             handle.write(text)
         os.replace(temporary, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            temporary.unlink()

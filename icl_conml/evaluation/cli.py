@@ -42,9 +42,8 @@ def _finish(parser: EvaluationParser) -> EvaluationParser:
     """What dataclass fields cannot say: the device ``auto`` (resolved after parsing, so that the
     help is the same on every machine), ``--baselines`` with no value (= none)."""
     parser.set_defaults(device="auto")
-    parser._option_string_actions[
-        "--device"
-    ].help = "Device of the model: auto (cuda when a GPU is visible, else cpu), cpu, cuda, cuda:1, ..."
+    device_help = "Device of the model: auto (cuda when a GPU is visible, else cpu), cpu, cuda, cuda:1, ..."
+    parser._option_string_actions["--device"].help = device_help
     if "--baselines" in parser._option_string_actions:
         parser._option_string_actions["--baselines"].nargs = "*"
     if "--labels" in parser._option_string_actions:
@@ -86,7 +85,7 @@ def parse_args(parser: EvaluationParser, argv: list[str]) -> tuple[Any, ...]:
     for dataclass in outputs:
         if getattr(dataclass, "device", None) == "auto":
             dataclass.device = "cuda" if torch.cuda.is_available() else "cpu"
-    return tuple(outputs)  # (not the namespace of non-field options)
+    return tuple(outputs)
 
 
 def check_output_dir(output_dir: str) -> None:
