@@ -37,7 +37,9 @@ LONG = [*TINY, "--max_steps", "100000", "--save_steps", "50000", "--logging_step
 
 
 def _start(args: list[str], log: Path) -> subprocess.Popen:
-    """``python -m icl_conml.train ARGS`` as a real process, stdout and stderr into ``log``."""
+    """``python -m icl_conml.train ARGS`` as a real process, stdout and stderr into ``log``; Ctrl-C
+    reaches it as from a terminal even when the suite itself was started in the background (a
+    shell's ``cmd &`` ignores SIGINT, and the children inherit that)."""
     with log.open("w") as stream:
         return subprocess.Popen(
             [sys.executable, "-m", "icl_conml.train", *args],
@@ -45,6 +47,7 @@ def _start(args: list[str], log: Path) -> subprocess.Popen:
             env=_env(),
             stdout=stream,
             stderr=subprocess.STDOUT,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
 
 
