@@ -3,7 +3,8 @@
 Written into ``output_dir`` when a run ends (``callbacks.TrainingCurvesPlot``) from the Trainer's
 ``log_history``: left, the training loss (and the ICL part of it when ConML adds a term); right,
 the error on the evaluation's scale: ``icl_error`` (training prompts, every k) and, when the run
-evaluated during training, ``eval_error_at_d`` / ``eval_error_at_2d`` (the fixed eval prompts).
+evaluated during training, ``eval_error_at_d`` / ``eval_error_at_2d`` (the fixed eval prompts), on
+the project's error axis (``plotting.error_axis``: log with plain labels, linear inside a decade).
 matplotlib is optional: without it the run logs one line saying so.
 """
 
@@ -15,6 +16,7 @@ from typing import Any
 
 from .extras import is_available
 from .extras import message as missing_message
+from .plotting import error_axis
 
 logger = logging.getLogger("icl_conml")
 
@@ -47,6 +49,17 @@ def write_training_curves(log_history: list[dict[str, Any]], output_dir: str | P
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    figure = training_figure(log_history)
+    path = Path(output_dir) / PLOT_NAME
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
+def training_figure(log_history: list[dict[str, Any]]):
+    """The figure of ``training_curves.png`` (a matplotlib ``Figure``; the caller closes it)."""
+    import matplotlib.pyplot as plt
+
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=120)
     loss_steps, loss = series(log_history, "loss")
     icl_steps, icl = series(log_history, "icl_loss")
@@ -60,15 +73,11 @@ def write_training_curves(log_history: list[dict[str, Any]], output_dir: str | P
             right.plot(steps, values, label=label, color=color, marker="o" if len(steps) < 30 else None,
                        markersize=3)  # fmt: skip
     right.set_title("normalised error (as the evaluation reports it; 1 = predicting 0)", fontsize=10)
-    if all(value > 0 for line in right.get_lines() for value in line.get_ydata()) and right.get_lines():
-        right.set_yscale("log")
+    error_axis(right, [value for line in right.get_lines() for value in line.get_ydata()])
     for axes in (left, right):
         axes.set_xlabel("optimizer step")
         axes.grid(alpha=0.3)
         if axes.get_lines():
             axes.legend(fontsize=8)
     figure.tight_layout()
-    path = Path(output_dir) / PLOT_NAME
-    figure.savefig(path)
-    plt.close(figure)
-    return path
+    return figure

@@ -109,3 +109,19 @@ def test_the_comparison_plot_states_the_paired_interval(tmp_path):
     plot_comparison(result, tmp_path / "compare.png")
     assert (tmp_path / "compare.png").stat().st_size > 0
     assert result["over_seeds"]["rel_min_error"]["interval"]["high"] == pytest.approx(0.97)
+
+
+@pytest.mark.parametrize(
+    "errors", [[1.02, 0.99, 1.0, 0.98], [1.0, 0.6, 0.1, 0.04]], ids=["plateau", "learning"]
+)
+def test_the_training_curve_has_plain_error_labels(errors):
+    """A run still on the plateau (errors within a few % of 1) read "1.02×10⁰, 9.9×10⁻¹"."""
+    from icl_conml.training_plot import training_figure
+
+    history = [{"step": 100 * (i + 1), "loss": 5 * e, "icl_error": e} for i, e in enumerate(errors)]
+    figure = training_figure(history)
+    right = figure.axes[1]
+    labels = _labels(right)
+    assert len(labels) >= 2 and all(float(t) > 0 for t in labels)  # plain numbers: float() parses them
+    assert right.get_yscale() == ("linear" if max(errors) / min(errors) < 10 else "log")
+    plt.close("all")
