@@ -62,6 +62,9 @@ def help_file() -> Path | None:
     for part in (*words, sys.version, _transformers_version(), str(shutil.get_terminal_size().columns)):
         key.update(part.encode() + b"\0")
     key.update(package_digest().encode())
+    key.update(
+        package_digest(_recipes_outside_package()).encode()
+    )  # the quickstart's values are train's defaults
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "icl_conml" / "help"
     return cache / f"{key.hexdigest()[:32]}.txt"
 
@@ -72,6 +75,15 @@ def package_digest(root: Path = PACKAGE) -> str:
     for path in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
         digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
+
+
+def _recipes_outside_package() -> Path:
+    """The packaged recipes' folder where it lies outside the package (a source checkout or an
+    editable install: ``recipes/``); in a wheel they are under the package, already in its digest."""
+    from .resources import recipes_dir
+
+    folder = recipes_dir()
+    return PACKAGE / "recipes" if folder.is_relative_to(PACKAGE) else folder
 
 
 def _transformers_version() -> str:

@@ -58,6 +58,8 @@ class ICLConfig(PretrainedConfig):
         n_positions: the most (x, y) pairs a prompt may hold.
         n_embd, n_layer, n_head: size of the default GPT-2 backbone (ignored when
             ``backbone_config`` is given).
+        dropout, activation_function: the default GPT-2 backbone's dropout and MLP activation
+            (``gelu_new``, GPT-2's; ignored when ``backbone_config`` is given).
         task, task_kwargs: the function class the model is trained on (evaluation defaults).
         backbone_config: any ``transformers`` config whose ``AutoModel`` accepts
             ``inputs_embeds``; default a fresh GPT-2 with dropout 0 and no KV cache.
@@ -81,6 +83,7 @@ class ICLConfig(PretrainedConfig):
         backbone_config: PretrainedConfig | dict | None = None,
         backbone_name_or_path: str | None = None,
         dropout: float = 0.0,
+        activation_function: str = "gelu_new",
         **kwargs,
     ) -> None:
         self.n_dims = n_dims
@@ -92,6 +95,7 @@ class ICLConfig(PretrainedConfig):
         self.task_kwargs = dict(task_kwargs or {})
         self.backbone_name_or_path = backbone_name_or_path
         self.dropout = dropout
+        self.activation_function = activation_function
         if isinstance(backbone_config, dict):
             backbone_config = dict(backbone_config)
             backbone_config = AutoConfig.for_model(backbone_config.pop("model_type"), **backbone_config)
@@ -104,6 +108,7 @@ class ICLConfig(PretrainedConfig):
                 resid_pdrop=dropout,
                 embd_pdrop=dropout,
                 attn_pdrop=dropout,
+                activation_function=activation_function,
                 use_cache=False,
                 vocab_size=1,
                 bos_token_id=None,

@@ -99,7 +99,7 @@ def build_parser() -> HfArgumentParser:
         "runs under `accelerate launch -m icl_conml.train` on any number of processes. RECIPE: a YAML file "
         "of key: value lines, or the name of a packaged recipe (python -m icl_conml.resources list); its "
         "keys are the options below, and --key value overrides one. Without a RECIPE: the quickstart "
-        "(the defaults below).",
+        "(recipes/quickstart.yaml; its values are the defaults below).",
     )
     parser.add_argument(
         TRACEBACK_FLAG,
@@ -131,12 +131,16 @@ def _order_help(parser: HfArgumentParser) -> None:
     parser._action_groups[:] = [*rest, *first, quickstart, training]
 
 
+#: What ``python -m icl_conml.train`` runs without a recipe: ``recipes/quickstart.yaml``.
+BUILT_IN_RECIPE = "quickstart"
+
+
 def parse_recipe(argv: list[str] | None = None) -> Recipe:
-    """``[RECIPE.yaml] [--key value ...]``: YAML values become defaults, flags override them."""
+    """``[RECIPE.yaml] [--key value ...]``: YAML values become defaults, flags override them; no
+    RECIPE means the packaged quickstart (``BUILT_IN_RECIPE``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    raw: dict[str, Any] = {}
-    if argv and not argv[0].startswith("-"):
-        raw = load_yaml(recipe_path(argv.pop(0)))
+    # Without a recipe, the packaged quickstart: its values are the defaults that --help shows.
+    raw = load_yaml(recipe_path(argv.pop(0) if argv and not argv[0].startswith("-") else BUILT_IN_RECIPE))
     parser = build_parser()
     parser.set_defaults(**raw)
     for i, arg in enumerate(argv):

@@ -138,6 +138,7 @@ def _build_model(recipe: Recipe) -> ICLModel | PeftModel:
             "n_layer": args.n_layer,
             "n_head": args.n_head,
             "dropout": args.dropout,
+            "activation_function": args.activation_function,
         }
         model = ICLModel(ICLConfig(**size, **config), task_class=task)
     if not (args.backbone_name_or_path or args.lora_r > 0 or args.freeze_backbone):

@@ -61,6 +61,12 @@ CASES = [
     ),
     ("K<1", None, ["--conml_num_views", "0"], ["conml_num_views (K)=0 must be >= 1"]),
     (
+        "unknown-activation",
+        None,
+        ["--activation_function", "gelu_tanh"],
+        ["activation_function='gelu_tanh' is not allowed", "gelu_pytorch_tanh"],
+    ),
+    (
         "view-larger-than-context",
         None,
         ["--conml_views", "random_subset", "--conml_subset_max", "1.5"],

@@ -74,6 +74,31 @@ def test_task_loss_is_used(tiny_config):
     assert torch.allclose(out.loss, expected)
 
 
+def test_the_fused_activation_is_gelu_new_to_rounding_and_survives_saving(tmp_path):
+    """``activation_function=gelu_pytorch_tanh``: GPT-2's MLP runs the fused tanh-GELU kernel (the same
+    function as gelu_new to rounding, faster on CPU), and a saved model loads back with it."""
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    config = ICLConfig(
+        n_dims=5, n_positions=12, n_embd=32, n_layer=2, n_head=2, activation_function="gelu_pytorch_tanh"
+    )
+    model = ICLModel(config)
+    assert {type(block.mlp.act) for block in model.backbone.h} == {GELUTanh}
+    x = torch.randn(4, 9, 32) * 3
+    assert torch.allclose(GELUTanh()(x), NewGELUActivation()(x), atol=1e-5)
+    model.save_pretrained(tmp_path)
+    loaded = ICLModel.from_pretrained(tmp_path)
+    assert (
+        loaded.config.activation_function
+        == loaded.config.backbone_config.activation_function
+        == "gelu_pytorch_tanh"
+    )
+    assert {type(block.mlp.act) for block in loaded.backbone.h} == {GELUTanh}
+    xs, ys = torch.randn(2, 5, 5), torch.randn(2, 5)
+    model.eval(), loaded.eval()
+    assert torch.allclose(model(xs=xs, ys=ys).predictions, loaded(xs=xs, ys=ys).predictions, atol=1e-6)
+
+
 def test_gpt2_activation_is_bit_identical_to_transformers_gelu_new(tiny_model):
     """ExactNewGELU replaces GPT-2's gelu_new: the same floats forward and backward (training
     results must not change), with fewer temporaries."""

@@ -216,6 +216,16 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path, capsys):
     error = capsys.readouterr().err
     assert "was trained with n_embd=16 but the recipe says n_embd=32" in error
     assert str(tmp_path / "recipe.yaml") in error
+    code = main(
+        [*TINY, "--activation_function", "gelu_new", "--output_dir", str(tmp_path),
+         "--resume_from_checkpoint", "latest"]
+    )  # fmt: skip
+    assert code == 2  # TINY names no recipe: it ran the quickstart's fused gelu_pytorch_tanh
+    error = capsys.readouterr().err
+    assert (
+        "was trained with activation_function='gelu_pytorch_tanh' but the recipe says activation_function='gelu_new'"
+        in error
+    )
 
 
 def test_loading_never_unpickles(tmp_path, monkeypatch, capsys):

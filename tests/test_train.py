@@ -119,8 +119,12 @@ def test_every_option_of_the_conml_objective_runs(tmp_path):
 
 
 def test_quickstart_recipe_is_the_built_in_default():
+    """No recipe runs the packaged quickstart file (its keys, not the dataclass defaults of keys a
+    recipe omits): the same resolved recipe, and the same keys recorded as given."""
     default = parse_recipe([])
     recipe = parse_recipe([str(REPO / "recipes" / "quickstart.yaml")])
+    assert default.to_dict() == recipe.to_dict() and default.raw == recipe.raw
+    assert parse_recipe(["--max_steps", "7"]).training.max_steps == 7
     for section in ("model", "task", "conml"):
         assert getattr(recipe, section) == getattr(default, section)
     for key in yaml.safe_load((REPO / "recipes" / "quickstart.yaml").read_text()):
@@ -154,6 +158,10 @@ def test_help_documents_every_key():
         assert f"--{key}" in done.stdout
     missing = [key for key in known_keys() if f"--{key}" not in done.stdout]
     assert not missing
+    # Without a recipe the defaults shown are the quickstart's values, where they differ from a
+    # dataclass default too (the quickstart's fused activation; gelu_new for a recipe that omits it).
+    words = " ".join(done.stdout.split())
+    assert "the quickstart uses it), gelu, relu. (default: gelu_pytorch_tanh)" in words
 
 
 @pytest.mark.parametrize("launcher", ["python", "accelerate"])
