@@ -79,11 +79,11 @@ def package_digest(root: Path = PACKAGE) -> str:
 
 def _recipes_outside_package() -> Path:
     """The packaged recipes' folder where it lies outside the package (a source checkout or an
-    editable install: ``recipes/``); in a wheel they are under the package, already in its digest."""
-    from .resources import recipes_dir
-
-    folder = recipes_dir()
-    return PACKAGE / "recipes" if folder.is_relative_to(PACKAGE) else folder
+    editable install: ``recipes/``); in a wheel they are under the package, already in its digest.
+    (``resources.recipes_dir``'s rule, not imported: ``resources`` imports ``errors``, which imports
+    this module.)"""
+    installed = PACKAGE / "recipes"
+    return installed if installed.is_dir() else PACKAGE.parent / "recipes"
 
 
 def _transformers_version() -> str:

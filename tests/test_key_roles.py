@@ -45,7 +45,7 @@ TODAY = {
         "trackio_static_space_id train_sampling_strategy use_cache use_cpu use_liger_kernel"
     ),
     ("always", True, True): (
-        "adam_beta1 adam_beta2 adam_epsilon backbone_name_or_path bf16 conml_distance conml_lambda "
+        "activation_function adam_beta1 adam_beta2 adam_epsilon backbone_name_or_path bf16 conml_distance conml_lambda "
         "conml_lambda_start conml_lambda_warmup conml_loss conml_num_probes conml_num_views "
         "conml_prefix_mode conml_representation conml_subset_max conml_subset_min conml_temperature "
         "conml_terms conml_views curriculum_dims_inc curriculum_dims_interval curriculum_dims_start "

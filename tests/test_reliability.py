@@ -978,7 +978,10 @@ def test_deleting_the_lock_of_a_live_run_lets_no_second_run_in(tmp_path, capsys,
 
     out = tmp_path / "run"
     log = tmp_path / "first.log"
-    first = _start([*LONG, "--output_dir", str(out), "--save_steps", "2"], log)
+    # No rotation (save_total_limit): checkpoint-2 can only go if the refused runs delete it.
+    first = _start(
+        [*LONG, "--output_dir", str(out), "--save_steps", "2", "--save_total_limit", "100000"], log
+    )
     try:
         _wait_for(lambda: (out / "checkpoint-2" / MANIFEST).is_file(), first, "checkpoint-2")
         (out / ".lock").unlink()
