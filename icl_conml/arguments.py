@@ -4,11 +4,11 @@ A recipe is one flat YAML mapping whose keys are the fields below and the standa
 ``transformers.TrainingArguments`` names (``ICLTrainingArguments`` gives them CPU-sized
 defaults); any key may be overridden on the command line (``--key value``). A key a recipe omits
 takes the default below (a CPU-sized linear-regression run); without a recipe the train command
-runs the packaged ``recipes/quickstart.yaml`` (``recipe_parser.BUILT_IN_RECIPE``). Each section checks its own values when
-it is built (``__post_init__``) and raises ``RecipeError``: one line naming the key, the value
-and what is allowed, before any model is built. ``Recipe`` holds the four sections and writes
-the resolved recipe (``to_dict``). Reading files, parsing and cross-section checks live in
-``recipe_files``, ``recipe_parser`` and ``recipe_checks``.
+runs the packaged ``recipes/quickstart.yaml`` (``recipe_parser.BUILT_IN_RECIPE``). Each section
+checks its own values when it is built (``__post_init__``) and raises ``RecipeError``: one line
+naming the key, the value and what is allowed, before any model is built. ``Recipe`` holds the
+four sections and writes the resolved recipe (``to_dict``). Reading files, parsing and
+cross-section checks live in ``recipe_files``, ``recipe_parser`` and ``recipe_checks``.
 """
 
 from __future__ import annotations

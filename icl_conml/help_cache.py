@@ -62,9 +62,8 @@ def help_file() -> Path | None:
     for part in (*words, sys.version, _transformers_version(), str(shutil.get_terminal_size().columns)):
         key.update(part.encode() + b"\0")
     key.update(package_digest().encode())
-    key.update(
-        package_digest(_recipes_outside_package()).encode()
-    )  # the quickstart's values are train's defaults
+    # The recipes too: without a recipe, train's --help shows the quickstart's values as defaults.
+    key.update(package_digest(_recipes_outside_package()).encode())
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "icl_conml" / "help"
     return cache / f"{key.hexdigest()[:32]}.txt"
 
