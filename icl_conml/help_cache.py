@@ -63,7 +63,7 @@ def help_file() -> Path | None:
         key.update(part.encode() + b"\0")
     key.update(package_digest().encode())
     # The recipes too: without a recipe, train's --help shows the quickstart's values as defaults.
-    key.update(package_digest(_recipes_outside_package()).encode())
+    key.update(package_digest(recipes_dir()).encode())
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "icl_conml" / "help"
     return cache / f"{key.hexdigest()[:32]}.txt"
 
@@ -76,11 +76,10 @@ def package_digest(root: Path = PACKAGE) -> str:
     return digest.hexdigest()
 
 
-def _recipes_outside_package() -> Path:
-    """The packaged recipes' folder where it lies outside the package (a source checkout or an
-    editable install: ``recipes/``); in a wheel they are under the package, already in its digest.
-    (``resources.recipes_dir``'s rule, not imported: ``resources`` imports ``errors``, which imports
-    this module.)"""
+def recipes_dir() -> Path:
+    """The packaged recipes: ``icl_conml/recipes`` in a wheel, ``recipes/`` in a source checkout.
+    ``resources.recipes_dir`` is this function: it lives here because this module may import
+    nothing of the package (it runs before torch is imported, and ``errors`` imports it)."""
     installed = PACKAGE / "recipes"
     return installed if installed.is_dir() else PACKAGE.parent / "recipes"
 

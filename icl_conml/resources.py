@@ -22,20 +22,13 @@ import sys
 from pathlib import Path
 
 from .errors import OneLineParser, UserError, command_name, entry_point
+from .help_cache import recipes_dir  # also keys the cached --help (train's defaults)
 
 SUFFIXES = (".yaml", ".yml", ".json", ".slurm")
 
 
 class ResourceNotFound(UserError, FileNotFoundError):
     """A recipe name or path that is neither a file nor a packaged recipe (one-line message, exit 2)."""
-
-
-def recipes_dir() -> Path:
-    """The packaged recipes: ``icl_conml/recipes`` in a wheel, ``recipes/`` in a source checkout."""
-    installed = Path(__file__).resolve().parent / "recipes"
-    if installed.is_dir():
-        return installed
-    return Path(__file__).resolve().parent.parent / "recipes"
 
 
 def available(kind: str | None = None) -> list[str]:

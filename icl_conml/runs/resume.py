@@ -139,8 +139,12 @@ def _check_resumable(recipe: Recipe, checkpoint: str) -> None:
     task, model = recipe.task, recipe.model
     expected = {"task": task.task, "n_dims": task.n_dims, "n_positions": recipe.n_positions}
     if not model.backbone_name_or_path:
-        expected.update(n_embd=model.n_embd, n_layer=model.n_layer, n_head=model.n_head)
-        expected.update(activation_function=model.activation_function)  # checked when the run saved it
+        expected.update(
+            n_embd=model.n_embd,
+            n_layer=model.n_layer,
+            n_head=model.n_head,
+            activation_function=model.activation_function,  # checked where the run saved it
+        )
     for key, value in expected.items():
         if key in saved and saved[key] != value:
             raise RecipeError(
