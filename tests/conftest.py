@@ -29,6 +29,23 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="session")
+def load_script():
+    """Import a repository script (``benchmarks/…``, ``data_scripts/…``) by its path from the root."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parent.parent
+
+    def load(relative_path: str):
+        path = root / relative_path
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
 @pytest.fixture
 def tiny_config() -> ICLConfig:
     return ICLConfig(n_dims=5, n_positions=12, n_embd=32, n_layer=2, n_head=2)

@@ -336,18 +336,14 @@ EVAL_CASES = [
 
 
 @pytest.fixture(scope="module")
-def eval_inputs(tmp_path_factory) -> Path:
+def eval_inputs(tmp_path_factory, load_script) -> Path:
     """A saved tiny model (linear regression, d=5, 11 positions) and eval sets that do not fit it."""
-    import importlib.util as util
-
     from icl_conml import ICLConfig, ICLModel
 
     root = tmp_path_factory.mktemp("eval_inputs")
     config = ICLConfig(n_dims=5, n_positions=11, n_embd=16, n_layer=1, n_head=2, task="linear_regression")
     ICLModel(config).save_pretrained(root / "model")
-    spec = util.spec_from_file_location("make_eval_sets", REPO / "data_scripts" / "make_eval_sets.py")
-    make_eval_sets = util.module_from_spec(spec)
-    spec.loader.exec_module(make_eval_sets)
+    make_eval_sets = load_script("data_scripts/make_eval_sets.py")
     for name, (task, n_dims, n_points) in {
         "tree": ("decision_tree", 5, 11),
         "d3": ("linear_regression", 3, 11),

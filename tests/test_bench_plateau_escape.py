@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -13,15 +12,10 @@ SCRIPT = REPO / "benchmarks" / "bench_plateau_escape.py"
 TINY = ["--n_embd", "16", "--n_layer", "1", "--n_head", "2", "--logging_steps", "10"]
 
 
-def _module():
-    spec = importlib.util.spec_from_file_location("bench_plateau_escape", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_training_errors_stop_early_on_the_variants_schedule():
-    errors = _module().training_errors([*TINY, "--max_steps", "1000"], seed=3, stop=30)
+def test_training_errors_stop_early_on_the_variants_schedule(load_script):
+    errors = load_script("benchmarks/bench_plateau_escape.py").training_errors(
+        [*TINY, "--max_steps", "1000"], seed=3, stop=30
+    )
     assert sorted(errors) == [10, 20, 30]  # stopped at 30 of the schedule's 1000 steps
     assert all(0.5 < error < 2.0 for error in errors.values())  # d = 5, predicting ~0: about 1
 
@@ -40,12 +34,8 @@ def test_command_prints_one_line_per_seed():
     assert "from step never" in lines[0]  # 20 tiny steps do not leave the plateau
 
 
-def test_last_position_error_reads_records_and_leaves_out_plateau_runs(tmp_path):
-    spec = importlib.util.spec_from_file_location(
-        "last_position_error", REPO / "benchmarks" / "last_position_error.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def test_last_position_error_reads_records_and_leaves_out_plateau_runs(tmp_path, load_script):
+    module = load_script("benchmarks/last_position_error.py")
     runs = {"a": [0.4, 0.2, 0.1, 0.12], "b": [0.4, 0.2, 0.1, 0.08], "plateau": [1.0, 1.0, 1.0, 1.0]}
     for name, curve in runs.items():
         (tmp_path / f"{name}.json").write_text(json.dumps({"final_curve": {"mean": curve}}))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -11,15 +10,8 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "conml_floor.py"
 
 
-def _module():
-    spec = importlib.util.spec_from_file_location("conml_floor", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_least_squares_view_equals_anchor_only_when_the_view_determines_w():
-    floor = _module()
+def test_least_squares_view_equals_anchor_only_when_the_view_determines_w(load_script):
+    floor = load_script("benchmarks/conml_floor.py")
     # 11 points: the prefix-half view holds 5 = d pairs, which determine w; d_in is σ(0) = 1/2.
     d_in, d_out, gaps, largest = floor.least_squares_distances(50, 16, 5, 11, seed=0)
     assert largest < 1e-6
@@ -32,8 +24,8 @@ def test_least_squares_view_equals_anchor_only_when_the_view_determines_w():
     assert float(d_in.mean()) > 0.55
 
 
-def test_gradient_of_sigmoid_sq_vanishes_at_identical_predictions():
-    assert _module().gradient_at_identical() == 0.0
+def test_gradient_of_sigmoid_sq_vanishes_at_identical_predictions(load_script):
+    assert load_script("benchmarks/conml_floor.py").gradient_at_identical() == 0.0
 
 
 def test_script_reports_the_records(tmp_path):

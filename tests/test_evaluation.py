@@ -2,13 +2,11 @@
 prompts against least-squares theory, eval sets, the CLI (files, errors), compare, and the
 curve summary the Trainer logs during a real (tiny) training run."""
 
-import importlib.util
 import json
 import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,15 +17,6 @@ from icl_conml.baselines import least_squares
 from icl_conml.data import PromptError
 from icl_conml.errors import UserError
 from icl_conml.tasks import get_task
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "data_scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def tiny(seed: int = 0, n_dims: int = 3, n_positions: int = 7, task: str = "linear_regression") -> ICLModel:
@@ -232,8 +221,8 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):
     assert len(err) == 1 and "cannot load model 'nobody-xyz/not-a-cached-model'" in err[0]
 
 
-def test_eval_set_roundtrip_and_mismatch(saved_models, tmp_path, capsys):
-    script = load_script("make_eval_sets")
+def test_eval_set_roundtrip_and_mismatch(saved_models, tmp_path, capsys, load_script):
+    script = load_script("data_scripts/make_eval_sets.py")
     common = [
         "--n_dims",
         "3",
