@@ -63,7 +63,10 @@ def help_file() -> Path | None:
         key.update(part.encode() + b"\0")
     key.update(package_digest().encode())
     # The recipes too: without a recipe, train's --help shows the quickstart's values as defaults.
-    key.update(package_digest(recipes_dir()).encode())
+    # Installed, they are inside the package (digested above); a source checkout keeps them beside it.
+    recipes = recipes_dir()
+    if PACKAGE not in recipes.parents:
+        key.update(package_digest(recipes).encode())
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "icl_conml" / "help"
     return cache / f"{key.hexdigest()[:32]}.txt"
 

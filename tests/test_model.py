@@ -95,7 +95,8 @@ def test_the_fused_activation_is_gelu_new_to_rounding_and_survives_saving(tmp_pa
     )
     assert {type(block.mlp.act) for block in loaded.backbone.h} == {GELUTanh}
     xs, ys = torch.randn(2, 5, 5), torch.randn(2, 5)
-    model.eval(), loaded.eval()
+    model.eval()
+    loaded.eval()
     assert torch.allclose(model(xs=xs, ys=ys).predictions, loaded(xs=xs, ys=ys).predictions, atol=1e-6)
 
 
