@@ -159,13 +159,13 @@ class NonFiniteLossGuard(TrainerCallback):
 def _kept(args, last_good: tuple[str | None, list[str]]) -> tuple[str, str]:
     """``(what is kept, how to go on)``: the last good checkpoint and the exact resume command."""
     last, passed = last_good
-    not_good = f" ({'; '.join(passed[:2])} {'is' if len(passed) == 1 else 'are'} not)" if passed else ""
     lower = f"--learning_rate {args.learning_rate / 10:g}"
+    start_over = f"start over with a lower learning rate ({lower} --overwrite_output_dir true)"
+    if not checkpoints_newest_first(args.output_dir or ""):
+        return "no checkpoint had been saved yet", start_over
+    not_good = f" ({'; '.join(passed[:2])} {'is' if len(passed) == 1 else 'are'} not)" if passed else ""
     if last is None:
-        return (
-            f"no checkpoint is known to be good{not_good}",
-            f"start over with a lower learning rate ({lower} --overwrite_output_dir true)",
-        )
+        return f"no checkpoint is known to be good{not_good}", start_over
     return (
         f"the last good checkpoint is {last}{not_good}",
         f"resume with --resume_from_checkpoint {last} {lower} --resume_allow_changes learning_rate (the change is "
@@ -182,13 +182,7 @@ def _update_message(args, step: int, poisoned: list[str], total: int, last_good)
         f"learning_rate={args.learning_rate:g}, weight_decay={args.weight_decay:g}, "
         f"adam_epsilon={args.adam_epsilon:g}"
     )
-    if not checkpoints_newest_first(args.output_dir or ""):
-        kept, go_on = (
-            "no checkpoint had been saved yet",
-            f"start over with a lower learning rate (--learning_rate {args.learning_rate / 10:g} --overwrite_output_dir true)",
-        )
-    else:
-        kept, go_on = _kept(args, last_good)
+    kept, go_on = _kept(args, last_good)
     return (
         f"non-finite weights after the update of step {step}: {where} became NaN/inf although the loss and "
         f"gradients were finite ({settings}); nothing from step {step} was saved and {kept}. Lower "
@@ -205,11 +199,7 @@ def _message(
         parts.append("non-finite on another process")
     if data_bad:
         parts.append("the step's prompts hold NaN/inf: check the data")
-    if not checkpoints_newest_first(args.output_dir or ""):
-        kept = "no checkpoint had been saved yet"
-        go_on = f"start over with a lower learning rate (--learning_rate {args.learning_rate / 10:g} --overwrite_output_dir true)"
-    else:
-        kept, go_on = _kept(args, last_good)
+    kept, go_on = _kept(args, last_good)
     if data_bad:
         last = last_good[0]
         resume = f"resume with --resume_from_checkpoint {last}" if last else "start over"
