@@ -149,10 +149,9 @@ class NonFiniteLossGuard(TrainerCallback):
                 bad = (~torch.stack([torch.isfinite(t).all() for t in tensors]).all()).float()
         if float(reduce_max(bad.to(args.device))) == 0:  # one synchronisation per step
             return control
-        names = [n for n, _ in named]
         poisoned = [n for n, t in named if t.numel() and not torch.isfinite(t).all()]
         raise NonFiniteLossError(
-            _update_message(args, state.global_step, poisoned, len(names), self.last_good(args.output_dir))
+            _update_message(args, state.global_step, poisoned, len(named), self.last_good(args.output_dir))
         )
 
 
@@ -240,10 +239,7 @@ def console_line(logs: dict[str, float], step: int, max_steps: int) -> str:
     for key, value in shown.items():
         if key == "learning_rate":
             key = "lr"
-        if isinstance(value, float):
-            text = f"{value:.4g}"
-        else:
-            text = str(value)
+        text = f"{value:.4g}" if isinstance(value, float) else str(value)
         if key.endswith("runtime"):
             text += " s"
         parts.append(f"{key} {text}")
