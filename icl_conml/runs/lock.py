@@ -101,10 +101,8 @@ class OutputDirLock:
         except BlockingIOError:
             os.close(fd)
             holder = self._read_path()
-            who = _describe(holder) if holder else f"its {LOCK_NAME} record was deleted"
-            raise RunError(
-                f"output_dir={str(self.output_dir)!r} is in use by another run ({who}); "
-                f"wait for it to end, stop it, or choose another output_dir"
+            raise self._in_use(
+                _describe(holder) if holder else f"its {LOCK_NAME} record was deleted"
             ) from None
         except OSError as error:
             os.close(fd)
@@ -115,10 +113,15 @@ class OutputDirLock:
 
     def _unlock_folder(self) -> None:
         if self._dir_fd is not None:
-            with contextlib.suppress(OSError):
-                fcntl.flock(self._dir_fd, fcntl.LOCK_UN)
-            os.close(self._dir_fd)
+            _unlock(self._dir_fd)
             self._dir_fd = None
+
+    def _in_use(self, holder: str) -> RunError:
+        """The one-line refusal of a folder another run holds (``holder``: who, as far as known)."""
+        return RunError(
+            f"output_dir={str(self.output_dir)!r} is in use by another run ({holder}); "
+            f"wait for it to end, stop it, or choose another output_dir"
+        )
 
     def _read_path(self) -> dict[str, Any]:
         """The record at ``.lock`` read without following a link (empty if none)."""
@@ -160,9 +163,7 @@ class OutputDirLock:
             LOCK_NAME,
         )
         record = self._read(self._fd)
-        with contextlib.suppress(OSError):
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-        os.close(self._fd)
+        _unlock(self._fd)
         self._fd = None
         with contextlib.suppress(FileNotFoundError, IsADirectoryError):
             if os.path.islink(self.path) or os.path.isfile(self.path):
@@ -177,11 +178,7 @@ class OutputDirLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = self._read(fd)
-            raise RunError(
-                f"output_dir={str(self.output_dir)!r} is in use by another run ({_describe(holder)}); "
-                f"wait for it to end, stop it, or choose another output_dir"
-            ) from None
+            raise self._in_use(_describe(self._read(fd))) from None
         except OSError as error:
             if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 raise
@@ -195,22 +192,17 @@ class OutputDirLock:
 
     def _check_stale(self, previous: dict[str, Any], flock_works: bool) -> None:
         """The record says "held" but we got the flock: its owner died without releasing it."""
-        here = socket.gethostname()
-        where = str(self.output_dir)
-        if previous.get("host") == here:
+        if previous.get("host") == socket.gethostname():
             pid = int(previous.get("pid") or 0)
             if not flock_works and pid and pid != os.getpid() and _pid_alive(pid):
-                raise RunError(
-                    f"output_dir={where!r} is in use by another run ({_describe(previous)}); "
-                    f"wait for it to end, stop it, or choose another output_dir"
-                )
+                raise self._in_use(_describe(previous))
         else:
             self._wait_until_stale(previous)
         logger.warning(
             "output_dir=%r: taking over the lock of a run that ended without releasing it (%s; killed or "
             "crashed). Resume its work with --resume_from_checkpoint latest, or start over with "
             "--overwrite_output_dir true",
-            where,
+            str(self.output_dir),
             _describe(previous),
         )
 
@@ -264,11 +256,16 @@ class OutputDirLock:
         self._stop.set()
         with contextlib.suppress(OSError):
             self._write_record({"state": "released", "pid": os.getpid(), "host": socket.gethostname()})
-        with contextlib.suppress(OSError):
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-        os.close(self._fd)
+        _unlock(self._fd)
         self._fd = None
         self._unlock_folder()
+
+
+def _unlock(fd: int) -> None:
+    """Drop the flock on ``fd`` (if the filesystem took one) and close it."""
+    with contextlib.suppress(OSError):
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
 
 
 def _pid_alive(pid: int) -> bool:
