@@ -43,7 +43,6 @@ LATEST = ("latest", "last", "true", "True", "yes")
 NO_RESUME = ("", "false", "False", "no", "none", "None")
 # "latest" if output_dir holds a checkpoint, else a new run (what a requeued job asks for).
 AUTO = ("auto",)
-_CHUNK = 1 << 20
 _CHECKPOINT_NAME = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
 
 
@@ -67,11 +66,8 @@ def checkpoint_step(checkpoint: str | Path) -> int | None:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as stream:
-        while block := stream.read(_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(stream, "sha256").hexdigest()
 
 
 def checkpoint_folders(output_dir: str | Path) -> list[Path]:
@@ -189,14 +185,8 @@ def _training_state_files(checkpoint: Path) -> list[Path]:
 def _check_loads(checkpoint: Path) -> str | None:
     """Each optimizer/scheduler/RNG file loads as plain tensors (``weights_only``, as the Trainer
     loads it): a pickle payload or a damaged archive is named here, not as a traceback mid-resume."""
-    import contextlib
-
     import torch
-
-    try:
-        from transformers.trainer_pt_utils import safe_globals
-    except ImportError:  # an older transformers: torch's own allowlist
-        safe_globals = contextlib.nullcontext
+    from transformers.trainer_pt_utils import safe_globals
 
     for path in _training_state_files(checkpoint):
         try:
