@@ -221,7 +221,7 @@ def check_checkpoint(checkpoint: str | Path, *, need_training_state: bool = True
     state = _trainer_state(checkpoint)
     if state is None:
         return f"{TRAINER_STATE} is unreadable or names no global_step (cut short or corrupted)"
-    named = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", checkpoint.name)
+    named = _CHECKPOINT_NAME.fullmatch(checkpoint.name)
     if named and int(named.group(1)) != state["global_step"]:
         return f"{TRAINER_STATE} says step {state['global_step']} but the folder is {checkpoint.name} (stale)"
     if need_training_state and (missing := missing_training_state(checkpoint)):
@@ -231,11 +231,6 @@ def check_checkpoint(checkpoint: str | Path, *, need_training_state: bool = True
     if problem is None and need_training_state:
         problem = _check_loads(checkpoint)
     return problem
-
-
-def is_verified(checkpoint: str | Path) -> bool:
-    """Whether a checkpoint has a manifest (``check_checkpoint`` then compares every file with it)."""
-    return (Path(checkpoint) / MANIFEST).is_file()
 
 
 def checkpoints_newest_first(output_dir: str | Path) -> list[str]:
@@ -264,7 +259,7 @@ def latest_checkpoint(
         if problem is not None:
             logger.warning("skipping %s: it %s", checkpoint, problem if problem.startswith(("is ", "holds ")) else
                            f"fails its check: {problem}")  # fmt: skip
-        elif is_verified(checkpoint):
+        elif (Path(checkpoint) / MANIFEST).is_file():  # verified: check_checkpoint compared every file
             for newer in unverified:
                 logger.warning(
                     "skipping %s: it has no %s (unverified: its files cannot be compared with what was saved); "
