@@ -149,12 +149,9 @@ def _check_resumable(recipe: Recipe, checkpoint: str) -> None:
         if key in saved and saved[key] != value:
             raise RecipeError(
                 f"resume_from_checkpoint={checkpoint!r} was trained with {key}={saved[key]!r} but the recipe "
-                f"says {key}={value!r}; resume with the run's own recipe ({_saved_recipe(recipe)})"
+                f"says {key}={value!r}; resume with the run's own recipe "
+                f"({Path(recipe.training.output_dir) / 'recipe.yaml'})"
             )
-
-
-def _saved_recipe(recipe: Recipe) -> str:
-    return str(Path(recipe.training.output_dir) / "recipe.yaml")
 
 
 # ---- a fresh start -------------------------------------------------------------------------------
@@ -388,12 +385,8 @@ def check_checkpoint_weights(checkpoint: str, model: torch.nn.Module) -> None:
         raise RecipeError(
             f"resume_from_checkpoint={checkpoint!r}: model.safetensors {' and '.join(parts)}; it is not a "
             f"checkpoint of this model: resume from another checkpoint, or with the run's own recipe "
-            f"({_saved_recipe_path(checkpoint)})"
+            f"({Path(checkpoint).parent / 'recipe.yaml'})"
         )
-
-
-def _saved_recipe_path(checkpoint: str) -> str:
-    return str(Path(checkpoint).parent / "recipe.yaml")
 
 
 def weights_only(trainer_class: type) -> type:
