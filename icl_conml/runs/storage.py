@@ -38,8 +38,9 @@ _STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS}
 _RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 
 
-def _failed_write(error: BaseException) -> tuple[str, str] | None:
-    """``(what failed, free-space phrase needed)`` if ``error`` is a failed write, else ``None``."""
+def _failed_write(error: BaseException) -> str | None:
+    """What failed if ``error`` is a failed write, else ``None``; ``""`` for torch's write failure,
+    which never says why (``_describe`` tells from the free space)."""
     chain = _chain(error)
     texts = [str(e) for e in chain]
     errnos = {getattr(e, "errno", None) for e in chain}
@@ -50,14 +51,14 @@ def _failed_write(error: BaseException) -> tuple[str, str] | None:
     if not (errnos & _STORAGE_ERRNOS or torch_write):
         return None
     if errno.EDQUOT in errnos:
-        return "the disk quota is exceeded", ""
+        return "the disk quota is exceeded"
     if errno.ENOSPC in errnos:
-        return "no space left on device", ""
+        return "no space left on device"
     if errno.EROFS in errnos:
-        return "the filesystem is read-only", ""
+        return "the filesystem is read-only"
     if torch_write:
-        return "", "torch"  # no space if the disk is (nearly) full, else an I/O error
-    return f"a write failed ({texts[0].splitlines()[0][:120] if texts[0] else type(error).__name__})", ""
+        return ""
+    return f"a write failed ({texts[0].splitlines()[0][:120] if texts[0] else type(error).__name__})"
 
 
 def _free_space(folder: str | Path) -> tuple[str, bool]:
@@ -72,12 +73,11 @@ def _free_space(folder: str | Path) -> tuple[str, bool]:
 
 
 def _describe(error: BaseException, folder: str | Path) -> tuple[str, str] | None:
-    failed = _failed_write(error)
-    if failed is None:
+    what = _failed_write(error)
+    if what is None:
         return None
-    what, kind = failed
     free, full = _free_space(folder)
-    if kind == "torch":
+    if not what:  # torch's write failure: no space if the disk is (nearly) full, else an I/O error
         what = "no space left on device" if full else f"a write failed ({str(error).splitlines()[0][:120]})"
     return what, free
 
