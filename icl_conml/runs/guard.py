@@ -26,7 +26,7 @@ from .checkpoints import latest_checkpoint
 from .lock import OutputDirLock
 from .preemption import RunInterrupted, StopOnSignal, remove_jit_checkpoint
 from .record import RunRecord
-from .storage import is_storage_failure, storage_error
+from .storage import storage_error
 
 
 class LockCheck(TrainerCallback):
@@ -79,11 +79,10 @@ class RunGuard:
             if issubclass(kind, KeyboardInterrupt):
                 self.end("interrupted", signal="SIGINT")
                 raise RunInterrupted(self._ctrl_c_message(), EXIT_CTRL_C) from None
-            if issubclass(kind, Exception) and is_storage_failure(value):  # also safetensors' own error
-                storage = storage_error(value, self.output_dir, self.step)
-                if storage is not None:
-                    self.end("failed", error=str(storage))
-                    raise storage from None
+            # A failed write (also safetensors' own error) is a StorageError (None for any other error).
+            if issubclass(kind, Exception) and (storage := storage_error(value, self.output_dir, self.step)):
+                self.end("failed", error=str(storage))
+                raise storage from None
             self.end("failed", error=f"{kind.__name__}: {str(value).splitlines()[0] if str(value) else ''}")
         finally:
             self.stop.restore()
