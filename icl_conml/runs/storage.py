@@ -83,13 +83,9 @@ def _describe(error: BaseException, folder: str | Path) -> tuple[str, str] | Non
 
 
 def storage_error(error: BaseException, output_dir: str | Path, step: int | None) -> StorageError | None:
-    """A ``StorageError`` explaining ``error`` if it is a failed write (else ``None``).
-
-    The disk filling up surfaces as ``OSError(ENOSPC)`` from Python writes, as safetensors'
-    ``SafetensorError`` ("... (os error 28)") when the weights are written, or as torch's
-    ``[enforce fail at inline_container.cc] unexpected pos`` from ``torch.save``, which never
-    says "no space"; each is reported with the free space and what to do.
-    """
+    """A ``StorageError`` explaining ``error`` if it is a failed write in any of the shapes the module
+    docstring lists (else ``None``): what failed, the free space, the newest complete checkpoint and
+    how to go on."""
     described = _describe(error, output_dir)
     if described is None:
         return None
