@@ -511,8 +511,7 @@ def _accelerator_available() -> bool:
     """Whether torch sees a GPU (or another accelerator: MPS, XPU, ...)."""
     import torch
 
-    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
-    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+    return torch.accelerator.is_available()  # torch >= 2.6 (the package needs >= 2.11)
 
 
 SECTIONS = (ModelArguments, TaskArguments, ConMLArguments, ICLTrainingArguments)
