@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from .arguments import RecipeError, field_types, suggest_key, type_options
+from .run_settings import short
 
 #: A recipe is a few hundred bytes of ``key: value`` lines; these bounds only stop accidents.
 MAX_RECIPE_BYTES = 1_000_000
@@ -184,10 +185,4 @@ def _check_type(key: str, value: Any, expected: Any) -> None:
         ok = True
     if not ok:
         names = " or ".join(o.__name__ for o in options)
-        raise RecipeError(f"{key}={_short(value)} has type {type(value).__name__}; expected {names}")
-
-
-def _short(value: Any, limit: int = 80) -> str:
-    """``repr(value)`` cut to ``limit`` characters (error messages stay one readable line)."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+        raise RecipeError(f"{key}={short(value, 80)} has type {type(value).__name__}; expected {names}")
