@@ -9,7 +9,6 @@ bypass argparse's conversions).
 
 from __future__ import annotations
 
-import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -176,9 +175,8 @@ def _check_type(key: str, value: Any, expected: Any) -> None:
     """YAML values bypass argparse's type conversion: check simple scalar types here."""
     if value is None or expected is None:
         return
-    options = typing.get_args(expected) if isinstance(expected, types.UnionType) else (expected,)
-    options = tuple(typing.get_origin(o) or o for o in options if o is not type(None))
-    if any(o in (Any, typing.Any) or not isinstance(o, type) for o in options):
+    options = tuple(typing.get_origin(o) or o for o in type_options(expected) if o is not type(None))
+    if any(o is Any or not isinstance(o, type) for o in options):
         return
     ok = any(isinstance(value, o) and not (o is int and isinstance(value, bool)) for o in options)
     if float in options and isinstance(value, int) and not isinstance(value, bool):
