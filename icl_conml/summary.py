@@ -16,7 +16,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from .arguments import Recipe
+from .arguments import Recipe, plain_value
 from .tasks import FunctionClass
 
 logger = logging.getLogger("icl_conml")
@@ -149,7 +149,7 @@ def run_header(recipe: Recipe, model) -> str:
     else:
         lines.append("  plain ICL (conml_lambda = 0)")
     batch = recipe.global_batch_size
-    schedule = getattr(training.lr_scheduler_type, "value", training.lr_scheduler_type)
+    schedule = plain_value(training.lr_scheduler_type)
     lines.append(
         f"  {training.max_steps} steps × {batch} prompts, learning rate {training.learning_rate:g} ({schedule}, "
         f"{_warmup(training.warmup_steps)}), seed {training.seed} → {training.output_dir}"
