@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .arguments import Recipe, plain_value
+from .hub import push_repo_id
 from .tasks import FunctionClass
 
 logger = logging.getLogger("icl_conml")
@@ -87,7 +88,7 @@ def format_summary(
     lines.append("next:")
     lines.append(f"  icl_conml eval --model {quoted} --output_dir {shlex.quote(str(Path(out) / 'eval'))}")
     if training.push_to_hub:
-        lines.append(f"  (pushed to the Hub as {training.hub_model_id or Path(out).absolute().name})")
+        lines.append(f"  (pushed to the Hub as {push_repo_id(training)})")
     else:
         lines.append(f"  icl_conml push {quoted} --hub_model_id YOUR_USER/NAME")
     if (Path(out) / "training_curves.png").is_file():
