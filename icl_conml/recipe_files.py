@@ -41,7 +41,18 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise RecipeError(
             f"recipe file {str(path)!r} not found; pass the path of a YAML recipe (see recipes/)"
         )
-    data = _read_recipe(path)
+    data = read_hardened_yaml(
+        path,
+        what="recipe",
+        error=RecipeError,
+        size_advice="a recipe is a short list of key: value lines",
+        not_text_advice="; pass a YAML recipe",
+    )
+    if data is None:
+        raise RecipeError(
+            f"recipe {str(path)!r} is empty; write key: value lines (see recipes/), or give no recipe to run the "
+            f"quickstart"
+        )
     if not isinstance(data, dict):
         raise RecipeError(f"recipe {str(path)!r} must be a mapping of key: value, got {type(data).__name__}")
     for key, value in data.items():
@@ -97,24 +108,6 @@ def read_hardened_yaml(
         raise error(f"{what} {name!r} {problem}") from None
     except yaml.YAMLError as problem:
         raise error(f"{what} {name!r} is not valid YAML: {str(problem).splitlines()[0]}") from None
-
-
-def _read_recipe(path: Path) -> Any:
-    """The parsed YAML of a recipe file, or ``RecipeError`` (one line) for a file that is not one."""
-    name = str(path)
-    data = read_hardened_yaml(
-        path,
-        what="recipe",
-        error=RecipeError,
-        size_advice="a recipe is a short list of key: value lines",
-        not_text_advice="; pass a YAML recipe",
-    )
-    if data is None:
-        raise RecipeError(
-            f"recipe {name!r} is empty; write key: value lines (see recipes/), or give no recipe to run the "
-            f"quickstart"
-        )
-    return data
 
 
 class _RecipeYAMLError(Exception):
