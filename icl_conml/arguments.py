@@ -511,8 +511,7 @@ def _accelerator_available() -> bool:
     """Whether torch sees a GPU (or another accelerator: MPS, XPU, ...)."""
     import torch
 
-    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
-    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+    return torch.accelerator.is_available()  # torch >= 2.6 (the package needs >= 2.11)
 
 
 SECTIONS = (ModelArguments, TaskArguments, ConMLArguments, ICLTrainingArguments)
@@ -560,10 +559,9 @@ class Recipe:
             for f in dataclasses.fields(section):
                 if f.init and f.name not in out and key_role(f.name).recipe == "always":
                     out[f.name] = plain_value(copy.deepcopy(getattr(section, f.name)))
-        set_keys = {key: value for key, value in self.raw.items() if key not in out}
-        out.update(
-            {key: plain_value(value) for key, value in set_keys.items() if key_role(key) is not RUN_CONTROL}
-        )
+        for key, value in self.raw.items():
+            if key not in out and key_role(key) is not RUN_CONTROL:
+                out[key] = plain_value(value)
         return out
 
 

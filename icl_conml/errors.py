@@ -111,12 +111,6 @@ def split_traceback_flag(argv: list[str], debug_alias: bool = False) -> tuple[li
     return kept, show
 
 
-def report(error: CommandError) -> int:
-    """Print ``error`` as the one line; returns its exit status."""
-    print(f"{PROG}: {error.label}{error}", file=sys.stderr)
-    return error.exit_code
-
-
 def run_main(
     fn: Callable[[list[str]], int | None], argv: list[str] | None = None, *, debug_alias: bool = False
 ) -> int:
@@ -135,7 +129,8 @@ def run_main(
     except CommandError as error:
         if show_traceback and error.traceback_on_request:
             raise
-        return report(error)
+        print(f"{PROG}: {error.label}{error}", file=sys.stderr)
+        return error.exit_code
     except KeyboardInterrupt:
         if show_traceback:
             raise

@@ -64,12 +64,11 @@ def require(module: str, feature: str) -> ModuleType:
 
 def check_recipe(recipe: Recipe) -> None:
     """Before anything is built: the extras the recipe's features need (a one-line ``MissingExtra``)."""
-    needs = []
-    model, training = recipe.model, recipe.training
-    if model.lora_r > 0:
-        needs.append(("peft", f"LoRA (lora_r={model.lora_r})"))
-    if training.deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        needs.append(("deepspeed", "DeepSpeed (--deepspeed or an accelerate DeepSpeed config)"))
-    for module, feature in needs:
-        if not is_available(module):
-            raise MissingExtra(message(module, feature))
+    lora_r = recipe.model.lora_r
+    if lora_r > 0 and not is_available("peft"):
+        raise MissingExtra(message("peft", f"LoRA (lora_r={lora_r})"))
+    deepspeed = (
+        recipe.training.deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    )
+    if deepspeed and not is_available("deepspeed"):
+        raise MissingExtra(message("deepspeed", "DeepSpeed (--deepspeed or an accelerate DeepSpeed config)"))

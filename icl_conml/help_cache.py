@@ -38,7 +38,7 @@ PACKAGE = Path(__file__).resolve().parent
 def help_call() -> list[str] | None:
     """This process's command line (without the interpreter) if it is a bare help call of an
     ``icl_conml`` command (``python -m icl_conml.MODULE [SUB] --help``, ``icl_conml CMD --help``)."""
-    words = list(getattr(sys, "orig_argv", sys.argv))[1:]
+    words = sys.orig_argv[1:]  # Python >= 3.10
     i = 0
     while i < len(words) and words[i].startswith("-") and words[i] != "-m":
         i += 2 if words[i] in _OPTIONS_WITH_VALUE else 1

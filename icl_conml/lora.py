@@ -34,13 +34,12 @@ from transformers.utils import find_adapter_config_file
 from .arguments import ModelArguments, Recipe, RecipeError
 from .errors import OneLineParser, UserError, command_name, entry_point
 from .extras import require
-from .model_card import write_model_card
+from .model_card import ADAPTER_CONFIG_NAME, EVALUATION_FILES, RECIPE_NAME, STATE_NAME, write_model_card
 from .modeling import ICLConfig, ICLModel, trusting_remote_code
 
 if TYPE_CHECKING:  # peft is an extra (pip install 'icl_conml[peft]'): imported where LoRA is used
     from peft import LoraConfig, PeftModel
 
-ADAPTER_CONFIG_NAME = "adapter_config.json"
 #: Modules outside the backbone that always train in full (saved with the adapter).
 TRAINED_MODULES = ["read_in", "read_out"]
 #: Leaf module types peft's LoRA can adapt.
@@ -240,7 +239,7 @@ def merge(
         output_dir = Path(output_dir)
         merged.save_pretrained(output_dir)
         if isinstance(source, str | Path) and Path(source).is_dir():
-            for name in ("recipe.yaml", "trainer_state.json", "results.json", "results.md", "curves.png"):
+            for name in (RECIPE_NAME, STATE_NAME, *EVALUATION_FILES):
                 if (Path(source) / name).is_file():
                     shutil.copy(Path(source) / name, output_dir / name)
         write_model_card(output_dir)

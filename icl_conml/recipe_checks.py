@@ -12,7 +12,7 @@ import math
 
 from transformers import TrainingArguments
 
-from .arguments import ConMLArguments, ModelArguments, Recipe, check_choice, require
+from .arguments import ConMLArguments, ModelArguments, Recipe, check_choice, plain_value, require
 
 
 def validate(recipe: Recipe) -> None:
@@ -42,12 +42,12 @@ def validate(recipe: Recipe) -> None:
     for key in ("logging_steps", "save_steps", "eval_steps"):
         strategy = getattr(training, key.replace("_steps", "_strategy"))
         value = getattr(training, key)
-        if str(getattr(strategy, "value", strategy)) == "steps" and value is not None:
+        if plain_value(strategy) == "steps" and value is not None:
             require(value > 0, f"{key}={value} must be > 0 (a number of steps, or a fraction of max_steps)")
-    if str(getattr(training.eval_strategy, "value", training.eval_strategy)) != "no":
+    if plain_value(training.eval_strategy) != "no":
         require(
             task.eval_n_prompts > 0 or task.eval_set is not None,
-            f"eval_strategy={getattr(training.eval_strategy, 'value', training.eval_strategy)!r} needs an "
+            f"eval_strategy={plain_value(training.eval_strategy)!r} needs an "
             f"eval set but eval_n_prompts=0; set eval_n_prompts > 0 or eval_strategy=no",
         )
     if conml_args.enabled:

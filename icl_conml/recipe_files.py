@@ -9,7 +9,6 @@ bypass argparse's conversions).
 
 from __future__ import annotations
 
-import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import yaml
 
 from .arguments import RecipeError, field_types, suggest_key, type_options
+from .run_settings import short
 
 #: A recipe is a few hundred bytes of ``key: value`` lines; these bounds only stop accidents.
 MAX_RECIPE_BYTES = 1_000_000
@@ -41,7 +41,18 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise RecipeError(
             f"recipe file {str(path)!r} not found; pass the path of a YAML recipe (see recipes/)"
         )
-    data = _read_recipe(path)
+    data = read_hardened_yaml(
+        path,
+        what="recipe",
+        error=RecipeError,
+        size_advice="a recipe is a short list of key: value lines",
+        not_text_advice="; pass a YAML recipe",
+    )
+    if data is None:
+        raise RecipeError(
+            f"recipe {str(path)!r} is empty; write key: value lines (see recipes/), or give no recipe to run the "
+            f"quickstart"
+        )
     if not isinstance(data, dict):
         raise RecipeError(f"recipe {str(path)!r} must be a mapping of key: value, got {type(data).__name__}")
     for key, value in data.items():
@@ -97,24 +108,6 @@ def read_hardened_yaml(
         raise error(f"{what} {name!r} {problem}") from None
     except yaml.YAMLError as problem:
         raise error(f"{what} {name!r} is not valid YAML: {str(problem).splitlines()[0]}") from None
-
-
-def _read_recipe(path: Path) -> Any:
-    """The parsed YAML of a recipe file, or ``RecipeError`` (one line) for a file that is not one."""
-    name = str(path)
-    data = read_hardened_yaml(
-        path,
-        what="recipe",
-        error=RecipeError,
-        size_advice="a recipe is a short list of key: value lines",
-        not_text_advice="; pass a YAML recipe",
-    )
-    if data is None:
-        raise RecipeError(
-            f"recipe {name!r} is empty; write key: value lines (see recipes/), or give no recipe to run the "
-            f"quickstart"
-        )
-    return data
 
 
 class _RecipeYAMLError(Exception):
@@ -175,19 +168,12 @@ def _check_type(key: str, value: Any, expected: Any) -> None:
     """YAML values bypass argparse's type conversion: check simple scalar types here."""
     if value is None or expected is None:
         return
-    options = typing.get_args(expected) if isinstance(expected, types.UnionType) else (expected,)
-    options = tuple(typing.get_origin(o) or o for o in options if o is not type(None))
-    if any(o in (Any, typing.Any) or not isinstance(o, type) for o in options):
+    options = tuple(typing.get_origin(o) or o for o in type_options(expected) if o is not type(None))
+    if any(o is Any or not isinstance(o, type) for o in options):
         return
     ok = any(isinstance(value, o) and not (o is int and isinstance(value, bool)) for o in options)
     if float in options and isinstance(value, int) and not isinstance(value, bool):
         ok = True
     if not ok:
         names = " or ".join(o.__name__ for o in options)
-        raise RecipeError(f"{key}={_short(value)} has type {type(value).__name__}; expected {names}")
-
-
-def _short(value: Any, limit: int = 80) -> str:
-    """``repr(value)`` cut to ``limit`` characters (error messages stay one readable line)."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+        raise RecipeError(f"{key}={short(value, 80)} has type {type(value).__name__}; expected {names}")

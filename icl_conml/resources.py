@@ -31,9 +31,8 @@ class ResourceNotFound(UserError, FileNotFoundError):
     """A recipe name or path that is neither a file nor a packaged recipe (one-line message, exit 2)."""
 
 
-def available(kind: str | None = None) -> list[str]:
-    """Names of the packaged files (``linear_regression``, ``accelerate/zero2``, ...);
-    ``kind="accelerate"`` lists the accelerate configs only."""
+def available() -> list[str]:
+    """Names of the packaged files (``linear_regression``, ``accelerate/zero2``, ...)."""
     root = recipes_dir()
     if not root.is_dir():
         return []
@@ -43,8 +42,6 @@ def available(kind: str | None = None) -> list[str]:
             relative = path.relative_to(root)
             name = str(relative.with_suffix("")) if path.suffix in (".yaml", ".yml") else str(relative)
             names.append(name)
-    if kind is not None:
-        names = [name for name in names if name.startswith(f"{kind}/")]
     return names
 
 

@@ -120,7 +120,7 @@ def setting_differences(
     return differences
 
 
-def short(value: Any) -> str:
-    """``repr(value)`` cut to 40 characters (messages stay one readable line)."""
+def short(value: Any, limit: int = 40) -> str:
+    """``repr(value)`` cut to ``limit`` characters (messages stay one readable line)."""
     text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -16,7 +16,8 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from .arguments import Recipe
+from .arguments import Recipe, plain_value
+from .hub import push_repo_id
 from .tasks import FunctionClass
 
 logger = logging.getLogger("icl_conml")
@@ -87,7 +88,7 @@ def format_summary(
     lines.append("next:")
     lines.append(f"  icl_conml eval --model {quoted} --output_dir {shlex.quote(str(Path(out) / 'eval'))}")
     if training.push_to_hub:
-        lines.append(f"  (pushed to the Hub as {training.hub_model_id or Path(out).absolute().name})")
+        lines.append(f"  (pushed to the Hub as {push_repo_id(training)})")
     else:
         lines.append(f"  icl_conml push {quoted} --hub_model_id YOUR_USER/NAME")
     if (Path(out) / "training_curves.png").is_file():
@@ -149,7 +150,7 @@ def run_header(recipe: Recipe, model) -> str:
     else:
         lines.append("  plain ICL (conml_lambda = 0)")
     batch = recipe.global_batch_size
-    schedule = getattr(training.lr_scheduler_type, "value", training.lr_scheduler_type)
+    schedule = plain_value(training.lr_scheduler_type)
     lines.append(
         f"  {training.max_steps} steps × {batch} prompts, learning rate {training.learning_rate:g} ({schedule}, "
         f"{_warmup(training.warmup_steps)}), seed {training.seed} → {training.output_dir}"
