@@ -165,7 +165,8 @@ def parse_recipe(argv: list[str] | None = None) -> Recipe:
             unused = message.partition(": ")[2]
             message = f"unexpected argument(s) {unused}; options are --key value (run with --help to list every key)"
         raise RecipeError(message) from None
-    overrides = {arg[2:].split("=")[0].replace("-", "_") for arg in argv if arg.startswith("--")}
+    # In command-line order (a set's order would change with PYTHONHASHSEED, and so would recipe.yaml's).
+    overrides = dict.fromkeys(arg[2:].split("=")[0].replace("-", "_") for arg in argv if arg.startswith("--"))
     raw.update({key: _value_of(key, (model, task, conml_args, training)) for key in overrides})
     return Recipe(model=model, task=task, conml=conml_args, training=training, raw=raw)
 
