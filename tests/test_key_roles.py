@@ -161,3 +161,31 @@ def test_reusing_a_record_compares_what_pairing_compares(tmp_path):
         if bool(setting_differences({key: "one"}, {key: "two"}, None)) != paired
     }
     assert disagree == {"attn_implementation", "max_steps", "eval_strategy", "task_kwargs"}
+
+
+def test_the_resolved_recipe_keeps_command_line_order_whatever_the_hash_seed():
+    """recipe.yaml lists keys set only on the command line in the order they were given, so the
+    same command writes the same file under any PYTHONHASHSEED (a set once made it vary)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    flags = ["--disable_tqdm", "true", "--torch_compile", "false", "--logging_nan_inf_filter", "false"]
+    flags += ["--dataloader_drop_last", "true", "--eval_on_start", "false", "--skip_memory_metrics", "false"]
+    code = (
+        "import json, sys; from icl_conml.recipe_parser import parse_recipe; "
+        "print(json.dumps(list(parse_recipe(sys.argv[1:]).to_dict())))"
+    )
+    orders = set()
+    for seed in ("0", "1", "2", "3"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        out = subprocess.run(
+            [sys.executable, "-c", code, *flags], env=env, capture_output=True, text=True, check=True
+        )
+        orders.add(tuple(json.loads(out.stdout.strip().splitlines()[-1])))
+    assert len(orders) == 1
+    given = [flag[2:] for flag in flags[::2]]
+    order = next(iter(orders))
+    listed = [key for key in order if key in given]
+    assert listed == [key for key in given if key in listed]
