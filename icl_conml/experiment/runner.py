@@ -155,7 +155,7 @@ def _begin_segment(output_dir: Path, command: list[str]) -> tuple[int, float]:
     run resumed by a later process still names every commit that trained it.
     """
     started = time.time()
-    segment_id = len(_segment_lines(output_dir / SEGMENTS))
+    segment_id = len(read_segments(output_dir))
     line = {
         "event": "start",
         "segment": segment_id,
@@ -172,14 +172,6 @@ def _end_segment(output_dir: Path, segment_id: int, code: int, seconds: float) -
     line = {"event": "end", "segment": segment_id, "exit": code, "seconds": seconds}
     with open(output_dir / SEGMENTS, "a") as segments:
         segments.write(json.dumps(line) + "\n")
-
-
-def _segment_lines(path: Path) -> list[dict[str, Any]]:
-    """The segment log's start lines (and the one-line-per-segment entries of older versions)."""
-    if not path.is_file():
-        return []
-    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [entry for entry in entries if entry.get("event") != "end"]
 
 
 def read_segments(output_dir: Path) -> list[dict[str, Any]]:
