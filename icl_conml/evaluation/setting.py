@@ -79,8 +79,6 @@ def resolve_setting(config, args: CommonArguments, own_task: FunctionClass | Non
         raise EvaluationError(
             f"--n_points {length} is beyond the model's n_positions={config.n_positions}; use at most that"
         )
-    if args.n_prompts < 1:
-        raise EvaluationError(f"--n_prompts {args.n_prompts} must be >= 1")
     own = (task_name, dims, kwargs) == (config.task, config.n_dims, config.task_kwargs)
     try:
         function_class = own_task if own and own_task is not None else get_task(task_name, dims, **kwargs)
