@@ -36,10 +36,11 @@ def compare_errors(
         raise _unpaired(len(errors_a), len(errors_b))
     boot_a = [bootstrap_means(e, bootstrap_samples, seed) for e in errors_a]  # same resample for every model
     boot_b = [bootstrap_means(e, bootstrap_samples, seed) for e in errors_b]
+    boots = [table5_metrics(a, b) for a, b in zip(boot_a, boot_b, strict=True)]  # each pair's, per resample
     pairs = []
     for i, (ea, eb) in enumerate(zip(errors_a, errors_b, strict=True)):
         rel, spare = table5_metrics(ea.double().mean(0), eb.double().mean(0))
-        rel_boot, spare_boot = table5_metrics(boot_a[i], boot_b[i])
+        rel_boot, spare_boot = boots[i]
         pairs.append(
             {
                 "pair": i,
@@ -49,8 +50,7 @@ def compare_errors(
                 "shot_spare_interval": percentile_interval(spare_boot),
             }
         )
-    rel_all = torch.stack([table5_metrics(a, b)[0] for a, b in zip(boot_a, boot_b, strict=True)])  # (P, R)
-    spare_all = torch.stack([table5_metrics(a, b)[1] for a, b in zip(boot_a, boot_b, strict=True)])
+    rel_all, spare_all = (torch.stack(values) for values in zip(*boots, strict=True))  # (P, R) each
     defined_spares = [p["shot_spare"] for p in pairs if p["shot_spare"] is not None]
     mean_a = torch.stack([e.double() for e in errors_a]).mean(0)
     mean_b = torch.stack([e.double() for e in errors_b]).mean(0)
