@@ -135,9 +135,10 @@ def _is_lora(name_or_path: str, is_lora_checkpoint) -> bool:
 MAKE_EVAL_SETS = "`icl_conml make-eval-sets` (data_scripts/make_eval_sets.py in a checkout)"
 
 
-def _check_fingerprint(name: str, dataset, table: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
-    """Every row carries the same metadata, and prompts + metadata match the fingerprint stored
-    when the set was made (``eval_sets.fingerprint``); a set without one is only warned about."""
+def _check_fingerprint(name: str, dataset, table: dict[str, torch.Tensor], described: dict[str, Any]) -> None:
+    """Every row carries the same metadata, and prompts + metadata (``described``: the set's
+    ``eval_sets.describe``) match the fingerprint stored when the set was made
+    (``eval_sets.fingerprint``); a set without one is only warned about."""
     from .. import eval_sets
 
     for column in (*eval_sets.METADATA_COLUMNS, "fingerprint"):
@@ -153,7 +154,7 @@ def _check_fingerprint(name: str, dataset, table: dict[str, torch.Tensor], metad
         return
     tensors = {column: table[column].float() for column in eval_sets.PROMPT_COLUMNS if column in table}
     recorded = dataset[0]["fingerprint"]
-    if eval_sets.fingerprint(tensors, {**metadata, "n_prompts": len(dataset)}) != recorded:
+    if eval_sets.fingerprint(tensors, described) != recorded:
         raise EvaluationError(
             f"eval set {name!r} does not match its fingerprint: its prompts or metadata (task, n_dims, "
             f"task_kwargs, seed, ...) were changed after it was made; rebuild it with "
@@ -180,18 +181,11 @@ def load_eval_set(name: str, trust_remote_code: bool = False) -> tuple[Prompts, 
         raise EvaluationError(
             f"eval set {name!r} lacks column(s) {', '.join(sorted(missing))}; build it with {MAKE_EVAL_SETS}"
         )
-    first_row = dataset[0]
-    metadata = {
-        "task": first_row["task"],
-        "n_dims": int(first_row["n_dims"]),
-        "n_points": int(first_row["n_points"]),
-        "seed": int(first_row["seed"]) if "seed" in dataset.column_names else None,
-        "task_kwargs": json.loads(first_row.get("task_kwargs") or "{}"),
-        "ood": first_row.get("ood") or None,
-    }
+    described = eval_sets.describe(dataset)  # the first row's settings, and the number of prompts
+    metadata = {key: described[key] for key in ("task", "n_dims", "n_points", "seed", "task_kwargs", "ood")}
     columns = [c for c in ("xs", "ys", "query_xs", "query_ys") if c in dataset.column_names]
     table = dataset.with_format("torch", columns=columns)[:]
-    _check_fingerprint(name, dataset, table, metadata)
+    _check_fingerprint(name, dataset, table, described)
     try:
         task = get_task(
             metadata["task"], metadata["n_dims"], allow_import=trust_remote_code, **metadata["task_kwargs"]
