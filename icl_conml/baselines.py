@@ -224,15 +224,12 @@ def mlp_gd(
     return predictions
 
 
-def _require_sklearn(name: str) -> Any:
-    try:
-        import sklearn  # noqa: F401
-    except ImportError:
+def _require_sklearn(name: str) -> None:
+    if not sklearn_available():
         raise BaselineError(
             f"the {name} baseline needs scikit-learn, which is not installed; "
             f"pip install 'icl_conml[trees]' or choose other --baselines"
-        ) from None
-    return sklearn
+        )
 
 
 def _sklearn_per_prompt(
