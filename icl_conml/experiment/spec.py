@@ -87,16 +87,12 @@ def _is_int(value: Any) -> bool:
 
 def _number(value: Any) -> float | None:
     """A YAML number (1e-3 without a dot is a string in YAML 1.1), or None."""
-    if isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
         return None
-    if isinstance(value, int | float):
+    try:
         return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return None
-    return None
+    except ValueError:
+        return None
 
 
 def _name_problem(what: str, value: Any) -> str | None:
