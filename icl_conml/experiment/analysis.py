@@ -22,17 +22,15 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..evaluation.statistics import (
-    pairs_bootstrap_interval,
-    seed_statistics,
-    table5_metrics,
-    wilcoxon_signed_rank,
-)
+# One implementation for the project: evaluation.statistics (re-exported here by their old names).
+from ..evaluation.statistics import mean_std, table5_metrics, wilcoxon_signed_rank
+from ..evaluation.statistics import pairs_bootstrap_interval as bootstrap_interval
 from .aa import against_control, table_number
 from .aa import markdown as aa_markdown
 from .records import (
@@ -145,11 +143,6 @@ def steps_to_reach(eval_history: list[dict[str, Any]], k: int, threshold: float)
 
 
 # ---- seed-level statistics ----------------------------------------------------------------------------
-# One implementation for the project: evaluation.statistics (re-exported here by their old names).
-mean_std = seed_statistics
-bootstrap_interval = pairs_bootstrap_interval
-
-
 def _summary(values: list[float], null: float) -> dict[str, Any]:
     stats = mean_std(values)
     stats["interval"] = bootstrap_interval(values)
@@ -197,17 +190,15 @@ def compare_arm(spec: Spec, records: dict, arm: str) -> dict[str, Any] | None:
     )
     speed_summary = {}
     for key in pairs[0]["steps_to_error"]:
-        both = [
-            p["steps_to_error"][key]
-            for p in pairs
-            if p["steps_to_error"][key]["arm"] is not None and p["steps_to_error"][key]["ref"] is not None
+        steps = [p["steps_to_error"][key] for p in pairs]
+        differences = [
+            float(s["arm"] - s["ref"]) for s in steps if s["arm"] is not None and s["ref"] is not None
         ]
-        differences = [float(b["arm"] - b["ref"]) for b in both]
         speed_summary[key] = {
-            "arm_reached": sum(p["steps_to_error"][key]["arm"] is not None for p in pairs),
-            "ref_reached": sum(p["steps_to_error"][key]["ref"] is not None for p in pairs),
-            "arm_median_steps": _censored_median([p["steps_to_error"][key]["arm"] for p in pairs]),
-            "ref_median_steps": _censored_median([p["steps_to_error"][key]["ref"] for p in pairs]),
+            "arm_reached": sum(s["arm"] is not None for s in steps),
+            "ref_reached": sum(s["ref"] is not None for s in steps),
+            "arm_median_steps": _censored_median([s["arm"] for s in steps]),
+            "ref_median_steps": _censored_median([s["ref"] for s in steps]),
             "paired_difference": {**mean_std(differences), "interval": bootstrap_interval(differences)},
             "wilcoxon_p": wilcoxon_signed_rank(differences)["p_value"],
         }
@@ -234,23 +225,17 @@ def _censored_median(steps: list[int | None]) -> float | str | None:
 
 
 # ---- report ------------------------------------------------------------------------------------------
-def _interval(stats: dict[str, Any]) -> str:
-    low_high = stats.get("interval")
-    return "n/a" if not low_high else f"[{table_number(low_high[0])}, {table_number(low_high[1])}]"
+def _interval(stats: dict[str, Any], transform: Callable[[float], float] = lambda value: value) -> str:
+    low_high = [transform(value) for value in stats.get("interval") or []]
+    return f"[{table_number(low_high[0])}, {table_number(low_high[1])}]" if low_high else "n/a"
 
 
 def _geometric(log_stats: dict[str, Any]) -> str:
     """A ratio's geometric mean and interval (exp of the log statistics): one outlier seed cannot dominate it."""
     if log_stats.get("mean") is None:
         return "n/a"
-    low_high = log_stats.get("interval")
-    interval = (
-        "n/a"
-        if not low_high
-        else f"[{table_number(math.exp(low_high[0]))}, {table_number(math.exp(low_high[1]))}]"
-    )
     star = " **significant**" if log_stats.get("significant") else ""
-    return f"{table_number(math.exp(log_stats['mean']))} {interval}{star}"
+    return f"{table_number(math.exp(log_stats['mean']))} {_interval(log_stats, math.exp)}{star}"
 
 
 def markdown(
