@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from .evaluation.statistics import resampled_mean_interval
 from .plotting import error_axis, floored
 
 #: Line styles and markers, one per arm in turn, so that lines on top of each other stay visible.
@@ -36,10 +37,7 @@ def seed_band(curves: list[list[float]], samples: int = 1000, seed: int = 0) -> 
     mean = data.mean(0)
     if data.shape[0] < 2:
         return mean.tolist(), mean.tolist(), mean.tolist()
-    generator = torch.Generator().manual_seed(seed)
-    index = torch.randint(0, data.shape[0], (samples, data.shape[0]), generator=generator)
-    means = data[index].mean(1)
-    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64), dim=0)
+    low, high = resampled_mean_interval(data, samples, seed)
     return mean.tolist(), low.tolist(), high.tolist()
 
 

@@ -133,12 +133,16 @@ def pairs_bootstrap_interval(values: list[float], samples: int = 10000, seed: in
     (``bootstrap_means`` resamples prompts instead)."""
     if len(values) < 2:
         return None
-    data = torch.tensor(values, dtype=torch.float64)
-    generator = torch.Generator().manual_seed(seed)
-    index = torch.randint(0, len(values), (samples, len(values)), generator=generator)
-    means = data[index].mean(dim=1)
-    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64))
+    low, high = resampled_mean_interval(torch.tensor(values, dtype=torch.float64), samples, seed)
     return [float(low), float(high)]
+
+
+def resampled_mean_interval(data: torch.Tensor, samples: int, seed: int) -> torch.Tensor:
+    """(2, ...): the 95% percentile interval of the mean of ``data`` over its first dimension (seeds,
+    pairs), those rows resampled with replacement ``samples`` times from ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    index = torch.randint(0, data.shape[0], (samples, data.shape[0]), generator=generator)
+    return torch.quantile(data[index].mean(dim=1), torch.tensor([0.025, 0.975], dtype=torch.float64), dim=0)
 
 
 def wilcoxon_signed_rank(differences: list[float]) -> dict[str, float | int | None]:
