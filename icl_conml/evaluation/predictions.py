@@ -39,18 +39,12 @@ def model_predictions(
     device = next(model.parameters()).device
     if dtype not in ("float32", "bfloat16"):
         raise EvaluationError(f"--dtype {dtype!r} is not supported; use float32 or bfloat16")
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-        return _model_predictions(model, prompts, batch_size, device, progress)
-
-
-def _model_predictions(
-    model, prompts: Prompts, batch_size: int, device: torch.device, progress: bool | None = False
-) -> torch.Tensor:
     n_dims = model.config.n_dims
     out = []
     batches = range(0, prompts.xs.shape[0], batch_size)
     forwards = len(batches) * (1 if prompts.queries is None else prompts.xs.shape[1])
-    with progress_bar(forwards, "model forwards", progress) as bar:
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    with autocast, progress_bar(forwards, "model forwards", progress) as bar:
         for start in batches:
             xs = _pad(prompts.xs[start : start + batch_size], n_dims).to(device)
             ys = prompts.ys[start : start + batch_size].to(device)
