@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -218,9 +219,7 @@ def _censored_median(steps: list[int | None]) -> float | str | None:
     """Median with never-reached runs as +inf; "never" when the median itself is censored."""
     if not steps:
         return None
-    values = sorted(math.inf if s is None else float(s) for s in steps)
-    middle = len(values) // 2
-    median = values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+    median = statistics.median(math.inf if s is None else float(s) for s in steps)
     return "never" if math.isinf(median) else median
 
 
