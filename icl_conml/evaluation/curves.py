@@ -85,12 +85,9 @@ def summarise(
         intervals[name] = {"low": summary["low"], "high": summary["high"]}
         prompts_used[name] = int(matrix.shape[0])
     references = [name for name in curves if name != "model"]
-    relative: dict[str, Any] = {"threshold": None, "best_reference": None}
-    if references:
-        best = min(references, key=lambda name: min(curves[name]))
-        # Errors below NUMERICAL_ZERO are rounding (noiseless least squares reaches ~1e-14).
-        floor = max((1 + relative_tolerance) * min(curves[best]), NUMERICAL_ZERO)
-        relative = {"threshold": floor, "best_reference": best}
+    best = min(references, key=lambda name: min(curves[name])) if references else None
+    # Errors below NUMERICAL_ZERO are rounding (noiseless least squares reaches ~1e-14).
+    within = None if best is None else max((1 + relative_tolerance) * min(curves[best]), NUMERICAL_ZERO)
     n_points = len(next(iter(curves.values())))
     return {
         "metadata": {
@@ -105,15 +102,13 @@ def summarise(
         "intervals": intervals,
         "thresholds": {
             "absolute": threshold,
-            "within_best": relative["threshold"],
-            "best_reference": relative["best_reference"],
+            "within_best": within,
+            "best_reference": best,
         },
         "needed_context_length": {
             "absolute": {name: needed_context_length(curve, threshold) for name, curve in curves.items()},
             "within_best": {
-                name: None
-                if relative["threshold"] is None
-                else needed_context_length(curve, relative["threshold"])
+                name: None if within is None else needed_context_length(curve, within)
                 for name, curve in curves.items()
             },
         },
