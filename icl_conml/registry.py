@@ -14,6 +14,7 @@ object, resolves again without importing anything.
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
@@ -64,11 +65,7 @@ class Registry(Generic[T]):
 
     def register(self, name: str, **options: Any) -> Callable[[T], T]:
         """Decorator form of ``add``."""
-
-        def register(obj: T) -> T:
-            return self.add(name, obj, **options)
-
-        return register
+        return functools.partial(self.add, name, **options)
 
     def remove(self, name: str) -> None:
         """Forget ``name`` (and its import path): for tests that register something temporarily."""
