@@ -48,11 +48,6 @@ def prefix_statistics(xs: torch.Tensor, ys: torch.Tensor) -> tuple[torch.Tensor,
     return gram, moment
 
 
-def _counts(n_points: int, dtype: torch.dtype) -> torch.Tensor:
-    """k for each position: the number of examples before it."""
-    return torch.arange(n_points, dtype=dtype)
-
-
 # ---- linear estimators ------------------------------------------------------------------------------
 def least_squares(xs: torch.Tensor, ys: torch.Tensor, queries: torch.Tensor | None = None) -> torch.Tensor:
     """Minimum-norm least squares on each prefix (float64).
@@ -105,7 +100,7 @@ def ridge(
 def averaging(xs: torch.Tensor, ys: torch.Tensor, queries: torch.Tensor | None = None) -> torch.Tensor:
     """Garg et al.'s averaging estimator: ŵ = mean of y_i x_i over the prefix."""
     moment = (ys.unsqueeze(-1) * xs).cumsum(dim=1) - ys.unsqueeze(-1) * xs
-    w = moment / _counts(xs.shape[1], xs.dtype).clamp(min=1)[None, :, None]
+    w = moment / torch.arange(xs.shape[1], dtype=xs.dtype).clamp(min=1)[None, :, None]  # k examples before k
     return (_queries(xs, queries) * w).sum(-1)
 
 
@@ -148,7 +143,7 @@ def lasso(
         raise BaselineError(f"lasso alpha={alpha} must be > 0")
     batch, n_points, n_dims = xs.shape
     gram, moment = prefix_statistics(xs.double(), ys.double())
-    k = _counts(n_points, torch.float64).clamp(min=1)[None, :, None]
+    k = torch.arange(n_points, dtype=torch.float64).clamp(min=1)[None, :, None]  # examples before k
     gram = (gram / k.unsqueeze(-1)).reshape(-1, n_dims, n_dims)
     moment = (moment / k).reshape(-1, n_dims)
     w = torch.cat(
