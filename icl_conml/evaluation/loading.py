@@ -45,7 +45,10 @@ def load_model(
     if not allow_unfinished:
         _check_run_finished(name_or_path)
     _check_model_folder(name_or_path, ICLModel.config_class.model_type)
-    lora = _is_lora(name_or_path, is_lora_checkpoint)
+    try:
+        lora = bool(is_lora_checkpoint(name_or_path))
+    except Exception:  # noqa: BLE001 - not resolvable: from_pretrained reports it
+        lora = False
     try:
         if lora:  # adapters merged onto their backbone
             model, info = merge(name_or_path, trust_remote_code=trust_remote_code), {}
@@ -121,13 +124,6 @@ def _check_model_folder(name_or_path: str, model_type: str) -> None:
             f"model {name_or_path!r} holds a {found!r} model (config.json model_type), not an icl_conml "
             f"ICLModel ({model_type!r}); pass a training output_dir or one of its checkpoint-N folders"
         )
-
-
-def _is_lora(name_or_path: str, is_lora_checkpoint) -> bool:
-    try:
-        return bool(is_lora_checkpoint(name_or_path))
-    except Exception:  # noqa: BLE001 - not resolvable: from_pretrained reports it
-        return False
 
 
 #: How an eval set is made, for the errors that ask for one (the installed command; the script in a
