@@ -21,21 +21,20 @@ def floored(values: Iterable[float]) -> list[float]:
     return [max(float(v), FLOOR) for v in values]
 
 
-def error_axis(axes, values: Iterable[float], log: bool = True, axis: str = "y") -> bool:
-    """Scale ``axes``' y (or x) axis for ``values``: logarithmic with plain 1-2-5 labels when
-    ``log`` and the positive values span at least a decade, else linear. Returns whether it is log."""
+def error_axis(axes, values: Iterable[float], log: bool = True) -> bool:
+    """Scale ``axes``' y axis for ``values``: logarithmic with plain 1-2-5 labels when ``log`` and
+    the positive values span at least a decade, else linear. Returns whether it is log."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, ScalarFormatter
 
     positive = [float(v) for v in values if v is not None and math.isfinite(float(v)) and float(v) > 0]
     decades = math.log10(max(positive) / min(positive)) if positive else 0.0
-    target = axes.yaxis if axis == "y" else axes.xaxis
     if not log or decades < 1:
-        (axes.set_yscale if axis == "y" else axes.set_xscale)("linear")
-        target.set_major_formatter(ScalarFormatter(useOffset=False))  # 1.0002, not "+1" and 0.0002
+        axes.set_yscale("linear")
+        axes.yaxis.set_major_formatter(ScalarFormatter(useOffset=False))  # 1.0002, not "+1" and 0.0002
         return False
-    (axes.set_yscale if axis == "y" else axes.set_xscale)("log")
+    axes.set_yscale("log")
     subs = (1.0,) if decades > 4 else (1.0, 2.0, 5.0)
-    target.set_major_locator(LogLocator(base=10, subs=subs))
-    target.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
-    target.set_minor_formatter(NullFormatter())
+    axes.yaxis.set_major_locator(LogLocator(base=10, subs=subs))
+    axes.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axes.yaxis.set_minor_formatter(NullFormatter())
     return True
