@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from . import __version__
 from .data import sample_prompts
 from .errors import OneLineParser, UserError, command_name, entry_point
-from .tasks import TASKS, FunctionClass, get_task, resolve_task_class
+from .tasks import TASKS, FunctionClass, get_task, hyperparameter_names, resolve_task_class
 
 if TYPE_CHECKING:
     import datasets
@@ -43,7 +43,7 @@ class EvalSetError(UserError, ValueError):
 # ---- building ---------------------------------------------------------------------------------------
 def task_hyperparameters(task: FunctionClass) -> dict[str, Any]:
     """A function class's hyper-parameters: its dataclass fields other than ``n_dims``."""
-    return {f.name: getattr(task, f.name) for f in dataclasses.fields(task) if f.init and f.name != "n_dims"}
+    return {name: getattr(task, name) for name in hyperparameter_names(type(task))}
 
 
 def hyperparameter_fields() -> dict[str, type]:
@@ -70,7 +70,7 @@ def resolve_task(task_name: str, n_dims: int, **overrides: Any) -> FunctionClass
     """The function class with ``overrides`` for the hyper-parameters it has (others are ignored:
     one command can serve several tasks) and its own defaults for the rest, as a recipe builds it."""
     cls = task_class(task_name)
-    accepted = {f.name for f in dataclasses.fields(cls) if f.init and f.name != "n_dims"}
+    accepted = set(hyperparameter_names(cls))
     try:
         return get_task(
             task_name, n_dims, **{key: value for key, value in overrides.items() if key in accepted}
