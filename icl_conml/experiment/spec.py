@@ -44,9 +44,7 @@ def find_spec(name_or_path: str) -> Path:
     from ..resources import recipes_dir
 
     folder = recipes_dir() / "experiments"
-    text = str(name_or_path).replace("\\", "/")
-    for prefix in ("recipes/", "experiments/"):
-        text = text[len(prefix) :] if text.startswith(prefix) else text
+    text = str(name_or_path).replace("\\", "/").removeprefix("recipes/").removeprefix("experiments/")
     for candidate in (text, f"{text}.yaml", f"{text}.yml"):
         if "/" not in candidate and (folder / candidate).is_file():
             return folder / candidate
