@@ -47,10 +47,7 @@ def percentile_interval(samples: torch.Tensor) -> dict[str, Any]:
 
 def needed_context_length(curve: Sequence[float], threshold: float) -> int | None:
     """The smallest k whose error is ≤ threshold; ``None`` if no k in the curve gets there."""
-    for k, value in enumerate(curve):
-        if value <= threshold:
-            return k
-    return None
+    return next((k for k, value in enumerate(curve) if value <= threshold), None)
 
 
 def table5_metrics(
